@@ -1,0 +1,180 @@
+"""The public API: convert a model to Mixture-of-Depths in place, inspect it, and revert it."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from modify.config import CONFIG_KEY, MoDConfig
+from modify.passes.capture_block import capture_block
+from modify.passes.extract_delta import ExtractDeltaPass
+from modify.passes.find_block_stack import find_block_stack
+from modify.passes.probe_block_calls import BlockCallSpec, probe_block_calls
+from modify.router import MoDRouter
+from modify.routing import STATE_ATTR, RoutingState, install, uninstall
+
+__all__ = ["convert", "revert", "find_blocks", "routing_disabled", "BlockInfo", "is_converted", "routed_blocks"]
+
+Layers = str | Sequence[int]
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """One block of the stack, as ``find_blocks`` reports it.
+
+    Attributes:
+        index: position in the stack.
+        name: qualified module name, e.g. "model.layers.3".
+        form: residual form (see :mod:`modify.passes.analyze_residual`).
+        delta: "exact" when Δ is taken from the graph, "difference" when it is block(x) - x.
+        routed: whether the block is routed.
+        capacity: its capacity when routed, else None.
+    """
+
+    index: int
+    name: str
+    form: str
+    delta: str
+    routed: bool
+    capacity: float | None
+
+
+def resolve_layers(layers: Layers, num_blocks: int) -> list[int]:
+    """Block indices for "all", "every-other" (1, 3, 5, ...: the paper's plan) or an explicit list."""
+    if isinstance(layers, str):
+        if layers == "all":
+            return list(range(num_blocks))
+        if layers == "every-other":
+            return list(range(1, num_blocks, 2))
+        raise ValueError(f"unknown layers {layers!r}: use 'all', 'every-other' or a list of block indices")
+    indices = list(layers)
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_blocks:
+            raise ValueError(f"block index {i!r} is out of range: valid indices are 0..{num_blocks - 1}")
+    if not indices:
+        raise ValueError("layers is empty: give at least one block index, 'all' or 'every-other'")
+    return sorted(set(indices))
+
+
+def _capacities(capacity: float | Sequence[float], count: int) -> list[float]:
+    if isinstance(capacity, (int, float)) and not isinstance(capacity, bool):
+        return [float(capacity)] * count
+    values = list(capacity)  # type: ignore[arg-type]
+    if len(values) != count:
+        raise ValueError(f"got {len(values)} capacities for {count} routed blocks; give one value or one per block")
+    return [float(v) for v in values]
+
+
+def is_converted(model: nn.Module) -> bool:
+    return any(hasattr(m, STATE_ATTR) for m in model.modules())
+
+
+def routed_blocks(model: nn.Module) -> list[tuple[nn.Module, RoutingState]]:
+    return [(m, getattr(m, STATE_ATTR)) for m in model.modules() if hasattr(m, STATE_ATTR)]
+
+
+def _analyse(block: nn.Module, spec: BlockCallSpec, name: str) -> tuple[str, str]:
+    """Capture the block as the parent calls it, extract Δ, and return (form, delta kind)."""
+    gm = capture_block(block, spec.structure, type(block).forward, name)
+    extract = ExtractDeltaPass(spec.hidden, name)
+    extract(gm)
+    assert extract.analysis is not None
+    return extract.analysis.form, extract.delta_kind
+
+
+def convert(
+    model: nn.Module,
+    capacity: float | Sequence[float] = 0.125,
+    layers: Layers = "every-other",
+    *,
+    example_inputs: Callable[[int], dict[str, Any]] | None = None,
+) -> nn.Module:
+    """Convert ``model`` to Mixture-of-Depths in place and return it.
+
+    Args:
+        model: a transformer, e.g. a Hugging Face ``AutoModelForCausalLM``.
+        capacity: fraction of each sequence's tokens routed through a routed block, in (0, 1]; one value,
+            or one per routed block. 1.0 reproduces the model.
+        layers: "every-other" (blocks 1, 3, 5, ...: the paper's plan), "all", or a list of block indices.
+        example_inputs: builds the model's keyword inputs for length T, used to learn how blocks are called;
+            by default random token ids.
+
+    Raises:
+        UnsupportedModelError: the model has no routable block stack, or a chosen block can't be routed.
+        ValueError: a capacity outside (0, 1], a block index out of range, or an already converted model.
+            Nothing is changed when an error is raised.
+    """
+    if is_converted(model):
+        raise ValueError("the model is already converted; call modify.revert(model) first to convert it anew")
+    stack_name, stack = find_block_stack(model)
+    routed = resolve_layers(layers, len(stack))
+    plan = MoDConfig(num_blocks=len(stack), routed=routed, capacities=_capacities(capacity, len(routed)), block_stack=stack_name)
+    blocks = list(stack)
+    specs = probe_block_calls(model, blocks, example_inputs)
+    states = []
+    for i, cap in zip(plan.routed, plan.capacities):
+        name = f"{stack_name}.{i}"
+        form, delta = _analyse(blocks[i], specs[i], name)
+        forward_fn = type(blocks[i]).forward
+        states.append(RoutingState(i, name, cap, specs[i], form, delta, forward_fn, inspect.signature(forward_fn)))
+    device = next(model.parameters()).device
+    for state in states:
+        install(blocks[state.index], state, MoDRouter(state.spec.hidden_size, device=device))
+    config = getattr(model, "config", None)
+    if config is not None:
+        setattr(config, CONFIG_KEY, plan.to_dict())
+    return model
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo :func:`convert` in place: routers removed, original forwards back, weights untouched."""
+    for block, _ in routed_blocks(model):
+        uninstall(block)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, CONFIG_KEY):
+        delattr(config, CONFIG_KEY)
+    return model
+
+
+@contextlib.contextmanager
+def routing_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run every routed block densely inside the context (routers kept)."""
+    states = [state for _, state in routed_blocks(model)]
+    previous = [s.enabled for s in states]
+    for s in states:
+        s.enabled = False
+    try:
+        yield model
+    finally:
+        for s, flag in zip(states, previous):
+            s.enabled = flag
+
+
+def find_blocks(model: nn.Module, example_inputs: Callable[[int], dict[str, Any]] | None = None) -> list[BlockInfo]:
+    """The model's blocks, each with its index, name, form, Δ kind and routing.
+
+    Unrouted blocks are probed and captured to find their form; nothing is changed.
+    """
+    stack_name, stack = find_block_stack(model)
+    blocks = list(stack)
+    states = {id(b): getattr(b, STATE_ATTR) for b in blocks if hasattr(b, STATE_ATTR)}
+    specs = None
+    infos = []
+    for i, block in enumerate(blocks):
+        name = f"{stack_name}.{i}"
+        state = states.get(id(block))
+        if state is not None:
+            infos.append(BlockInfo(i, name, state.form, state.delta, True, state.capacity))
+            continue
+        if specs is None:
+            with routing_disabled(model):
+                specs = probe_block_calls(model, blocks, example_inputs)
+        form, delta = _analyse(block, specs[i], name)
+        infos.append(BlockInfo(i, name, form, delta, False, None))
+    return infos
+

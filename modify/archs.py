@@ -1,0 +1,46 @@
+"""What ``modify`` knows about particular architectures, kept as data.
+
+Block discovery, tracing and residual analysis are generic; these tables only speed them up or name things
+that can't be inferred. Add an entry here, never a copy of a model's code.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["BLOCK_STACKS", "NORM_CLASS_PATTERN", "LINEAR_WEIGHT_LAYOUT", "TESTED_FAMILIES"]
+
+#: model_type -> qualified name of the module list holding the transformer blocks. A hint: a model type
+#: not listed is searched for its largest list of identical blocks.
+BLOCK_STACKS: dict[str, str] = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "gemma2": "model.layers",
+    "phi": "model.layers",
+    "gpt2": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+    "opt": "model.decoder.layers",
+}
+
+#: Module classes whose name matches this are normalisation layers (LlamaRMSNorm, LayerNorm, Gemma2RMSNorm...).
+NORM_CLASS_PATTERN = re.compile(r"(Layer|RMS|Group|Batch)?Norm(\d*d)?$")
+
+#: Class name of a linear-like module -> which weight dimension is the input ("in") and output ("out").
+#: nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
+LINEAR_WEIGHT_LAYOUT: dict[str, tuple[str, str]] = {
+    "Linear": ("out", "in"),
+    "Conv1D": ("in", "out"),
+}
+
+#: model_type -> the block form the tests found for it (the README's support table is generated from tests).
+TESTED_FAMILIES: dict[str, str] = {
+    "llama": "pre-norm",
+    "mistral": "pre-norm",
+    "qwen2": "pre-norm",
+    "gemma2": "sandwich",
+    "phi": "parallel",
+    "gpt2": "pre-norm",
+    "gpt_neox": "parallel",
+    "opt": "pre-norm",
+}

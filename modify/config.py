@@ -1,0 +1,80 @@
+"""The Mixture-of-Depths plan of a converted model, saved inside the model's config.json."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = ["MoDConfig", "CONFIG_KEY", "ROUTER_KINDS", "GATE_KINDS"]
+
+#: The attribute of a Hugging Face config (and key of config.json) that holds the plan.
+CONFIG_KEY = "mixture_of_depths"
+ROUTER_KINDS = ("linear",)
+#: "sigmoid": g(r) = 2 * sigmoid(r). Equal to 1 at r = 0 (the zero-initialised router), so conversion keeps
+#: the pretrained function; bounded in (0, 2), so a router that drifts can neither blow up a block's
+#: contribution nor flip its sign (the instability reported by users of unbounded routers).
+GATE_KINDS = ("sigmoid",)
+_VERSION = 1
+
+
+@dataclass
+class MoDConfig:
+    """Which blocks are routed and how.
+
+    Args:
+        num_blocks: number of blocks in the model's block stack.
+        routed: indices of the routed blocks, ascending.
+        capacities: fraction of each sequence's tokens that pass through each routed block, in (0, 1].
+        router: router kind; "linear" is one linear map from the hidden state to a float32 score.
+        gate: gate applied to the router score; see ``GATE_KINDS``.
+        block_stack: qualified name of the module list holding the blocks (filled in by ``convert``).
+        version: format version, for migrating configs saved by older releases.
+    """
+
+    num_blocks: int = field(metadata={"help": "number of blocks in the block stack"})
+    routed: list[int] = field(default_factory=list, metadata={"help": "indices of routed blocks"})
+    capacities: list[float] = field(default_factory=list, metadata={"help": "capacity of each routed block"})
+    router: str = field(default="linear", metadata={"help": "router kind"})
+    gate: str = field(default="sigmoid", metadata={"help": "gate g(r) scaling the block's contribution"})
+    block_stack: str = field(default="", metadata={"help": "qualified name of the block list"})
+    version: int = field(default=_VERSION, metadata={"help": "format version"})
+
+    def __post_init__(self) -> None:
+        self.routed = [int(i) for i in self.routed]
+        self.capacities = [float(c) for c in self.capacities]
+        if self.version > _VERSION:
+            raise ValueError(f"MoDConfig version {self.version} is newer than this modify ({_VERSION}); upgrade modify")
+        if self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if len(self.capacities) != len(self.routed):
+            raise ValueError(
+                f"got {len(self.capacities)} capacities for {len(self.routed)} routed blocks; give one per routed block"
+            )
+        if self.routed != sorted(set(self.routed)):
+            raise ValueError(f"routed block indices must be unique and ascending, got {self.routed}")
+        for i in self.routed:
+            if not 0 <= i < self.num_blocks:
+                raise ValueError(f"block index {i} is out of range: valid indices are 0..{self.num_blocks - 1}")
+        for c in self.capacities:
+            if not (math.isfinite(c) and 0.0 < c <= 1.0):
+                raise ValueError(f"capacity {c} is out of range: it must be in (0, 1], e.g. 0.125")
+        if self.router not in ROUTER_KINDS:
+            raise ValueError(f"unknown router kind {self.router!r}; choose one of {ROUTER_KINDS}")
+        if self.gate not in GATE_KINDS:
+            raise ValueError(f"unknown gate kind {self.gate!r}; choose one of {GATE_KINDS}")
+
+    def capacity_of(self, index: int) -> float | None:
+        """The capacity of block ``index``, or None when it is not routed."""
+        return self.capacities[self.routed.index(index)] if index in self.routed else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoDConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MoDConfig keys {unknown}; was it written by a newer modify?")
+        return cls(**data)

@@ -1,0 +1,91 @@
+"""Analytic forward FLOPs of a model, dense and as converted.
+
+Counted as ``torch.utils.flop_counter`` counts: matrix products only, a multiply-add is 2 FLOPs.
+Per token, a linear layer costs 2·in·out; per sequence, attention costs 2·Tq·Tk·H·d for the scores and as
+much again for the weighted values (H heads of size d, the full Tq×Tk square, as eager attention computes
+it). A routed block runs its linears and attention on k = ceil(c·T) tokens and its router on all T.
+Embedding lookups, norms and elementwise ops cost nothing here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from modify.archs import LINEAR_WEIGHT_LAYOUT
+from modify.passes.find_block_stack import find_block_stack
+from modify.router import ROUTER_ATTR
+from modify.routing import STATE_ATTR, capacity_tokens
+
+__all__ = ["FlopCount", "flops", "block_flops"]
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """Forward FLOPs: ``dense`` for the original model, ``routed`` for the model as converted."""
+
+    dense: int
+    routed: int
+
+    @property
+    def ratio(self) -> float:
+        return self.routed / self.dense
+
+
+def _linear_flops_per_token(module: nn.Module, skip: set[int]) -> int:
+    total = 0
+    for m in module.modules():
+        layout = LINEAR_WEIGHT_LAYOUT.get(type(m).__name__)
+        if layout is None or id(m) in skip:
+            continue
+        weight = m.weight
+        total += 2 * weight.shape[0] * weight.shape[1]
+    return total
+
+
+def _attention_width(model: nn.Module) -> int:
+    """H·d, the summed width of the attention heads."""
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:
+        return 0
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads * head_dim
+
+
+def block_flops(block: nn.Module, attention_width: int, tokens: int) -> int:
+    """FLOPs of one block's forward over one sequence of ``tokens`` tokens (router excluded)."""
+    router = getattr(block, ROUTER_ATTR, None)
+    skip = {id(m) for m in router.modules()} if router is not None else set()
+    return _linear_flops_per_token(block, skip) * tokens + 4 * tokens * tokens * attention_width
+
+
+def flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> FlopCount:
+    """Forward FLOPs of ``model`` on ``batch_size`` sequences of ``seq_len`` tokens.
+
+    Returns:
+        ``dense``: the model without routing; ``routed``: the model as converted (equal to dense for a
+        model that is not converted).
+    """
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+    _, stack = find_block_stack(model)
+    width = _attention_width(model)
+    in_blocks = {id(m) for m in stack.modules()}
+    outside = sum(
+        2 * m.weight.shape[0] * m.weight.shape[1]
+        for m in model.modules()
+        if type(m).__name__ in LINEAR_WEIGHT_LAYOUT and id(m) not in in_blocks
+    )
+    dense = routed = outside * seq_len
+    for block in stack:
+        full = block_flops(block, width, seq_len)
+        dense += full
+        state = getattr(block, STATE_ATTR, None)
+        if state is None:
+            routed += full
+        else:
+            router = _linear_flops_per_token(getattr(block, ROUTER_ATTR), set())
+            routed += block_flops(block, width, capacity_tokens(state.capacity, seq_len)) + router * seq_len
+    return FlopCount(dense=dense * batch_size, routed=routed * batch_size)

@@ -1,0 +1,176 @@
+"""Learn how the parent model calls each block, by running it on two tiny inputs.
+
+A block's forward takes, beside the hidden states, whatever its parent passes: rotary tables, position ids,
+4-D attention masks, caches, flags. Which of those hold one entry per token is not in any signature, so
+this step runs the model on random token ids at two sequence lengths (13 and 17, chosen to differ from
+every batch, head or hidden size a model might have) with forward pre-hooks on the blocks, and marks as
+a *token dimension* every dimension of every tensor argument whose size follows the sequence length.
+The routed block gathers exactly those dimensions with the selected tokens.
+
+It runs the model under ``torch.no_grad`` in eval mode and restores each module's training flag; it
+changes no weights and draws no numbers from the global random generator.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from modify.errors import UnsupportedModelError
+from modify.passes.capture_block import CallStructure, call_structure
+
+__all__ = ["BlockCallSpec", "probe_block_calls", "bind_call", "flatten_leaves", "PROBE_LENGTHS"]
+
+PROBE_LENGTHS = (13, 17)
+_PROBE_BATCH = 2
+
+Path = tuple[Any, ...]
+
+
+@dataclass
+class BlockCallSpec:
+    """How a block is called.
+
+    Attributes:
+        hidden: name of the hidden-states argument.
+        token_dims: leaf path -> dimensions of that tensor that index tokens. A path is the argument name
+            followed by tuple positions, e.g. ``("position_embeddings", 0)`` for the cosine table.
+        output_is_tuple: the block returns a tuple whose first element is the hidden states.
+        hidden_size: last dimension of the hidden states.
+        structure: the structure of the probe's call, for capturing the block as its parent calls it.
+    """
+
+    hidden: str
+    token_dims: dict[Path, tuple[int, ...]] = field(default_factory=dict)
+    output_is_tuple: bool = False
+    hidden_size: int = 0
+    structure: CallStructure | None = None
+
+    @property
+    def pairwise(self) -> Path | None:
+        """Path of the first argument indexed by token pairs (the attention mask), if any."""
+        return next((p for p, dims in self.token_dims.items() if len(dims) == 2), None)
+
+
+def bind_call(signature: inspect.Signature, block: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Name every argument of a call to ``block``; keyword arguments collected by ``**kwargs`` come last."""
+    bound = signature.bind(block, *args, **kwargs).arguments
+    named: dict[str, Any] = {}
+    for i, (name, value) in enumerate(bound.items()):
+        if i == 0:
+            continue  # self
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise UnsupportedModelError(type(block).__name__, f"its forward takes *{name}, which can't be routed")
+        else:
+            named[name] = value
+    return named
+
+
+def flatten_leaves(value: Any, path: Path) -> Iterator[tuple[Path, Any]]:
+    """Yield ``(path, leaf)`` for every leaf of nested tuples and lists."""
+    if isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            yield from flatten_leaves(item, (*path, i))
+    else:
+        yield path, value
+
+
+def _default_inputs(model: nn.Module, length: int, generator: torch.Generator) -> dict[str, Any]:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not vocab:
+        raise UnsupportedModelError(
+            type(model).__name__,
+            "it has no config.vocab_size to build probe inputs from; pass example_inputs=lambda T: {...}",
+        )
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (_PROBE_BATCH, length), generator=generator)
+    # One padded token, so that the attention mask is materialised (SDPA passes None without padding).
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+
+
+def probe_block_calls(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    example_inputs: Callable[[int], dict[str, Any]] | None = None,
+) -> list[BlockCallSpec]:
+    """Run ``model`` twice and return how each of ``blocks`` is called.
+
+    Args:
+        model: the whole model, called as ``model(**example_inputs(T))``.
+        blocks: the blocks to observe.
+        example_inputs: builds the model's keyword inputs for a batch of sequences of length T; by default
+            random token ids of batch 2.
+    """
+    generator = torch.Generator().manual_seed(0)
+    calls: list[list[tuple[dict[str, Any], Any]]] = [[] for _ in blocks]
+    handles = []
+    for i, block in enumerate(blocks):
+        sig = inspect.signature(type(block).forward)
+
+        def pre_hook(mod: nn.Module, args: tuple, kwargs: dict, i: int = i, sig: inspect.Signature = sig) -> None:
+            calls[i].append((bind_call(sig, mod, args, kwargs), None))
+
+        def post_hook(mod: nn.Module, args: tuple, kwargs: dict, out: Any, i: int = i) -> None:
+            named, _ = calls[i][-1]
+            calls[i][-1] = (named, out)
+
+        handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(block.register_forward_hook(post_hook, with_kwargs=True))
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            for length in PROBE_LENGTHS:
+                inputs = example_inputs(length) if example_inputs else _default_inputs(model, length, generator)
+                model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags.items():
+            m.training = flag
+    return [_spec_from_calls(type(b).__name__, c) for b, c in zip(blocks, calls)]
+
+
+def _spec_from_calls(name: str, calls: list[tuple[dict[str, Any], Any]]) -> BlockCallSpec:
+    if len(calls) != len(PROBE_LENGTHS):
+        raise UnsupportedModelError(
+            name, f"it was called {len(calls)} times in {len(PROBE_LENGTHS)} forward passes; routed blocks must run once per forward"
+        )
+    (first, out), (second, _) = calls
+    hidden = next(iter(first))
+    x = first[hidden]
+    if not torch.is_tensor(x) or x.dim() != 3 or x.shape[1] != PROBE_LENGTHS[0]:
+        raise UnsupportedModelError(name, f"its first argument '{hidden}' is not [batch, tokens, hidden] hidden states")
+    leaves2 = {p: v for k, v in second.items() for p, v in flatten_leaves(v, (k,))}
+    token_dims: dict[Path, tuple[int, ...]] = {}
+    for key, value in first.items():
+        for path, leaf in flatten_leaves(value, (key,)):
+            other = leaves2.get(path)
+            if not (torch.is_tensor(leaf) and torch.is_tensor(other) and leaf.dim() == other.dim()):
+                continue
+            dims = tuple(
+                d for d in range(leaf.dim()) if leaf.shape[d] == PROBE_LENGTHS[0] and other.shape[d] == PROBE_LENGTHS[1]
+            )
+            if dims:
+                token_dims[path] = dims
+    out_tensor = out[0] if isinstance(out, tuple) else out
+    if not torch.is_tensor(out_tensor) or out_tensor.shape != x.shape:
+        raise UnsupportedModelError(name, "it does not return hidden states of its input's shape")
+    return BlockCallSpec(
+        hidden=hidden,
+        token_dims=token_dims,
+        output_is_tuple=isinstance(out, tuple),
+        hidden_size=x.shape[-1],
+        structure=call_structure(second, training=False)[0],
+    )

@@ -1,0 +1,39 @@
+"""The per-block router: one float32 score per token, and the gate that scales the block's contribution."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["MoDRouter", "ROUTER_ATTR"]
+
+#: Name of the router submodule on a routed block; its parameters are "<block>.mod_router.weight/bias".
+ROUTER_ATTR = "mod_router"
+
+
+class MoDRouter(nn.Module):
+    """r = w·x + b in float32, and the gate g(r) = 2·sigmoid(r).
+
+    The weights start at zero: every score is 0, so every gate is exactly 1 and the converted model computes
+    the pretrained function on the tokens it routes (the identity-preserving start of p-MoD's TanhNorm).
+    The gate's slope at 0 is 1/2, not 0, so the router's weights receive gradient from the first step.
+    Ties between equal scores are broken towards earlier positions (see ``select_tokens``).
+
+    Args:
+        hidden_size: size of the hidden states scored.
+    """
+
+    def __init__(self, hidden_size: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, hidden_size, dtype=torch.float32, device=device))
+        self.bias = nn.Parameter(torch.zeros(1, dtype=torch.float32, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] hidden states -> [B, T] float32 scores."""
+        # float32 whatever the model's dtype: bfloat16 scores tie often and make top-k arbitrary.
+        w = self.weight.float()
+        return torch.nn.functional.linear(x.float(), w, self.bias.float()).squeeze(-1)
+
+    @staticmethod
+    def gate(scores: torch.Tensor) -> torch.Tensor:
+        return 2.0 * torch.sigmoid(scores)

@@ -1,0 +1,185 @@
+"""The routed forward that replaces a converted block's forward.
+
+Per sequence it scores every token, keeps the k = ceil(c·T) best in positional order, gathers them and
+every per-token argument of the call (rotary tables, position ids, the 4-D mask on both token axes),
+runs the block's Δ graph on those k tokens only, and adds ``g(r)·Δ`` back into the residual stream, part
+by part in the block's own order of additions (see :mod:`modify.passes.extract_delta`).
+Skipped tokens leave the block unchanged and cost nothing inside it. Shapes depend only on B, T and c.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from modify.kernels import gated_scatter_add, gather_token_dim, gather_tokens
+from modify.passes.capture_block import CallStructure, call_structure, capture_block
+from modify.passes.extract_delta import ExtractDeltaPass
+from modify.passes.probe_block_calls import BlockCallSpec, Path, bind_call
+from modify.router import ROUTER_ATTR
+
+__all__ = ["RoutingState", "STATE_ATTR", "capacity_tokens", "select_tokens", "padding_from_mask", "install", "uninstall"]
+
+#: Attribute of a routed block holding its :class:`RoutingState` (a plain object: not in the state dict).
+STATE_ATTR = "_modify_routing"
+
+
+def capacity_tokens(capacity: float, length: int) -> int:
+    """k = ceil(capacity · length), at least 1 and at most ``length``.
+
+    The product is rounded to 6 decimals first, because capacities such as 0.3 are not exact in binary and
+    ``0.3 * 10`` is 3.0000000000000004, whose ceiling would route one token too many.
+    """
+    return min(length, max(1, math.ceil(round(capacity * length, 6))))
+
+
+def select_tokens(scores: torch.Tensor, k: int, padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the k highest-scoring tokens of each row, ascending.
+
+    Args:
+        scores: [B, T] router scores.
+        k: tokens to keep per row.
+        padding: [B, T] bool, True at padding; padding is chosen only once a row runs out of real tokens.
+
+    Returns:
+        [B, k] int64, sorted so that the routed tokens keep their order (attention stays causal).
+    """
+    length = scores.shape[-1]
+    if k == length:
+        return torch.arange(length, device=scores.device).expand(scores.shape[0], length)
+    if padding is not None:
+        scores = scores.masked_fill(padding, float("-inf"))
+    # A stable sort breaks ties towards earlier positions, so equal scores (a zero router) give the same
+    # choice on every device and run; topk's tie order is unspecified.
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    return order[:, :k].sort(dim=-1).values
+
+
+def padding_from_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
+    """[B, T] bool, True where a token is padding, read from a [B|1, H|1, T, T] attention mask.
+
+    A real token always attends to itself; Hugging Face masks a padding key in every row, its own
+    included. So the diagonal tells padding apart whatever causal, sliding-window or chunked pattern the
+    mask also carries.
+    """
+    diag = mask.diagonal(dim1=-2, dim2=-1)[:, 0]
+    pad = ~diag if mask.dtype == torch.bool else diag < torch.finfo(mask.dtype).min / 2
+    return pad.expand(batch, pad.shape[-1])
+
+
+def _gather_leaf(leaf: Any, path: Path, dims: tuple[int, ...] | None, idx: torch.Tensor, length: int) -> Any:
+    if not torch.is_tensor(leaf):
+        return leaf
+    if dims is None:
+        # Not seen while probing: gather every non-batch dimension that has the sequence's length.
+        dims = tuple(d for d in range(leaf.dim()) if leaf.shape[d] == length and (d > 0 or leaf.dim() == 1))
+    if 0 in dims:
+        if idx.shape[0] != 1 and not bool((idx == idx[:1]).all()):
+            raise ValueError(
+                f"argument {'.'.join(map(str, path))} has tokens but no batch dimension, so it can't follow "
+                "per-sequence routing; use batch size 1 or pass it per sequence"
+            )
+        leaf = leaf.unsqueeze(0)
+        dims = tuple(d + 1 for d in dims)
+        for d in dims:
+            leaf = gather_token_dim(leaf, idx[:1], d)
+        return leaf.squeeze(0)
+    for d in dims:
+        leaf = gather_token_dim(leaf, idx, d)
+    return leaf
+
+
+def _gather_value(value: Any, path: Path, spec: BlockCallSpec, idx: torch.Tensor, length: int) -> Any:
+    if isinstance(value, (tuple, list)):
+        items = [_gather_value(v, (*path, i), spec, idx, length) for i, v in enumerate(value)]
+        return type(value)(items)
+    return _gather_leaf(value, path, spec.token_dims.get(path), idx, length)
+
+
+@dataclass
+class RoutingState:
+    """What a routed block needs besides its modules.
+
+    Attributes:
+        index: position in the block stack.
+        name: qualified name of the block.
+        capacity: fraction of tokens routed through the block.
+        spec: how the parent calls the block (from probing).
+        form: block form found by the residual analysis.
+        delta: "exact" or "difference" (see :mod:`modify.passes.extract_delta`).
+        enabled: False inside ``modify.routing_disabled``: the block runs densely.
+    """
+
+    index: int
+    name: str
+    capacity: float
+    spec: BlockCallSpec
+    form: str
+    delta: str
+    forward_fn: Callable[..., Any]
+    signature: inspect.Signature
+    enabled: bool = True
+    graphs: dict[CallStructure, fx.GraphModule] = field(default_factory=dict)
+
+    def graph(self, block: nn.Module, structure: CallStructure) -> fx.GraphModule:
+        """The Δ graph for calls of this structure, captured on first use."""
+        gm = self.graphs.get(structure)
+        if gm is None:
+            gm = capture_block(block, structure, self.forward_fn, self.name)
+            ExtractDeltaPass(self.spec.hidden, self.name)(gm)
+            self.graphs[structure] = gm
+        return gm
+
+
+def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    state: RoutingState = getattr(block, STATE_ATTR)
+    if not state.enabled:
+        return state.forward_fn(block, *args, **kwargs)
+    named = bind_call(state.signature, block, args, kwargs)
+    spec = state.spec
+    x = named[spec.hidden]
+    batch, length, _ = x.shape
+    router = getattr(block, ROUTER_ATTR)
+    scores = router(x)
+    padding = None
+    if spec.pairwise is not None:
+        mask = named.get(spec.pairwise[0])
+        for i in spec.pairwise[1:]:
+            mask = mask[i] if mask is not None else None
+        if torch.is_tensor(mask) and mask.dim() == 4:
+            padding = padding_from_mask(mask, batch)
+    idx = select_tokens(scores, capacity_tokens(state.capacity, length), padding)
+    gathered = {
+        key: gather_tokens(value, idx) if key == spec.hidden else _gather_value(value, (key,), spec, idx, length)
+        for key, value in named.items()
+    }
+    structure, leaves = call_structure(gathered, block.training)
+    out = state.graph(block, structure)(*leaves)
+    parts = out[0] if spec.output_is_tuple else out
+    gate = router.gate(torch.gather(scores, 1, idx))
+    y = x
+    for part in parts:  # in the dense block's order of additions: bit-exact at gate 1
+        y = gated_scatter_add(y, idx, part, gate)
+    return (y, *out[1:]) if spec.output_is_tuple else y
+
+
+def install(block: nn.Module, state: RoutingState, router: nn.Module) -> None:
+    """Route ``block``: add its router and replace its forward on this instance only."""
+    block.add_module(ROUTER_ATTR, router)
+    setattr(block, STATE_ATTR, state)
+    block.forward = types.MethodType(routed_forward, block)  # type: ignore[method-assign]
+
+
+def uninstall(block: nn.Module) -> None:
+    """Undo :func:`install`; the block's own parameters were never touched."""
+    del block.forward
+    delattr(block, ROUTER_ATTR)
+    delattr(block, STATE_ATTR)
+

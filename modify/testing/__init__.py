@@ -1,0 +1,7 @@
+"""Helpers for tests and examples: tiny random models of each supported family, built without downloads."""
+
+from __future__ import annotations
+
+from modify.testing.tiny_models import FAMILIES, tiny_model
+
+__all__ = ["FAMILIES", "tiny_model"]

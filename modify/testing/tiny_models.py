@@ -1,0 +1,43 @@
+"""Tiny random-weight models of the families ``modify`` is tested on (no hub access needed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["FAMILIES", "tiny_model"]
+
+_COMMON = {"vocab_size": 97, "max_position_embeddings": 128, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+#: family -> (config class name in transformers, keyword arguments). Four blocks each, small widths.
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, sliding_window=8)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)),
+    "gemma2": ("Gemma2Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=8)),
+    "phi": ("PhiConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4)),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=4, n_head=4, n_positions=128)),
+    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4)),
+    "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4, word_embed_proj_dim=32)),
+}
+
+
+def tiny_model(family: str, seed: int = 0, attn_implementation: str = "eager", **overrides: Any) -> nn.Module:
+    """A randomly initialised ``AutoModelForCausalLM`` of ``family`` in eval mode, float32.
+
+    Eager attention by default: FlopCounterMode counts its matmuls, and it takes every mask form.
+    """
+    import transformers
+
+    config_name, kwargs = FAMILIES[family]
+    config = getattr(transformers, config_name)(**{**_COMMON, **kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    # Random init leaves some norms at exactly 1 and biases at 0; perturb every parameter so that a wrong
+    # wiring (a norm skipped, a bias dropped) shows in the outputs.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
