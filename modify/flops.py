@@ -86,6 +86,6 @@ def flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> FlopCount:
         if state is None:
             routed += full
         else:
-            router = _linear_flops_per_token(getattr(block, ROUTER_ATTR), set())
-            routed += block_flops(block, width, capacity_tokens(state.capacity, seq_len)) + router * seq_len
+            router_per_token = 2 * getattr(block, ROUTER_ATTR).weight.numel()
+            routed += block_flops(block, width, capacity_tokens(state.capacity, seq_len)) + router_per_token * seq_len
     return FlopCount(dense=dense * batch_size, routed=routed * batch_size)

@@ -1,0 +1,72 @@
+"""Shared test helpers: toy models and hooks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ToyBlock(nn.Module):
+    """A small block in one of several residual shapes (for pass tests without transformers)."""
+
+    def __init__(self, dim: int, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "pre-norm":
+            h = x + self.attn(self.norm1(x))
+            return h + self.mlp(self.norm2(h))
+        if self.kind == "parallel":
+            return x + (self.attn(self.norm1(x)) + self.mlp(self.norm2(x)))
+        if self.kind == "post-norm":
+            h = self.norm1(x + self.attn(x))
+            return self.norm2(h + self.mlp(h))
+        if self.kind == "no-residual":
+            return self.mlp(self.norm1(x))
+        raise ValueError(self.kind)
+
+
+class ToyModel(nn.Module):
+    def __init__(self, kind: str, dim: int = 8, depth: int = 3) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(ToyBlock(dim, kind) for _ in range(depth))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def toy_inputs(length: int) -> dict[str, Any]:
+    return {"x": torch.randn(2, length, 8, generator=torch.Generator().manual_seed(length))}
+
+
+class Recorder:
+    """Records the keyword arguments (or first argument) of every call to a module."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.calls: list[tuple[tuple, dict]] = []
+        self.handle = module.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.calls.append((args, kwargs))
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def set_router_weights(model: nn.Module, std: float = 1.0, seed: int = 1) -> None:
+    """Give every router random weights, so that top-k picks by content rather than by position."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "router" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std / max(1, p.shape[-1]) ** 0.5)

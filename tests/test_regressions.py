@@ -1,0 +1,133 @@
+"""Regression tests for the bugs found in other Mixture-of-Depths code (see the prior-art notes).
+
+Each routed block is compared with a slow loop reference written from the paper's definition:
+per sequence, the k = ceil(c·T) tokens with the highest router scores, in positional order, go through
+the *original* block with their original positions and a causal mask among themselves, and
+x + 2σ(r)·(block(x_sel) - x_sel) is written back; every other token is left as it was.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import modify
+from modify.routing import capacity_tokens
+from modify.testing import tiny_model
+from tests.helpers import Recorder, set_router_weights
+
+
+def _loop_reference(model: torch.nn.Module, block: torch.nn.Module, x: torch.Tensor, capacity: float) -> torch.Tensor:
+    router = block.mod_router
+    scores = torch.nn.functional.linear(x.float(), router.weight.float(), router.bias.float()).squeeze(-1)
+    batch, length, _ = x.shape
+    k = math.ceil(capacity * length)
+    y = x.clone()
+    for b in range(batch):
+        ranked = sorted(range(length), key=lambda t: -float(scores[b, t]))
+        sel = sorted(ranked[:k])
+        xs = x[b, sel].unsqueeze(0)
+        pos = torch.tensor(sel).unsqueeze(0)
+        cos_sin = model.model.rotary_emb(xs, pos)
+        causal = torch.full((k, k), torch.finfo(x.dtype).min, dtype=x.dtype).triu(1)[None, None]
+        out = type(block).forward(block, xs, attention_mask=causal, position_ids=pos, position_embeddings=cos_sin)
+        gate = 2 * torch.sigmoid(scores[b, sel]).to(x.dtype).unsqueeze(-1)
+        y[b, sel] = x[b, sel] + gate * (out[0] - x[b, sel])
+    return y
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("capacity", [0.125, 0.3, 0.5])
+def test_routed_block_matches_loop_reference(family: str, capacity: float) -> None:
+    """Catches: residual added twice, router gate missing, unsorted indices, renumbered positions, k-1 tokens."""
+    model = tiny_model(family).double()
+    modify.convert(model, capacity=capacity, layers=[1])
+    set_router_weights(model)
+    block = model.model.layers[1]
+    seen: dict[str, torch.Tensor] = {}
+    pre = block.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    post = block.register_forward_hook(lambda m, a, out: seen.__setitem__("y", out))
+    with torch.no_grad():
+        model(torch.randint(3, 97, (2, 24)))
+        expected = _loop_reference(model, block, seen["x"], capacity)
+    pre.remove()
+    post.remove()
+    torch.testing.assert_close(seen["y"], expected, atol=1e-10, rtol=1e-10)
+
+
+def _attention_calls(model: torch.nn.Module, capacity: float, length: int = 16) -> tuple[torch.Tensor, dict]:
+    modify.convert(model, capacity=capacity, layers=[1])
+    set_router_weights(model)
+    rec = Recorder(model.model.layers[1].self_attn)
+    scores: dict[str, torch.Tensor] = {}
+    hook = model.model.layers[1].mod_router.register_forward_hook(lambda m, a, out: scores.__setitem__("r", out))
+    with torch.no_grad():
+        model(torch.randint(3, 97, (2, length)))
+    rec.remove()
+    hook.remove()
+    return scores["r"], rec.calls[0][1]
+
+
+def test_indices_are_sorted_back_to_positional_order() -> None:
+    _, kwargs = _attention_calls(tiny_model("llama"), 0.5)
+    positions = kwargs["position_ids"]
+    assert (positions[:, 1:] > positions[:, :-1]).all()
+
+
+def test_positions_are_gathered_not_renumbered() -> None:
+    model = tiny_model("llama")
+    scores, kwargs = _attention_calls(model, 0.25)
+    k = capacity_tokens(0.25, 16)
+    expected = scores.topk(k, dim=-1).indices.sort(dim=-1).values
+    assert torch.equal(kwargs["position_ids"], expected)
+    assert not torch.equal(kwargs["position_ids"][0], torch.arange(k))
+    cos, _ = kwargs["position_embeddings"]
+    full_cos, _ = model.model.rotary_emb(torch.zeros(1, 16, 32), torch.arange(16)[None])
+    torch.testing.assert_close(cos, full_cos[0][expected], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("capacity,length,k", [(0.125, 16, 2), (0.25, 16, 4), (0.3, 10, 3), (0.5, 7, 4), (1 / 3, 9, 3), (0.01, 5, 1)])
+def test_exactly_k_tokens_are_computed(capacity: float, length: int, k: int) -> None:
+    """Not k-1 (selection by ``> kth value``), not every token computed and masked afterwards."""
+    assert capacity_tokens(capacity, length) == k
+    model = tiny_model("llama")
+    modify.convert(model, capacity=capacity, layers=[1])
+    set_router_weights(model)
+    rec = Recorder(model.model.layers[1].mlp)
+    with torch.no_grad():
+        model(torch.randint(3, 97, (2, length)))
+    rec.remove()
+    assert rec.calls[0][0][0].shape[:2] == (2, k)
+
+
+def test_skipped_tokens_ride_the_residual_stream_unchanged() -> None:
+    model = tiny_model("gpt2")
+    modify.convert(model, capacity=0.25, layers=[1])
+    set_router_weights(model)
+    block = model.transformer.h[1]
+    seen: dict[str, torch.Tensor] = {}
+    pre = block.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    post = block.register_forward_hook(lambda m, a, out: seen.__setitem__("y", out))
+    with torch.no_grad():
+        model(torch.randint(3, 97, (2, 16)))
+    pre.remove()
+    post.remove()
+    unchanged = (seen["y"] == seen["x"]).all(dim=-1)
+    assert unchanged.sum(dim=-1).tolist() == [16 - 4, 16 - 4]
+
+
+def test_router_is_on_the_gradient_path() -> None:
+    model = tiny_model("llama")
+    modify.convert(model, capacity=0.5, layers=[1])
+    ids = torch.randint(3, 97, (2, 16))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    router = model.model.layers[1].mod_router
+    assert router.weight.grad.abs().sum() > 0 and router.bias.grad.abs().sum() > 0
+    # ...and the gate really scales the block: moving the router's bias moves the output.
+    with torch.no_grad():
+        before = model(ids).logits
+        router.bias.fill_(1.0)
+        assert not torch.allclose(model(ids).logits, before)
