@@ -15,7 +15,14 @@ A block form of your own: ``passes.register_block_form(passes.BlockForm("mine", 
 
 from __future__ import annotations
 
-from modify.passes.analyze_residual import BlockForm, ResidualAnalysis, analyze_residual, block_forms, register_block_form
+from modify.passes.analyze_residual import (
+    BlockForm,
+    ResidualAnalysis,
+    analyze_residual,
+    block_forms,
+    register_block_form,
+    unregister_block_form,
+)
 from modify.passes.capture_block import BlockTracer, CallStructure, call_structure, capture_block
 from modify.passes.extract_delta import ExtractDeltaPass
 from modify.passes.find_block_stack import find_block_stack
@@ -35,4 +42,5 @@ __all__ = [
     "find_block_stack",
     "probe_block_calls",
     "register_block_form",
+    "unregister_block_form",
 ]

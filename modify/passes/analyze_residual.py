@@ -37,7 +37,7 @@ from torch import fx
 from modify.archs import NORM_CLASS_PATTERN
 from modify.errors import UnsupportedModelError
 
-__all__ = ["ResidualAnalysis", "BlockForm", "analyze_residual", "register_block_form", "block_forms"]
+__all__ = ["ResidualAnalysis", "BlockForm", "analyze_residual", "register_block_form", "unregister_block_form", "block_forms"]
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 _RESHAPE_TARGETS = {"view", "reshape", "contiguous", torch.reshape}
@@ -197,6 +197,11 @@ _USER_FORMS: list[BlockForm] = []
 def register_block_form(form: BlockForm) -> None:
     """Register a form; registered forms are tried before the built-in ones, newest first."""
     _USER_FORMS.insert(0, form)
+
+
+def unregister_block_form(name: str) -> None:
+    """Remove a registered form by name (built-in forms can't be removed)."""
+    _USER_FORMS[:] = [f for f in _USER_FORMS if f.name != name]
 
 
 def block_forms() -> list[BlockForm]:
