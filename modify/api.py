@@ -10,7 +10,9 @@ from typing import Any
 
 from torch import nn
 
+from modify.archs import UNROUTABLE_ATTENTION
 from modify.config import CONFIG_KEY, MoDConfig
+from modify.errors import UnsupportedModelError
 from modify.passes.capture_block import capture_block
 from modify.passes.extract_delta import ExtractDeltaPass
 from modify.passes.find_block_stack import find_block_stack
@@ -111,6 +113,11 @@ def convert(
     """
     if is_converted(model):
         raise ValueError("the model is already converted; call modify.revert(model) first to convert it anew")
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attention in UNROUTABLE_ATTENTION:
+        raise UnsupportedModelError(
+            "", f"{UNROUTABLE_ATTENTION[attention]}; load the model with attn_implementation='sdpa' or 'eager'"
+        )
     stack_name, stack = find_block_stack(model)
     routed = resolve_layers(layers, len(stack))
     plan = MoDConfig(num_blocks=len(stack), routed=routed, capacities=_capacities(capacity, len(routed)), block_stack=stack_name)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["BLOCK_STACKS", "NORM_CLASS_PATTERN", "LINEAR_WEIGHT_LAYOUT", "TESTED_FAMILIES"]
+__all__ = ["BLOCK_STACKS", "NORM_CLASS_PATTERN", "LINEAR_WEIGHT_LAYOUT", "TESTED_FAMILIES", "UNROUTABLE_ATTENTION"]
 
 #: model_type -> qualified name of the module list holding the transformer blocks. A hint: a model type
 #: not listed is searched for its largest list of identical blocks.
@@ -43,4 +43,9 @@ TESTED_FAMILIES: dict[str, str] = {
     "gpt2": "pre-norm",
     "gpt_neox": "parallel",
     "opt": "pre-norm",
+}
+
+#: Hugging Face attention implementations whose masks can't follow the routed tokens, and why.
+UNROUTABLE_ATTENTION: dict[str, str] = {
+    "flex_attention": "flex attention's BlockMask is built for the full sequence and can't be gathered",
 }

@@ -123,3 +123,18 @@ def test_deepcopy_of_a_converted_model() -> None:
         assert torch.equal(twin(ids).logits, model(ids).logits)
     modify.revert(twin)
     assert any("router" in n for n, _ in model.named_parameters())
+
+
+def test_flex_attention_is_refused_with_the_fix() -> None:
+    model = tiny_model("llama", attn_implementation="flex_attention")
+    with pytest.raises(UnsupportedModelError, match="BlockMask .* attn_implementation='sdpa' or 'eager'"):
+        modify.convert(model)
+
+
+def test_gradient_checkpointing_keeps_the_router_on_the_gradient_path() -> None:
+    model = modify.convert(tiny_model("llama"), capacity=0.5)
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids = torch.randint(3, 97, (2, 16))
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    assert model.model.layers[1].mod_router.weight.grad.abs().sum() > 0
