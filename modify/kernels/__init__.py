@@ -1,12 +1,13 @@
 """Routing ops: top-k token gather and gated scatter-add.
 
-The routed blocks call the ops through this module, so that a faster implementation can replace the
-reference without touching the callers. Today every device runs :mod:`modify.kernels.reference`; the fused
-Triton kernels and their ``torch.library`` registration are tracked as a separate issue.
+``gather_tokens`` and ``gated_scatter_add`` are the torch custom ops ``torch.ops.modify.*`` of
+:mod:`modify.kernels.ops`: fused Triton kernels on GPU, the PyTorch reference of
+:mod:`modify.kernels.reference` on CPU. Importing this package does not import triton.
 """
 
 from __future__ import annotations
 
-from modify.kernels.reference import gated_scatter_add, gather_token_dim, gather_tokens
+from modify.kernels.ops import backend, gated_scatter_add, gather_tokens, use_backend
+from modify.kernels.reference import gather_token_dim
 
-__all__ = ["gather_tokens", "gated_scatter_add", "gather_token_dim"]
+__all__ = ["gather_tokens", "gated_scatter_add", "gather_token_dim", "use_backend", "backend"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gather_tokens", "gated_scatter_add", "gather_token_dim"]
+__all__ = ["gather_tokens", "gated_scatter_add", "gather_token_dim", "scatter_tokens", "gated_scatter_add_backward"]
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -63,3 +63,24 @@ def gather_token_dim(t: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tens
     moved = t.movedim(dim, 1)
     rows = torch.arange(batch, device=idx.device).unsqueeze(-1)
     return moved[rows, idx].movedim(1, dim)
+
+
+def scatter_tokens(src: torch.Tensor, idx: torch.Tensor, length: int) -> torch.Tensor:
+    """The adjoint of :func:`gather_tokens`: [B, k, D] rows placed at ``idx`` in [B, length, D], zeros elsewhere."""
+    out = src.new_zeros(src.shape[0], length, src.shape[-1])
+    return out.scatter(1, idx.unsqueeze(-1).expand(-1, -1, src.shape[-1]), src)
+
+
+def gated_scatter_add_backward(
+    grad_out: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, gate: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`gated_scatter_add` for ``delta`` and ``gate`` (the one for ``x`` is ``grad_out``).
+
+    Returns:
+        ``grad_delta = gate · gather(grad_out)`` ([B, k, D], delta's dtype) and
+        ``grad_gate = Σ_D gather(grad_out) · delta`` ([B, k], gate's dtype).
+    """
+    rows = gather_tokens(grad_out, idx)
+    grad_delta = rows * gate.unsqueeze(-1).to(rows.dtype)
+    grad_gate = (rows.to(gate.dtype) * delta.to(gate.dtype)).sum(-1)
+    return grad_delta.to(delta.dtype), grad_gate
