@@ -17,7 +17,7 @@ from modify.passes.capture_block import capture_block
 from modify.passes.extract_delta import ExtractDeltaPass
 from modify.passes.find_block_stack import find_block_stack
 from modify.passes.probe_block_calls import BlockCallSpec, probe_block_calls
-from modify.router import MoDRouter
+from modify.router import ROUTER_ATTR, MoDRouter
 from modify.routing import STATE_ATTR, RoutingState, install, uninstall
 
 __all__ = ["convert", "revert", "find_blocks", "routing_disabled", "BlockInfo", "is_converted", "routed_blocks"]
@@ -36,6 +36,7 @@ class BlockInfo:
         delta: "exact" when Δ is taken from the graph, "difference" when it is block(x) - x.
         routed: whether the block is routed.
         capacity: its capacity when routed, else None.
+        reason: why the block can't be routed (form "unroutable"), else "".
     """
 
     index: int
@@ -44,6 +45,7 @@ class BlockInfo:
     delta: str
     routed: bool
     capacity: float | None
+    reason: str = ""
 
 
 def resolve_layers(layers: Layers, num_blocks: int) -> list[int]:
@@ -95,6 +97,7 @@ def convert(
     layers: Layers = "every-other",
     *,
     example_inputs: Callable[[int], dict[str, Any]] | None = None,
+    plan: MoDConfig | None = None,
 ) -> nn.Module:
     """Convert ``model`` to Mixture-of-Depths in place and return it.
 
@@ -105,6 +108,8 @@ def convert(
         layers: "every-other" (blocks 1, 3, 5, ...: the paper's plan), "all", or a list of block indices.
         example_inputs: builds the model's keyword inputs for length T, used to learn how blocks are called;
             by default random token ids.
+        plan: a saved plan to apply instead of ``capacity`` and ``layers`` (its source is kept). A block that
+            already carries a router (as when loading a converted checkpoint) keeps it and its weights.
 
     Raises:
         UnsupportedModelError: the model has no routable block stack, or a chosen block can't be routed.
@@ -119,8 +124,13 @@ def convert(
             "", f"{UNROUTABLE_ATTENTION[attention]}; load the model with attn_implementation='sdpa' or 'eager'"
         )
     stack_name, stack = find_block_stack(model)
-    routed = resolve_layers(layers, len(stack))
-    plan = MoDConfig(num_blocks=len(stack), routed=routed, capacities=_capacities(capacity, len(routed)), block_stack=stack_name)
+    if plan is None:
+        routed = resolve_layers(layers, len(stack))
+        plan = MoDConfig(len(stack), routed, _capacities(capacity, len(routed)), block_stack=stack_name)
+    elif plan.num_blocks != len(stack):
+        raise ValueError(f"the plan is for {plan.num_blocks} blocks but the model has {len(stack)}; use the plan's model")
+    else:
+        plan = MoDConfig.from_dict({**plan.to_dict(), "block_stack": stack_name})
     blocks = list(stack)
     specs = probe_block_calls(model, blocks, example_inputs)
     states = []
@@ -131,7 +141,9 @@ def convert(
         states.append(RoutingState(i, name, cap, specs[i], form, delta, forward_fn, inspect.signature(forward_fn)))
     device = next(model.parameters()).device
     for state in states:
-        install(blocks[state.index], state, MoDRouter(state.spec.hidden_size, device=device))
+        block = blocks[state.index]
+        router = getattr(block, ROUTER_ATTR, None) or MoDRouter(state.spec.hidden_size, device=device)
+        install(block, state, router)
     config = getattr(model, "config", None)
     if config is not None:
         setattr(config, CONFIG_KEY, plan.to_dict())
@@ -162,10 +174,14 @@ def routing_disabled(model: nn.Module) -> Iterator[nn.Module]:
             s.enabled = flag
 
 
-def find_blocks(model: nn.Module, example_inputs: Callable[[int], dict[str, Any]] | None = None) -> list[BlockInfo]:
+def find_blocks(
+    model: nn.Module, example_inputs: Callable[[int], dict[str, Any]] | None = None, strict: bool = True
+) -> list[BlockInfo]:
     """The model's blocks, each with its index, name, form, Δ kind and routing.
 
-    Unrouted blocks are probed and captured to find their form; nothing is changed.
+    Unrouted blocks are probed and captured to find their form; nothing is changed. A block that can't be
+    routed raises UnsupportedModelError, or with ``strict=False`` is reported with form "unroutable" and
+    the reason.
     """
     stack_name, stack = find_block_stack(model)
     blocks = list(stack)
@@ -181,7 +197,13 @@ def find_blocks(model: nn.Module, example_inputs: Callable[[int], dict[str, Any]
         if specs is None:
             with routing_disabled(model):
                 specs = probe_block_calls(model, blocks, example_inputs)
-        form, delta = _analyse(block, specs[i], name)
+        try:
+            form, delta = _analyse(block, specs[i], name)
+        except UnsupportedModelError as exc:
+            if strict:
+                raise
+            infos.append(BlockInfo(i, name, "unroutable", "", False, None, exc.reason))
+            continue
         infos.append(BlockInfo(i, name, form, delta, False, None))
     return infos
 

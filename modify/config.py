@@ -29,6 +29,8 @@ class MoDConfig:
         router: router kind; "linear" is one linear map from the hidden state to a float32 score.
         gate: gate applied to the router score; see ``GATE_KINDS``.
         block_stack: qualified name of the module list holding the blocks (filled in by ``convert``).
+        source: where the converted checkpoint came from (``kind``, ``path``, ``gguf_file``, ``model_id``), as
+            recorded by ``modify convert``; ``modify verify`` reloads it.
         version: format version, for migrating configs saved by older releases.
     """
 
@@ -38,6 +40,7 @@ class MoDConfig:
     router: str = field(default="linear", metadata={"help": "router kind"})
     gate: str = field(default="sigmoid", metadata={"help": "gate g(r) scaling the block's contribution"})
     block_stack: str = field(default="", metadata={"help": "qualified name of the block list"})
+    source: dict[str, Any] = field(default_factory=dict, metadata={"help": "the checkpoint converted"})
     version: int = field(default=_VERSION, metadata={"help": "format version"})
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["UnsupportedModelError"]
+__all__ = ["UnsupportedModelError", "ModifyError", "UsageError"]
 
 
 class UnsupportedModelError(ValueError):
@@ -18,3 +18,18 @@ class UnsupportedModelError(ValueError):
         self.reason = reason
         where = f"module '{module}'" if module else "the model"
         super().__init__(f"cannot route {where}: {reason}")
+
+
+class ModifyError(Exception):
+    """A problem with the user's input or environment; the message is one line naming it and the fix.
+
+    The command line prints it without a traceback and exits with ``exit_code``.
+    """
+
+    exit_code = 1
+
+
+class UsageError(ModifyError):
+    """A malformed or out-of-range command-line value (exit code 2, like argparse's own errors)."""
+
+    exit_code = 2

@@ -23,10 +23,14 @@ __all__ = ["FlopCount", "flops", "block_flops"]
 
 @dataclass(frozen=True)
 class FlopCount:
-    """Forward FLOPs: ``dense`` for the original model, ``routed`` for the model as converted."""
+    """Forward FLOPs: ``dense`` for the original model, ``routed`` for the model as converted.
+
+    ``blocks`` holds ``(dense, routed)`` for each block of the stack, in order.
+    """
 
     dense: int
     routed: int
+    blocks: tuple[tuple[int, int], ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -78,14 +82,16 @@ def flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> FlopCount:
         for m in model.modules()
         if type(m).__name__ in LINEAR_WEIGHT_LAYOUT and id(m) not in in_blocks
     )
-    dense = routed = outside * seq_len
+    per_block = []
     for block in stack:
         full = block_flops(block, width, seq_len)
-        dense += full
         state = getattr(block, STATE_ATTR, None)
         if state is None:
-            routed += full
+            per_block.append((full, full))
         else:
             router_per_token = 2 * getattr(block, ROUTER_ATTR).weight.numel()
-            routed += block_flops(block, width, capacity_tokens(state.capacity, seq_len)) + router_per_token * seq_len
-    return FlopCount(dense=dense * batch_size, routed=routed * batch_size)
+            cost = block_flops(block, width, capacity_tokens(state.capacity, seq_len)) + router_per_token * seq_len
+            per_block.append((full, cost))
+    dense = outside * seq_len + sum(d for d, _ in per_block)
+    routed = outside * seq_len + sum(r for _, r in per_block)
+    return FlopCount(dense * batch_size, routed * batch_size, tuple((d * batch_size, r * batch_size) for d, r in per_block))

@@ -172,7 +172,8 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 def install(block: nn.Module, state: RoutingState, router: nn.Module) -> None:
     """Route ``block``: add its router and replace its forward on this instance only."""
-    block.add_module(ROUTER_ATTR, router)
+    if getattr(block, ROUTER_ATTR, None) is not router:
+        block.add_module(ROUTER_ATTR, router)
     setattr(block, STATE_ATTR, state)
     block.forward = types.MethodType(routed_forward, block)  # type: ignore[method-assign]
 

@@ -1,0 +1,296 @@
+"""Checkpoints in and out: resolve and validate a source, load it, save a converted model atomically.
+
+Sources: a Hugging Face model directory (safetensors, sharded or not, or .bin), a single ``.gguf`` file
+(dequantised by transformers), a model id already in the local Hugging Face cache (nothing is downloaded),
+or ``smollm2``, the default real checkpoint (SmolLM2-135M-Instruct, see :mod:`modify.assets`).
+
+A converted directory holds config.json (with the plan under ``mixture_of_depths`` and a
+``quantization_config`` of method "modify", the hook through which ``AutoModelForCausalLM.from_pretrained``
+restores the routing once ``modify`` is imported; see :mod:`modify.hf_integration`), safetensors weights
+including the routers, the tokenizer, and a model card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modify.config import CONFIG_KEY, MoDConfig
+from modify.errors import ModifyError
+
+__all__ = ["Source", "resolve_source", "load_source", "save_converted", "from_pretrained", "atomic_directory", "DEFAULT_SOURCE"]
+
+#: The SRC that names the default real checkpoint.
+DEFAULT_SOURCE = "smollm2"
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved checkpoint.
+
+    Attributes:
+        kind: "directory", "gguf", "hub-cache" or "smollm2".
+        path: the directory, or the .gguf file.
+        model_id: the Hugging Face id for "hub-cache".
+    """
+
+    kind: str
+    path: Path
+    model_id: str = ""
+
+    @property
+    def directory(self) -> Path:
+        return self.path.parent if self.path.suffix == ".gguf" else self.path
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.path.name} if self.path.suffix == ".gguf" else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": str(self.path), "model_id": self.model_id}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Source:
+        return cls(data["kind"], Path(data["path"]), data.get("model_id", ""))
+
+
+def _looks_like_model_id(src: str) -> bool:
+    parts = src.split("/")
+    return len(parts) <= 2 and all(parts) and not src.startswith((".", "/", "~"))
+
+
+def resolve_source(src: str) -> Source:
+    """Find what ``src`` names, without loading it. Raises ModifyError with the fix when it names nothing."""
+    path = Path(src).expanduser()
+    if path.exists():
+        path = path.resolve()
+        if path.is_dir():
+            return Source("directory", path)
+        if path.suffix == ".gguf":
+            return Source("gguf", path)
+        raise ModifyError(f"{src} is a file but not a .gguf file; give a model directory, a .gguf file or a cached model id")
+    if src == DEFAULT_SOURCE:
+        from modify.assets import AssetError, smollm2_gguf
+
+        try:
+            return Source("smollm2", smollm2_gguf().resolve())
+        except AssetError as exc:
+            raise ModifyError(str(exc)) from None
+    if _looks_like_model_id(src) and "/" in src:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Source("hub-cache", Path(snapshot_download(src, local_files_only=True)), model_id=src)
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            raise ModifyError(
+                f"model id {src} is not in the local Hugging Face cache and nothing is downloaded; "
+                f"fetch it first (hf download {src}) or pass a local directory"
+            ) from None
+    raise ModifyError(f"{src} does not exist; give a model directory, a .gguf file, a cached model id or '{DEFAULT_SOURCE}'")
+
+
+def _check_safetensors(path: Path) -> None:
+    """Header readable and file long enough for every tensor it declares (catches truncation)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError) as exc:
+        raise ModifyError(f"{path} is not a readable safetensors file ({exc}); it may be corrupted: fetch it again") from None
+    if 8 + length + end > size:
+        raise ModifyError(f"{path} is truncated ({size} of {8 + length + end} bytes); fetch it again")
+
+
+def _validate(source: Source) -> None:
+    if source.path.suffix == ".gguf":
+        from gguf import GGUFReader
+
+        try:
+            GGUFReader(source.path)
+        except Exception as exc:  # the reader raises ValueError, IndexError, struct.error...
+            raise ModifyError(f"{source.path} is not a readable GGUF file ({type(exc).__name__}); it may be truncated: fetch it again") from None
+        return
+    config = source.path / "config.json"
+    if not config.is_file():
+        raise ModifyError(f"{source.path} has no config.json; point SRC at a Hugging Face model directory or a .gguf file")
+    try:
+        json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModifyError(f"{config} is not valid JSON ({exc}); repair or re-download it") from None
+    weights = [p for pattern in _WEIGHT_PATTERNS for p in source.path.glob(pattern)]
+    if not weights:
+        raise ModifyError(f"{source.path} has no weights (*.safetensors or *.bin); it is not a complete model directory")
+    for p in weights:
+        if p.suffix == ".safetensors":
+            _check_safetensors(p)
+
+
+def load_source(source: Source, dtype: str | None = None) -> tuple[nn.Module, Any]:
+    """Load the model (and its tokenizer, if any) of a validated source."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _validate(source)
+    torch_dtype: Any = getattr(torch, dtype) if dtype else ("auto" if source.path.suffix != ".gguf" else torch.float32)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch_dtype, **source.load_kwargs())
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModifyError(f"cannot load {source.path}: {first[:300]}") from exc
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and source.path.suffix == ".gguf":
+        # transformers dequantises GGUF weights on load but keeps the model marked as quantized, which
+        # forbids saving it; the weights in memory are plain floating point.
+        quantizer.remove_quantization_config(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.directory, **source.load_kwargs())
+    except (OSError, ValueError, KeyError, TypeError):
+        tokenizer = None  # a model directory need not carry one
+    return model.eval(), tokenizer
+
+
+def check_output(out: Path, source: Source | None, force: bool) -> None:
+    """Refuse an OUT that exists (without force), equals or lies inside SRC, or can't be created."""
+    out = out.expanduser().resolve()
+    if source is not None:
+        src = source.path
+        if out == src or (src.is_dir() and src in out.parents):
+            raise ModifyError(f"OUT {out} is {'SRC' if out == src else 'inside SRC'}; the source is never modified: choose another OUT")
+    if out.exists() and not force:
+        raise ModifyError(f"{out} already exists; pass --force to replace it or choose another OUT")
+    parent = out.parent
+    if not parent.is_dir():
+        raise ModifyError(f"cannot create {out}: {parent} is not a directory; create it or choose another OUT")
+    if not os.access(parent, os.W_OK):
+        raise ModifyError(f"cannot create {out}: {parent} is not writable; choose another OUT")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out``; on success it becomes ``out`` by a rename.
+
+    On any failure or interrupt the temporary directory is removed and ``out`` is untouched: an existing
+    ``out`` (with force) is replaced only after the new one is complete.
+    """
+    out = out.expanduser().resolve()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if not force:
+                raise ModifyError(f"{out} appeared while converting; pass --force to replace it")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.rename(out, old / "out")
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise ModifyError(f"no space left on the device while writing {out}; free space or choose another OUT") from None
+        raise ModifyError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _model_card(model: nn.Module, source: Source, plan: MoDConfig, seq_len: int = 2048) -> str:
+    from modify.flops import flops
+
+    count = flops(model, seq_len)
+    routed = ", ".join(f"{i} ({c:g})" for i, c in zip(plan.routed, plan.capacities))
+    return f"""---
+library_name: transformers
+tags: [mixture-of-depths, modify]
+---
+# Mixture-of-Depths conversion
+
+Converted with [modify](https://pypi.org/project/modify/) from `{source.model_id or source.path}` ({source.kind}).
+
+- Routed blocks (capacity): {routed} of {plan.num_blocks}
+- Router: {plan.router}, gate: {plan.gate} (routers start at zero: every gate is 1)
+- Forward FLOPs per token at {seq_len} tokens: dense {count.dense / seq_len:,.0f}, routed {count.routed / seq_len:,.0f} ({count.ratio:.1%})
+
+Load with `import modify; modify.from_pretrained(path)`, or with `AutoModelForCausalLM.from_pretrained(path)`
+after `import modify`. The routers are untrained: train before use.
+"""
+
+
+def save_converted(model: nn.Module, tokenizer: Any, out: Path, source: Source, force: bool = False) -> Path:
+    """Save a converted model to ``out`` atomically: weights with routers, config with the plan, tokenizer, card."""
+    from modify.hf_integration import QUANT_METHOD
+
+    plan = MoDConfig.from_dict(getattr(model.config, CONFIG_KEY))
+    plan.source = source.to_dict()
+    setattr(model.config, CONFIG_KEY, plan.to_dict())
+    out = Path(out)
+    with atomic_directory(out, force) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config["quantization_config"] = {"quant_method": QUANT_METHOD}
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(_model_card(model, source, plan))
+    return out.expanduser().resolve()
+
+
+def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
+    """Load a directory written by ``modify convert``: the model with its routing and trained routers."""
+    import modify.hf_integration  # noqa: F401  (registers the loading hook)
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(path)
+    config = directory / "config.json"
+    if not config.is_file():
+        raise ModifyError(f"{directory} has no config.json; is it a directory written by 'modify convert'?")
+    if CONFIG_KEY not in json.loads(config.read_text()):
+        raise ModifyError(f"{directory} has no Mixture-of-Depths plan in config.json; convert it with 'modify convert' first")
+    return AutoModelForCausalLM.from_pretrained(directory, **kwargs).eval()
+
+
+def is_converted_directory(source: Source) -> bool:
+    config = source.path / "config.json"
+    if source.path.suffix == ".gguf" or not config.is_file():
+        return False
+    try:
+        return CONFIG_KEY in json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def load_any(src: str, dtype: str | None = None) -> tuple[nn.Module, Any, Source, bool]:
+    """Load a source or a converted directory: ``(model, tokenizer, source, converted)``."""
+    from transformers import AutoTokenizer
+
+    source = resolve_source(src)
+    if not is_converted_directory(source):
+        model, tokenizer = load_source(source, dtype)
+        return model, tokenizer, source, False
+    _validate(source)
+    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+    try:
+        model = from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModifyError(f"cannot load {source.path}: {str(exc).strip().splitlines()[0][:300]}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+    except (OSError, ValueError, KeyError, TypeError):
+        tokenizer = None
+    return model, tokenizer, source, True

@@ -1,0 +1,67 @@
+"""The ``modify`` command line: ``modify convert``, ``modify inspect``, ``modify verify``.
+
+Each subcommand lives in its own file and registers itself with :func:`main`'s parser. Errors the user can
+fix print one line on stderr (no traceback unless ``--debug``) and exit with 2 for usage errors, 1 for the
+rest; an interrupt exits with 130 and leaves nothing written.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+from modify.cli import convert, inspect, verify
+from modify.cli.common import Parser
+from modify.errors import ModifyError, UnsupportedModelError
+
+__all__ = ["main"]
+
+_SUBCOMMANDS = (convert, inspect, verify)
+
+
+def _parser() -> Parser:
+    parser = Parser(
+        prog="modify",
+        description="Retrofit Mixture-of-Depths onto pretrained transformer checkpoints.",
+        epilog="examples:\n  modify convert smollm2 out/smollm2-mod\n  modify inspect out/smollm2-mod\n  modify verify out/smollm2-mod",
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    )
+    from modify import __version__
+
+    parser.add_argument("--version", action="version", version=f"modify {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for module in _SUBCOMMANDS:
+        module.register(sub)
+    return parser
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # so that cleanup in ``finally`` blocks runs on kill (SIGTERM) as on Ctrl-C
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"modify {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (ModifyError, UnsupportedModelError) as exc:
+        if args.debug:
+            raise
+        code = getattr(exc, "exit_code", 1)
+        print(f"modify {args.command}: error: {exc}", file=sys.stderr)
+        return code
+    except Exception as exc:  # a bug, not bad input: say so in one line, keep the traceback for --debug
+        if args.debug:
+            raise
+        print(f"modify {args.command}: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              "(rerun with --debug for the traceback and report it)", file=sys.stderr)
+        return 1

@@ -1,0 +1,101 @@
+"""What the subcommands share: one-line errors, argument types, progress on a terminal, JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+from modify.errors import UsageError
+
+__all__ = ["Parser", "capacity_type", "parse_layers", "Progress", "emit_json", "add_common_flags", "quiet_libraries"]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line: ``modify convert: error: ...`` and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+def capacity_type(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"capacity {text!r} is not a number; use a value in (0, 1], e.g. 0.125") from None
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise argparse.ArgumentTypeError(f"capacity {text} is out of range; use a value in (0, 1], e.g. 0.125")
+    return value
+
+
+def parse_layers(text: str) -> str | list[int]:
+    """"every-other", "all", or indices and inclusive ranges: "1,3,5", "4-20", "0,4-6"."""
+    if text in ("every-other", "all"):
+        return text
+    indices: list[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            if "-" in item:
+                low, high = (int(v) for v in item.split("-", 1))
+                if low > high:
+                    raise ValueError
+                indices.extend(range(low, high + 1))
+            else:
+                indices.append(int(item))
+        except ValueError:
+            raise UsageError(
+                f"malformed --layers {text!r} at {item!r}; use every-other, all, a list like 1,3,5 or a range like 4-20"
+            ) from None
+    return indices
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors and the result")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+
+
+def quiet_libraries(debug: bool, show_progress: bool) -> None:
+    """Keep transformers' warnings and bars out of the output unless asked for."""
+    from transformers.utils import logging as hf_logging
+
+    if not show_progress:
+        hf_logging.disable_progress_bar()
+    if not debug:
+        hf_logging.set_verbosity_error()
+        warnings.filterwarnings("ignore")
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+
+
+class Progress:
+    """Step messages with a spinner on a terminal; silent in a pipe or with --quiet.
+
+    When silent, whatever libraries print to stderr during a step (transformers' GGUF loader draws its own
+    tqdm bar) is swallowed too, unless --debug.
+    """
+
+    def __init__(self, quiet: bool, debug: bool = False) -> None:
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.debug = debug
+
+    @contextlib.contextmanager
+    def step(self, message: str) -> Iterator[None]:
+        if not self.enabled:
+            with contextlib.nullcontext() if self.debug else contextlib.redirect_stderr(io.StringIO()):
+                yield
+            return
+        from rich.console import Console
+
+        with Console(stderr=True).status(message):
+            yield
+
+
+def emit_json(data: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")

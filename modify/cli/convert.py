@@ -1,0 +1,87 @@
+"""``modify convert SRC OUT``: convert a checkpoint to Mixture-of-Depths and save it."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from modify.cli.common import Progress, add_common_flags, capacity_type, emit_json, parse_layers, quiet_libraries
+from modify.errors import ModifyError, UsageError
+
+EXAMPLES = """examples:
+  modify convert smollm2 out/smollm2-mod                     # the default real checkpoint, the paper's plan
+  modify convert ./my-llama out/llama-mod --capacity 0.25 --layers 4-20
+  modify convert model.gguf out/mod --layers 1,3,5 --dtype bfloat16
+  modify convert HuggingFaceTB/SmolLM2-135M out/mod          # a model id already in the local HF cache
+  modify convert ./my-llama out/llama-mod --force --json     # replace OUT; print a JSON summary
+
+SRC is a Hugging Face model directory (safetensors, sharded or not, or .bin), a .gguf file, a model id in the
+local Hugging Face cache (nothing is downloaded) or 'smollm2'. SRC is never modified; OUT is written into a
+temporary directory beside it and renamed when complete."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a checkpoint to Mixture-of-Depths",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", metavar="SRC", help="model directory, .gguf file, cached model id, or 'smollm2'")
+    p.add_argument("out", metavar="OUT", type=Path, help="directory to write (must not exist unless --force)")
+    p.add_argument("--capacity", type=capacity_type, default=0.125, help="fraction of tokens routed, in (0, 1] (default 0.125)")
+    p.add_argument("--layers", default="every-other", help="every-other (default), all, 1,3,5 or 4-20")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: the checkpoint's)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    add_common_flags(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import modify
+    from modify.checkpoint import check_output, is_converted_directory, load_source, resolve_source, save_converted
+
+    layers = parse_layers(args.layers)
+    progress = Progress(args.quiet or args.json, args.debug)
+    quiet_libraries(args.debug, progress.enabled)
+    start = time.perf_counter()
+    source = resolve_source(args.src)
+    check_output(args.out, source, args.force)
+    if is_converted_directory(source):
+        raise ModifyError(
+            f"{source.path} is already converted (its config.json has a Mixture-of-Depths plan); convert its source instead"
+        )
+    with progress.step(f"loading {source.path.name}"):
+        model, tokenizer = load_source(source, args.dtype)
+    with progress.step("tracing blocks and inserting routers"):
+        try:
+            modify.convert(model, capacity=args.capacity, layers=layers)
+        except ValueError as exc:
+            if isinstance(exc, modify.UnsupportedModelError):
+                raise
+            raise UsageError(str(exc)) from None
+    with progress.step(f"saving {args.out}"):
+        out = save_converted(model, tokenizer, args.out, source, args.force)
+    seconds = time.perf_counter() - start
+    plan = model.config.mixture_of_depths
+    count = modify.flops(model, 2048)
+    if args.json:
+        emit_json(
+            {
+                "out": str(out),
+                "source": plan["source"],
+                "routed": plan["routed"],
+                "capacities": plan["capacities"],
+                "flops": {"seq_len": 2048, "dense": count.dense, "routed": count.routed},
+                "seconds": round(seconds, 2),
+            }
+        )
+    elif not args.quiet:
+        print(
+            f"wrote {out}: {len(plan['routed'])} of {plan['num_blocks']} blocks routed, "
+            f"forward FLOPs at 2048 tokens {count.ratio:.1%} of dense ({seconds:.1f} s)"
+        )
+    return 0

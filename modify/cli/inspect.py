@@ -1,0 +1,79 @@
+"""``modify inspect SRC_OR_OUT``: the blocks of a checkpoint, how they would be or are routed, and their FLOPs."""
+
+from __future__ import annotations
+
+import argparse
+
+from modify.cli.common import Progress, add_common_flags, emit_json, quiet_libraries
+
+EXAMPLES = """examples:
+  modify inspect smollm2                        # a source: every block, its form, FLOPs if dense
+  modify inspect out/smollm2-mod                # a converted checkpoint: routed blocks and capacities
+  modify inspect out/smollm2-mod --seq-len 512 --json | jq .flops"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="show the block table of a source or converted checkpoint",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", metavar="SRC_OR_OUT", help="model directory, .gguf file, cached model id, 'smollm2', or a converted OUT")
+    p.add_argument("--seq-len", type=int, default=2048, help="sequence length for the FLOPs (default 2048)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_common_flags(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import modify
+    from modify.checkpoint import load_any
+    from modify.errors import UsageError
+
+    if args.seq_len < 1:
+        raise UsageError(f"--seq-len {args.seq_len} must be at least 1")
+    progress = Progress(args.quiet or args.json, args.debug)
+    quiet_libraries(args.debug, progress.enabled)
+    with progress.step(f"loading {args.src}"):
+        model, _, source, converted = load_any(args.src)
+    with progress.step("tracing blocks"):
+        blocks = modify.find_blocks(model, strict=False)
+    count = modify.flops(model, args.seq_len)
+    rows = [
+        {
+            "index": b.index,
+            "name": b.name,
+            "form": b.form,
+            "delta": b.delta,
+            "routed": b.routed,
+            "capacity": b.capacity,
+            "flops_dense": dense,
+            "flops_routed": routed,
+            **({"reason": b.reason} if b.reason else {}),
+        }
+        for b, (dense, routed) in zip(blocks, count.blocks)
+    ]
+    unroutable = [{"index": b.index, "name": b.name, "reason": b.reason} for b in blocks if b.reason]
+    if args.json:
+        emit_json(
+            {
+                "source": str(source.path),
+                "converted": converted,
+                "seq_len": args.seq_len,
+                "blocks": rows,
+                "unroutable": unroutable,
+                "flops": {"dense": count.dense, "routed": count.routed, "ratio": round(count.ratio, 6)},
+            }
+        )
+        return 0
+    print(f"{source.path} ({'converted' if converted else 'source'}), forward FLOPs at {args.seq_len} tokens")
+    print(f"{'block':>5}  {'name':<24} {'form':<11} {'routed':<8} {'dense':>12} {'routed':>12}")
+    for r in rows:
+        capacity = f"{r['capacity']:g}" if r["routed"] else "-"
+        print(f"{r['index']:>5}  {r['name']:<24} {r['form']:<11} {capacity:<8} {r['flops_dense']:>12.4g} {r['flops_routed']:>12.4g}")
+    print(f"total (with embeddings and head): dense {count.dense:.4g}, routed {count.routed:.4g} ({count.ratio:.1%})")
+    for u in unroutable:
+        print(f"block {u['index']} ({u['name']}) can't be routed: {u['reason']}")
+    return 0

@@ -1,0 +1,75 @@
+"""Let ``transformers.AutoModelForCausalLM.from_pretrained`` load converted checkpoints, once modify is imported.
+
+A converted config.json carries ``"quantization_config": {"quant_method": "modify"}``. transformers' own
+extension point for methods that change a model's modules around weight loading (``register_quantizer``) then
+hands the model to :class:`ModifyLoader` twice: before the weights load, it adds an empty router to every
+routed block so that the routers' weights load with the rest; after, it finishes the conversion with the
+saved plan and removes every trace of "quantization" from the model (nothing is quantized; the model
+trains and saves like any other). Without modify imported, transformers ignores the unknown method and
+loads the dense model, warning about the router weights it skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from modify.config import CONFIG_KEY, MoDConfig
+from modify.router import ROUTER_ATTR, MoDRouter
+
+__all__ = ["QUANT_METHOD", "ModifyLoadConfig", "ModifyLoader"]
+
+QUANT_METHOD = "modify"
+
+
+class ModifyLoadConfig(QuantizationConfigMixin):
+    """The marker in config.json; the plan itself is under ``mixture_of_depths``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.quant_method = QUANT_METHOD
+
+
+class ModifyLoader(HfQuantizer):
+    """Restores Mixture-of-Depths routing while transformers loads a converted checkpoint."""
+
+    requires_calibration = False
+
+    def update_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+    def _plan(self, model: Any) -> MoDConfig:
+        return MoDConfig.from_dict(getattr(model.config, CONFIG_KEY))
+
+    def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        plan = self._plan(model)
+        stack = model.get_submodule(plan.block_stack)
+        hidden = model.config.get_text_config().hidden_size
+        for i in plan.routed:
+            # Built on the meta device like the rest of the skeleton; the checkpoint's router weights fill it.
+            with torch.device("meta"):
+                stack[i].add_module(ROUTER_ATTR, MoDRouter(hidden))
+        return model
+
+    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        from modify.api import convert
+
+        self.remove_quantization_config(model)
+        convert(model, plan=self._plan(model))
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+    register_quantization_config(QUANT_METHOD)(ModifyLoadConfig)
+if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+    register_quantizer(QUANT_METHOD)(ModifyLoader)
