@@ -7,11 +7,17 @@
 from __future__ import annotations
 
 from modify.api import BlockInfo, convert, find_blocks, revert, routing_disabled
+from modify.checkpoint import from_pretrained, save_converted
 from modify.config import MoDConfig
 from modify.errors import UnsupportedModelError
 from modify.flops import FlopCount, flops
 
 __version__ = "0.1.0"
+
+try:  # lets AutoModelForCausalLM.from_pretrained restore the routing of converted checkpoints
+    import modify.hf_integration  # noqa: F401
+except ImportError:  # transformers missing: the graph passes still work on plain torch models
+    pass
 
 __all__ = [
     "BlockInfo",
@@ -22,6 +28,8 @@ __all__ = [
     "convert",
     "find_blocks",
     "flops",
+    "from_pretrained",
     "revert",
     "routing_disabled",
+    "save_converted",
 ]
