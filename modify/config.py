@@ -11,9 +11,10 @@ __all__ = ["MoDConfig", "CONFIG_KEY", "ROUTER_KINDS", "GATE_KINDS"]
 #: The attribute of a Hugging Face config (and key of config.json) that holds the plan.
 CONFIG_KEY = "mixture_of_depths"
 ROUTER_KINDS = ("linear",)
-#: "sigmoid": g(r) = 2 * sigmoid(r). Equal to 1 at r = 0 (the zero-initialised router), so conversion keeps
-#: the pretrained function; bounded in (0, 2), so a router that drifts can neither blow up a block's
-#: contribution nor flip its sign (the instability reported by users of unbounded routers).
+#: "sigmoid": g(r) = 2 * sigmoid(s * r) with a learnt scale s. Equal to 1 when r = 0 (zero-initialised
+#: router, s = 1) or s = 0 (calibrated router), so conversion keeps the pretrained function; bounded in
+#: (0, 2), so a router that drifts can neither blow up a block's contribution nor flip its sign (the
+#: instability reported by users of unbounded routers).
 GATE_KINDS = ("sigmoid",)
 _VERSION = 1
 
@@ -29,8 +30,12 @@ class MoDConfig:
         router: router kind; "linear" is one linear map from the hidden state to a float32 score.
         gate: gate applied to the router score; see ``GATE_KINDS``.
         block_stack: qualified name of the module list holding the blocks (filled in by ``convert``).
+        keep_first: the first ``keep_first`` real tokens of every sequence always go through routed blocks
+            (0 is the paper's pure top-k; 1 keeps the attention sink of a pretrained model).
         source: where the converted checkpoint came from (``kind``, ``path``, ``gguf_file``, ``model_id``), as
             recorded by ``modify convert``; ``modify verify`` reloads it.
+        calibration: for a calibrated plan, everything needed to reproduce and judge it (data fingerprint,
+            token count, sequence length, grid, budget, per-block sensitivity, predicted and measured loss).
         version: format version, for migrating configs saved by older releases.
     """
 
@@ -40,7 +45,9 @@ class MoDConfig:
     router: str = field(default="linear", metadata={"help": "router kind"})
     gate: str = field(default="sigmoid", metadata={"help": "gate g(r) scaling the block's contribution"})
     block_stack: str = field(default="", metadata={"help": "qualified name of the block list"})
+    keep_first: int = field(default=0, metadata={"help": "leading tokens every routed block always processes"})
     source: dict[str, Any] = field(default_factory=dict, metadata={"help": "the checkpoint converted"})
+    calibration: dict[str, Any] = field(default_factory=dict, metadata={"help": "how the plan was calibrated"})
     version: int = field(default=_VERSION, metadata={"help": "format version"})
 
     def __post_init__(self) -> None:
@@ -62,6 +69,8 @@ class MoDConfig:
         for c in self.capacities:
             if not (math.isfinite(c) and 0.0 < c <= 1.0):
                 raise ValueError(f"capacity {c} is out of range: it must be in (0, 1], e.g. 0.125")
+        if self.keep_first < 0:
+            raise ValueError(f"keep_first must be >= 0, got {self.keep_first}")
         if self.router not in ROUTER_KINDS:
             raise ValueError(f"unknown router kind {self.router!r}; choose one of {ROUTER_KINDS}")
         if self.gate not in GATE_KINDS:

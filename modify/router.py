@@ -12,12 +12,17 @@ ROUTER_ATTR = "mod_router"
 
 
 class MoDRouter(nn.Module):
-    """r = w·x + b in float32, and the gate g(r) = 2·sigmoid(r).
+    """r = w·x + b in float32 picks the tokens; the gate g(r) = 2·sigmoid(s·r) scales their contribution.
 
-    The weights start at zero: every score is 0, so every gate is exactly 1 and the converted model computes
-    the pretrained function on the tokens it routes (the identity-preserving start of p-MoD's TanhNorm).
-    The gate's slope at 0 is 1/2, not 0, so the router's weights receive gradient from the first step.
-    Ties between equal scores are broken towards earlier positions (see ``select_tokens``).
+    By default the weights start at zero and the gate scale s at 1: every score is 0, so every gate is
+    exactly 1 and the converted model computes the pretrained function on the tokens it routes (the
+    identity-preserving start of p-MoD's TanhNorm). The gate's slope at 0 is s/2, not 0, so the router's
+    weights receive gradient from the first step. Ties between equal scores go to earlier positions.
+
+    Routers fitted to calibration data (:mod:`modify.calibration`) start with useful non-zero weights and
+    s = 0 instead: the gate is still exactly 1, so capacity 1.0 still reproduces the model, while the
+    scores already pick the tokens that matter. s receives gradient (through r) from the first step, and
+    w through s once s moves.
 
     Args:
         hidden_size: size of the hidden states scored.
@@ -27,6 +32,7 @@ class MoDRouter(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1, hidden_size, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(1, dtype=torch.float32, device=device))
+        self.scale = nn.Parameter(torch.ones(1, dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, D] hidden states -> [B, T] float32 scores."""
@@ -34,6 +40,5 @@ class MoDRouter(nn.Module):
         w = self.weight.float()
         return torch.nn.functional.linear(x.float(), w, self.bias.float()).squeeze(-1)
 
-    @staticmethod
-    def gate(scores: torch.Tensor) -> torch.Tensor:
-        return 2.0 * torch.sigmoid(scores)
+    def gate(self, scores: torch.Tensor) -> torch.Tensor:
+        return 2.0 * torch.sigmoid(self.scale.float() * scores)

@@ -40,13 +40,16 @@ def capacity_tokens(capacity: float, length: int) -> int:
     return min(length, max(1, math.ceil(round(capacity * length, 6))))
 
 
-def select_tokens(scores: torch.Tensor, k: int, padding: torch.Tensor | None = None) -> torch.Tensor:
+def select_tokens(scores: torch.Tensor, k: int, padding: torch.Tensor | None = None, keep_first: int = 0) -> torch.Tensor:
     """Indices of the k highest-scoring tokens of each row, ascending.
 
     Args:
         scores: [B, T] router scores.
         k: tokens to keep per row.
         padding: [B, T] bool, True at padding; padding is chosen only once a row runs out of real tokens.
+        keep_first: the first ``keep_first`` real tokens of each row are always chosen. Pretrained models
+            park attention on the first token (the attention sink); a routed block whose attention loses
+            it degrades far more than one that loses any other token.
 
     Returns:
         [B, k] int64, sorted so that the routed tokens keep their order (attention stays causal).
@@ -54,6 +57,10 @@ def select_tokens(scores: torch.Tensor, k: int, padding: torch.Tensor | None = N
     length = scores.shape[-1]
     if k == length:
         return torch.arange(length, device=scores.device).expand(scores.shape[0], length)
+    if keep_first > 0:
+        real = ~padding if padding is not None else torch.ones_like(scores, dtype=torch.bool)
+        leading = real & (real.cumsum(-1) <= keep_first)
+        scores = scores.masked_fill(leading, float("inf"))
     if padding is not None:
         scores = scores.masked_fill(padding, float("-inf"))
     # A stable sort breaks ties towards earlier positions, so equal scores (a zero router) give the same
@@ -115,6 +122,7 @@ class RoutingState:
         form: block form found by the residual analysis.
         delta: "exact" or "difference" (see :mod:`modify.passes.extract_delta`).
         enabled: False inside ``modify.routing_disabled``: the block runs densely.
+        keep_first: leading real tokens always routed (see :func:`select_tokens`).
     """
 
     index: int
@@ -126,6 +134,7 @@ class RoutingState:
     forward_fn: Callable[..., Any]
     signature: inspect.Signature
     enabled: bool = True
+    keep_first: int = 0
     graphs: dict[CallStructure, fx.GraphModule] = field(default_factory=dict)
 
     def graph(self, block: nn.Module, structure: CallStructure) -> fx.GraphModule:
@@ -155,7 +164,7 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
             mask = mask[i] if mask is not None else None
         if torch.is_tensor(mask) and mask.dim() == 4:
             padding = padding_from_mask(mask, batch)
-    idx = select_tokens(scores, capacity_tokens(state.capacity, length), padding)
+    idx = select_tokens(scores, capacity_tokens(state.capacity, length), padding, state.keep_first)
     gathered = {
         key: gather_tokens(value, idx) if key == spec.hidden else _gather_value(value, (key,), spec, idx, length)
         for key, value in named.items()

@@ -64,9 +64,9 @@ class Recorder:
 
 
 def set_router_weights(model: nn.Module, std: float = 1.0, seed: int = 1) -> None:
-    """Give every router random weights, so that top-k picks by content rather than by position."""
+    """Give every router random weights and bias (gate scale kept), so that top-k picks by content."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "router" in name:
+            if "router" in name and not name.endswith("scale"):
                 p.copy_(torch.randn(p.shape, generator=gen) * std / max(1, p.shape[-1]) ** 0.5)

@@ -86,8 +86,10 @@ def test_router_parameters_are_named_and_float32() -> None:
     assert [n for n, _ in routers] == [
         "model.layers.1.mod_router.weight",
         "model.layers.1.mod_router.bias",
+        "model.layers.1.mod_router.scale",
         "model.layers.3.mod_router.weight",
         "model.layers.3.mod_router.bias",
+        "model.layers.3.mod_router.scale",
     ]
     assert all(p.dtype == torch.float32 for _, p in routers)
     logits = model(torch.randint(3, 97, (1, 12))).logits

@@ -33,7 +33,7 @@ def _loop_reference(model: torch.nn.Module, block: torch.nn.Module, x: torch.Ten
         cos_sin = model.model.rotary_emb(xs, pos)
         causal = torch.full((k, k), torch.finfo(x.dtype).min, dtype=x.dtype).triu(1)[None, None]
         out = type(block).forward(block, xs, attention_mask=causal, position_ids=pos, position_embeddings=cos_sin)
-        gate = 2 * torch.sigmoid(scores[b, sel]).to(x.dtype).unsqueeze(-1)
+        gate = 2 * torch.sigmoid(router.scale.float() * scores[b, sel]).to(x.dtype).unsqueeze(-1)
         y[b, sel] = x[b, sel] + gate * (out[0] - x[b, sel])
     return y
 

@@ -1,4 +1,4 @@
-"""The ``modify`` command line: ``modify convert``, ``modify inspect``, ``modify verify``.
+"""The ``modify`` command line: ``modify convert``, ``inspect``, ``verify`` and ``calibrate``.
 
 Each subcommand lives in its own file and registers itself with :func:`main`'s parser. Errors the user can
 fix print one line on stderr (no traceback unless ``--debug``) and exit with 2 for usage errors, 1 for the
@@ -12,13 +12,13 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from modify.cli import convert, inspect, verify
+from modify.cli import calibrate, convert, inspect, verify
 from modify.cli.common import Parser
 from modify.errors import ModifyError, UnsupportedModelError
 
 __all__ = ["main"]
 
-_SUBCOMMANDS = (convert, inspect, verify)
+_SUBCOMMANDS = (convert, inspect, verify, calibrate)
 
 
 def _parser() -> Parser:

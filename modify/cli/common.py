@@ -96,6 +96,33 @@ class Progress:
         with Console(stderr=True).status(message):
             yield
 
+    def bar(self) -> _Bar:
+        return _Bar(self.enabled)
+
+
+class _Bar:
+    """A tqdm bar per stage on a terminal; a no-op elsewhere. Called as ``bar(stage, done, total)``."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.current: Any = None
+        self.stage = ""
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.current, self.stage = tqdm(total=total, desc=stage, leave=False), stage
+        self.current.update(done - self.current.n)
+
+    def close(self) -> None:
+        if self.current is not None:
+            self.current.close()
+            self.current = None
+
 
 def emit_json(data: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from modify.cli.calibrate import add_calibration_flags, run_calibration
 from modify.cli.common import Progress, add_common_flags, capacity_type, emit_json, parse_layers, quiet_libraries
 from modify.errors import ModifyError, UsageError
 
@@ -15,6 +16,8 @@ EXAMPLES = """examples:
   modify convert model.gguf out/mod --layers 1,3,5 --dtype bfloat16
   modify convert HuggingFaceTB/SmolLM2-135M out/mod          # a model id already in the local HF cache
   modify convert ./my-llama out/llama-mod --force --json     # replace OUT; print a JSON summary
+  modify convert smollm2 out/mod --calibrate plays/*.txt --flops-budget 0.75   # plan and routers from data
+  modify convert smollm2 out/mod --plan plan.json             # a plan written by 'modify calibrate'
 
 SRC is a Hugging Face model directory (safetensors, sharded or not, or .bin), a .gguf file, a model id in the
 local Hugging Face cache (nothing is downloaded) or 'smollm2'. SRC is never modified; OUT is written into a
@@ -35,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", default="every-other", help="every-other (default), all, 1,3,5 or 4-20")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: the checkpoint's)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--plan", type=Path, metavar="PLAN.json", help="apply a plan written by 'modify calibrate'")
+    source.add_argument("--calibrate", dest="data", nargs="+", type=Path, metavar="FILE", help="calibrate on these text files first")
+    add_calibration_flags(p, required=False)
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_common_flags(p)
     p.set_defaults(run=run)
@@ -45,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from modify.checkpoint import check_output, is_converted_directory, load_source, resolve_source, save_converted
 
     layers = parse_layers(args.layers)
+    if args.data and args.flops_budget is None:
+        raise UsageError("--calibrate needs --flops-budget F, e.g. --flops-budget 0.75")
     progress = Progress(args.quiet or args.json, args.debug)
     quiet_libraries(args.debug, progress.enabled)
     start = time.perf_counter()
@@ -56,9 +65,21 @@ def run(args: argparse.Namespace) -> int:
         )
     with progress.step(f"loading {source.path.name}"):
         model, tokenizer = load_source(source, args.dtype)
+    calibration = None
+    if args.plan:
+        from modify.plan_file import load_plan
+
+        calibration, _ = load_plan(args.plan)
+    elif args.data:
+        calibration = run_calibration(args, model, tokenizer, progress)
     with progress.step("tracing blocks and inserting routers"):
         try:
-            modify.convert(model, capacity=args.capacity, layers=layers)
+            if calibration is not None:
+                from modify.calibration import apply_calibration
+
+                apply_calibration(model, calibration)
+            else:
+                modify.convert(model, capacity=args.capacity, layers=layers)
         except ValueError as exc:
             if isinstance(exc, modify.UnsupportedModelError):
                 raise

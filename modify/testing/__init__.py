@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from modify.testing.tiny_models import FAMILIES, tiny_model
+from modify.testing.tiny_models import FAMILIES, tiny_model, tiny_tokenizer
 
-__all__ = ["FAMILIES", "tiny_model"]
+__all__ = ["FAMILIES", "tiny_model", "tiny_tokenizer"]

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FAMILIES", "tiny_model"]
+__all__ = ["FAMILIES", "tiny_model", "tiny_tokenizer"]
 
 _COMMON = {"vocab_size": 97, "max_position_embeddings": 128, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
@@ -41,3 +41,17 @@ def tiny_model(family: str, seed: int = 0, attn_implementation: str = "eager", *
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     return model.eval()
+
+
+def tiny_tokenizer(vocab_size: int = 97):  # type: ignore[no-untyped-def]
+    """A character-level fast tokenizer over printable ASCII, ids below ``vocab_size``, unknown -> 0."""
+    import string
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\x0b\x0c"][: vocab_size - 1]
+    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")

@@ -1,0 +1,130 @@
+"""``modify calibrate SRC --data FILES --flops-budget F --out PLAN.json``: choose blocks, capacities and
+initial routers from calibration text (see :mod:`modify.calibration`)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from modify.cli.common import Progress, add_common_flags, emit_json, quiet_libraries
+from modify.errors import ModifyError, UsageError
+
+EXAMPLES = """examples:
+  modify calibrate smollm2 --data plays/*.txt --flops-budget 0.75 --out plan.json
+  modify calibrate ./my-llama --data corpus.txt --tokens 131072 --seq-len 1024 --flops-budget 0.6 --out plan.json
+  modify convert ./my-llama out/llama-mod --plan plan.json        # apply a saved plan
+  modify convert smollm2 out/mod --calibrate plays/*.txt --flops-budget 0.75   # calibrate and convert at once
+
+Writes PLAN.json, the fitted routers as PLAN.safetensors and a chart as PLAN.png beside it."""
+
+
+def budget_type(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget {text!r} is not a number; use a value in (0, 1), e.g. 0.75") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"budget {text} is out of range; use a value in (0, 1), e.g. 0.75 (1 routes nothing)")
+    return value
+
+
+def grid_type(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"grid {text!r} is not a list of numbers like 1,0.5,0.25") from None
+    if any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"grid {text} holds a capacity outside (0, 1]")
+    return tuple(sorted(set(values) | {1.0}, reverse=True))
+
+
+def add_calibration_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--flops-budget", type=budget_type, required=required, help="blocks cost at most F x dense FLOPs, F in (0, 1)")
+    p.add_argument("--tokens", type=int, default=65536, help="calibration tokens (default 65536)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window; the budget holds at this length (default 512)")
+    p.add_argument("--grid", type=grid_type, default=(1.0, 0.75, 0.5, 0.25, 0.125), help="capacities to choose from (default 1,0.75,0.5,0.25,0.125)")
+    p.add_argument("--sensitivity-tokens", type=int, default=2048, help="tokens for the per-block measurements (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="picks the sensitivity windows (default 0)")
+    p.add_argument("--keep-first", type=int, default=1, help="leading tokens always routed: the attention sink (default 1)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="plan capacities under a FLOP budget and fit routers on calibration text",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("src", metavar="SRC", help="model directory, .gguf file, cached model id, or 'smollm2'")
+    p.add_argument("--data", nargs="+", type=Path, required=True, metavar="FILE", help="UTF-8 text files, read in order")
+    p.add_argument("--out", type=Path, required=True, metavar="PLAN.json", help="where to write the plan")
+    add_calibration_flags(p, required=True)
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    add_common_flags(p)
+    p.set_defaults(run=run)
+
+
+def run_calibration(args: argparse.Namespace, model: Any, tokenizer: Any, progress: Progress) -> Any:
+    """Calibrate ``model`` as the flags say; shared with ``modify convert --calibrate``."""
+    from modify.calibration import CalibrationSettings, calibrate, token_windows
+
+    missing = [str(p) for p in args.data if not p.is_file()]
+    if missing:
+        raise ModifyError(f"calibration data {missing[0]} is not a file; give UTF-8 text files to --data")
+    if tokenizer is None:
+        raise ModifyError("SRC has no tokenizer to read the calibration text with; save one beside the model")
+    try:
+        settings = CalibrationSettings(
+            tokens=args.tokens, seq_len=args.seq_len, budget=args.flops_budget, grid=args.grid,
+            sensitivity_tokens=args.sensitivity_tokens, seed=args.seed, keep_first=args.keep_first,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    with progress.step("reading calibration text"):
+        try:
+            windows, data = token_windows(tokenizer, args.data, args.seq_len, args.tokens)
+        except ValueError as exc:
+            raise ModifyError(str(exc)) from None
+    bar = progress.bar()
+    try:
+        return calibrate(model, windows, data, settings, progress=bar)
+    except ValueError as exc:  # the planner's degenerate budgets
+        raise UsageError(str(exc)) from None
+    finally:
+        bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from modify.checkpoint import load_source, resolve_source
+    from modify.plan_file import save_plan
+
+    progress = Progress(args.quiet or args.json, args.debug)
+    quiet_libraries(args.debug, progress.enabled)
+    start = time.perf_counter()
+    source = resolve_source(args.src)
+    with progress.step(f"loading {source.path.name}"):
+        model, tokenizer = load_source(source)
+    calibration = run_calibration(args, model, tokenizer, progress)
+    path = save_plan(calibration, args.out, source.to_dict())
+    summary = {
+        "plan": str(path),
+        "routed": calibration.routed,
+        "capacities": [calibration.capacities[i] for i in calibration.routed],
+        "cost_ratio": calibration.cost_ratio,
+        "predicted_loss_increase": calibration.predicted_loss_increase,
+        "measured_loss_increase": calibration.measured_loss - calibration.dense_loss,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    if args.json:
+        emit_json(summary)
+    elif not args.quiet:
+        routed = ", ".join(f"{i}:{c:g}" for i, c in zip(summary["routed"], summary["capacities"]))
+        print(
+            f"wrote {path} (+ .safetensors, .png): blocks {routed}; {calibration.cost_ratio:.3f} of dense block FLOPs; "
+            f"loss +{summary['predicted_loss_increase']:.3f} predicted, +{summary['measured_loss_increase']:.3f} measured "
+            f"({summary['seconds']:.0f} s)"
+        )
+    return 0

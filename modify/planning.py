@@ -1,0 +1,152 @@
+"""Plans: which blocks are routed and at what capacity, from a schedule or under a FLOP budget.
+
+Schedules (no data needed): :func:`uniform`, :func:`every_other` (the paper's plan), :func:`explicit` and
+:func:`cosine_depth` (capacity decaying with depth, as p-MoD's progressive ratio decay).
+
+Under a budget, :func:`plan_under_budget` picks one capacity per block from a discrete grid (1.0 meaning
+"not routed") to minimise the predicted loss increase, Σ_i ΔL_i(c_i), subject to
+Σ_i cost_i(c_i) <= F · Σ_i cost_i(1.0): the blocks' forward FLOPs at the calibration sequence length,
+routers included. The prediction assumes the blocks' effects add up (measured one block at a time, see
+:mod:`modify.calibration`). The optimisation is a multiple-choice knapsack solved exactly by dynamic
+programming over blocks, keeping only the Pareto frontier of (cost, loss) partial plans; it agrees with
+brute force on small cases (tests/test_planning.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "DEFAULT_GRID",
+    "BudgetPlan",
+    "uniform",
+    "every_other",
+    "explicit",
+    "cosine_depth",
+    "plan_under_budget",
+    "brute_force_plan",
+]
+
+#: Capacities the planner may choose; 1.0 leaves a block dense.
+DEFAULT_GRID = (1.0, 0.75, 0.5, 0.25, 0.125)
+
+
+def uniform(num_blocks: int, capacity: float, blocks: Sequence[int] | None = None) -> list[float]:
+    """``capacity`` on ``blocks`` (all by default), 1.0 elsewhere."""
+    chosen = set(range(num_blocks) if blocks is None else blocks)
+    return [capacity if i in chosen else 1.0 for i in range(num_blocks)]
+
+
+def every_other(num_blocks: int, capacity: float = 0.125) -> list[float]:
+    """The paper's plan: ``capacity`` on blocks 1, 3, 5, ..."""
+    return uniform(num_blocks, capacity, range(1, num_blocks, 2))
+
+
+def explicit(capacities: dict[int, float], num_blocks: int) -> list[float]:
+    """Per-block capacities given as {block index: capacity}."""
+    for i in capacities:
+        if not 0 <= i < num_blocks:
+            raise ValueError(f"block index {i} is out of range: valid indices are 0..{num_blocks - 1}")
+    return [capacities.get(i, 1.0) for i in range(num_blocks)]
+
+
+def cosine_depth(num_blocks: int, low: float, high: float = 1.0, skip_first: int = 1, skip_last: int = 1) -> list[float]:
+    """Capacity falling from ``high`` to ``low`` along a half cosine over the middle blocks.
+
+    The first ``skip_first`` and last ``skip_last`` blocks stay dense: on pretrained models they are the
+    least tolerant of skipping (on SmolLM2-135M, skipping block 0 multiplies perplexity by about 500).
+    """
+    middle = list(range(skip_first, num_blocks - skip_last))
+    caps = [1.0] * num_blocks
+    for j, i in enumerate(middle):
+        t = j / max(1, len(middle) - 1)
+        caps[i] = low + (high - low) * (1 + math.cos(math.pi * t)) / 2
+    return caps
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """The planner's answer: one capacity per block, and what it costs and is predicted to lose."""
+
+    capacities: tuple[float, ...]
+    cost: float
+    dense_cost: float
+    predicted_loss_increase: float
+
+    @property
+    def cost_ratio(self) -> float:
+        return self.cost / self.dense_cost
+
+
+def _check(loss: Sequence[dict[float, float]], cost: Sequence[dict[float, float]], budget: float) -> None:
+    if len(loss) != len(cost) or not loss:
+        raise ValueError("give one loss table and one cost table per block")
+    for i, (l_i, c_i) in enumerate(zip(loss, cost)):
+        if 1.0 not in c_i or set(l_i) != set(c_i):
+            raise ValueError(f"block {i}: the loss and cost tables need the same capacities, 1.0 included")
+    if not (math.isfinite(budget) and budget > 0):
+        raise ValueError(f"FLOP budget {budget} must be a number in (0, 1), e.g. 0.75")
+    if budget >= 1.0:
+        raise ValueError(f"FLOP budget {budget} leaves the dense cost: nothing needs routing; use a budget below 1, e.g. 0.75")
+    dense = sum(c[1.0] for c in cost)
+    cheapest = sum(min(c.values()) for c in cost)
+    if cheapest > budget * dense:
+        raise ValueError(
+            f"FLOP budget {budget} is below the cheapest plan on this grid ({cheapest / dense:.3f}: every block at its "
+            "smallest capacity); raise the budget or add smaller capacities to the grid"
+        )
+
+
+def plan_under_budget(
+    loss: Sequence[dict[float, float]], cost: Sequence[dict[float, float]], budget: float
+) -> BudgetPlan:
+    """The grid plan with the least predicted loss increase whose cost is within ``budget`` of dense.
+
+    Args:
+        loss: per block, capacity -> predicted loss increase (0 at 1.0).
+        cost: per block, capacity -> forward FLOPs of the block (1.0: dense).
+        budget: F in (0, 1): the blocks may cost at most F times their dense cost.
+
+    Raises:
+        ValueError: a budget of 1 or more (nothing to route), or below the cheapest plan on the grid.
+    """
+    _check(loss, cost, budget)
+    dense = sum(c[1.0] for c in cost)
+    limit = budget * dense
+    # frontier: cost -> (loss, capacities), kept Pareto-optimal (no other state is cheaper and no worse).
+    frontier: list[tuple[float, float, tuple[float, ...]]] = [(0.0, 0.0, ())]
+    remaining_min = [sum(min(c.values()) for c in cost[i:]) for i in range(len(cost) + 1)]
+    for i, (l_i, c_i) in enumerate(zip(loss, cost)):
+        candidates = [
+            (f_cost + c_i[cap], f_loss + l_i[cap], caps + (cap,))
+            for f_cost, f_loss, caps in frontier
+            for cap in sorted(c_i, reverse=True)
+            if f_cost + c_i[cap] + remaining_min[i + 1] <= limit * (1 + 1e-12)
+        ]
+        candidates.sort(key=lambda s: (s[0], s[1], tuple(-c for c in s[2])))
+        frontier, best = [], math.inf
+        for state in candidates:
+            if state[1] < best:
+                frontier.append(state)
+                best = state[1]
+    total_cost, total_loss, caps = min(frontier, key=lambda s: (s[1], s[0]))
+    return BudgetPlan(caps, total_cost, dense, total_loss)
+
+
+def brute_force_plan(loss: Sequence[dict[float, float]], cost: Sequence[dict[float, float]], budget: float) -> BudgetPlan:
+    """Every combination of the grid; for testing the dynamic program on small cases."""
+    _check(loss, cost, budget)
+    dense = sum(c[1.0] for c in cost)
+    best: BudgetPlan | None = None
+    for caps in itertools.product(*[sorted(c, reverse=True) for c in cost]):
+        total = sum(c[cap] for c, cap in zip(cost, caps))
+        if total > budget * dense * (1 + 1e-12):
+            continue
+        lost = sum(l[cap] for l, cap in zip(loss, caps))
+        if best is None or (lost, total) < (best.predicted_loss_increase, best.cost):
+            best = BudgetPlan(tuple(caps), total, dense, lost)
+    assert best is not None
+    return best
