@@ -119,8 +119,13 @@ class Calibration:
         return out
 
 
-def token_windows(tokenizer: Any, files: Sequence[Path], seq_len: int, tokens: int) -> tuple[torch.Tensor, dict[str, Any]]:
-    """[N, seq_len] token windows streamed from ``files`` in order, and the data record (fingerprint, files)."""
+def token_windows(
+    tokenizer: Any, files: Sequence[Path], seq_len: int, tokens: int, chunk_chars: int = _CHUNK_CHARS
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """[N, seq_len] token windows streamed from ``files`` in order, and the data record (fingerprint, files).
+
+    Files are read ``chunk_chars`` characters at a time and reading stops once ``tokens`` are collected.
+    """
     buffer: list[int] = []
     windows: list[list[int]] = []
     digest = hashlib.sha256()
@@ -128,7 +133,7 @@ def token_windows(tokenizer: Any, files: Sequence[Path], seq_len: int, tokens: i
     for path in files:
         with open(path, encoding="utf-8", errors="replace") as f:
             while len(windows) < needed:
-                chunk = f.read(_CHUNK_CHARS)
+                chunk = f.read(chunk_chars)
                 if not chunk:
                     break
                 buffer.extend(tokenizer(chunk, add_special_tokens=False)["input_ids"])

@@ -131,3 +131,22 @@ def test_router_is_on_the_gradient_path() -> None:
         before = model(ids).logits
         router.bias.fill_(1.0)
         assert not torch.allclose(model(ids).logits, before)
+
+
+def test_keep_first_always_routes_the_first_real_token() -> None:
+    """The attention sink stays in every routed block, even when the router scores it lowest."""
+    from modify.routing import select_tokens
+
+    scores = torch.tensor([[-9.0, 1.0, 2.0, 3.0, 0.5], [5.0, -9.0, 1.0, 2.0, 3.0]])
+    padding = torch.tensor([[False] * 5, [True, False, False, False, False]])
+    assert select_tokens(scores, 2, padding).tolist() == [[2, 3], [3, 4]]
+    assert select_tokens(scores, 2, padding, keep_first=1).tolist() == [[0, 3], [1, 4]]
+    model = tiny_model("llama")
+    modify.convert(model, capacity=0.25, layers=[1], keep_first=1)
+    set_router_weights(model)
+    rec = Recorder(model.model.layers[1].self_attn)
+    with torch.no_grad():
+        model(torch.randint(3, 97, (2, 16)))
+    rec.remove()
+    assert (rec.calls[0][1]["position_ids"][:, 0] == 0).all()
+    assert model.config.mixture_of_depths["keep_first"] == 1
