@@ -23,8 +23,8 @@ Everything is deterministic for a seed.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
-import math
 import random
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -35,14 +35,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from modify.api import convert, revert, routed_blocks
+from modify.api import convert, routed_blocks
 from modify.config import MoDConfig
 from modify.flops import _attention_width, block_flops
 from modify.passes.find_block_stack import find_block_stack
 from modify.passes.probe_block_calls import bind_call
 from modify.planning import DEFAULT_GRID, plan_under_budget
 from modify.router import ROUTER_ATTR
-from modify.routing import STATE_ATTR, capacity_tokens, select_tokens
+from modify.routing import STATE_ATTR, capacity_tokens, routed_forward, select_tokens
 
 __all__ = ["CalibrationSettings", "Calibration", "token_windows", "calibrate", "apply_calibration"]
 
@@ -62,6 +62,8 @@ class CalibrationSettings:
         batch_size: windows per forward.
         seed: picks the sensitivity windows.
         keep_first: leading tokens every routed block always processes (1: the attention sink).
+        dtype: dtype of the copy of the model that calibration runs ("bfloat16": about 3.7x faster than
+            float32 on CPUs with AMX, as measured on SmolLM2-135M here; the model passed in is not touched).
     """
 
     tokens: int = 65536
@@ -72,8 +74,11 @@ class CalibrationSettings:
     batch_size: int = 4
     seed: int = 0
     keep_first: int = 1
+    dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("bfloat16", "float32", "float16"):
+            raise ValueError(f"calibration dtype {self.dtype!r} must be bfloat16, float32 or float16")
         if self.seq_len < 2 or self.tokens < self.seq_len:
             raise ValueError(f"need seq_len >= 2 and tokens >= seq_len, got {self.seq_len} and {self.tokens}")
         if 1.0 not in self.grid or any(not 0 < c <= 1 for c in self.grid):
@@ -167,8 +172,6 @@ def _replay(blocks: Sequence[nn.Module], cached: Sequence[Any]) -> Iterator[None
     try:
         yield
     finally:
-        from modify.routing import routed_forward
-
         for block in blocks:
             block.forward = types.MethodType(routed_forward, block)  # type: ignore[method-assign]
 
@@ -183,11 +186,111 @@ def calibrate(
     """Calibrate ``model`` (left dense and unchanged) on token ``windows``; see the module docstring."""
     report = progress or (lambda stage, done, total: None)
     torch.manual_seed(settings.seed)
-    convert(model, capacity=1.0, layers="all", keep_first=settings.keep_first)
+    work = copy.deepcopy(model).to(getattr(torch, settings.dtype)).eval()
+    convert(work, capacity=1.0, layers="all", keep_first=settings.keep_first)
+    return _calibrate(work, windows, data, settings, report)
+
+
+@dataclass
+class _DensePass:
+    """What one dense pass over the calibration windows leaves behind."""
+
+    gram: torch.Tensor  # [n, D+1, D+1] float64: Σ [x, 1]ᵀ[x, 1] per block
+    moment: torch.Tensor  # [n, D+1] float64: Σ [x, 1]ᵀ log‖Δ‖ per block
+    loss: float = 0.0  # mean loss on the sensitivity windows
+    importance: list[list[torch.Tensor]] = field(default_factory=list)  # per block, per sensitivity batch: [B, T]
+    inputs: list[list[torch.Tensor]] = field(default_factory=list)  # per block, per sensitivity batch: [B, T, D]
+    outputs: list[list[Any]] = field(default_factory=list)  # per block, per sensitivity batch: the block's output
+
+
+def _dense_pass(model: nn.Module, blocks: list[nn.Module], windows: torch.Tensor, sens_batches: list[list[int]],
+                other_batches: list[list[int]], dim: int, report: Callable) -> _DensePass:
+    n = len(blocks)
+    dense = _DensePass(torch.zeros(n, dim + 1, dim + 1, dtype=torch.float64), torch.zeros(n, dim + 1, dtype=torch.float64),
+                       importance=[[] for _ in blocks], inputs=[[] for _ in blocks], outputs=[[] for _ in blocks])
+    keep = {"sens": False}
+
+    def hook(i: int) -> Callable:
+        def fn(block: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            x = _hidden(block, args, kwargs)
+            y = out[0] if isinstance(out, tuple) else out
+            importance = (y - x).float().norm(dim=-1).clamp_min(1e-12).log()  # [B, T]
+            # float32 products per batch (a few thousand rows), summed across batches in float64.
+            feats = torch.cat([x.float().reshape(-1, dim), torch.ones(x.shape[0] * x.shape[1], 1)], dim=1)
+            dense.gram[i] += (feats.T @ feats).double()
+            dense.moment[i] += (feats.T @ importance.reshape(-1, 1)).squeeze(-1).double()
+            if keep["sens"]:
+                dense.importance[i].append(importance)
+                dense.inputs[i].append(x)
+                dense.outputs[i].append(out)
+
+        return fn
+
+    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    losses = []
+    batches = sens_batches + other_batches  # sensitivity windows first, in batches of their own
     try:
-        return _calibrate(model, windows, data, settings, report)
+        with torch.no_grad():
+            for done, batch in enumerate(batches):
+                keep["sens"] = done < len(sens_batches)
+                loss = _loss(model, windows[batch])
+                if keep["sens"]:
+                    losses.append(loss)
+                report("dense pass", done + 1, len(batches))
     finally:
-        revert(model)
+        for h in handles:
+            h.remove()
+    dense.loss = sum(losses) / len(losses)
+    return dense
+
+
+def _fit_router(gram: torch.Tensor, moment: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Ridge regression from [x, 1] to log-importance; the bias is not penalised."""
+    dim = gram.shape[0] - 1
+    ridge = 1e-6 * gram.diagonal().mean() * torch.eye(dim + 1, dtype=torch.float64)
+    ridge[dim, dim] = 0
+    solution = torch.linalg.solve(gram + ridge, moment)
+    return {"weight": solution[:dim].float().unsqueeze(0), "bias": solution[dim:].float(), "scale": torch.zeros(1)}
+
+
+def _sensitivity(model: nn.Module, blocks: list[nn.Module], states: list[Any], windows: torch.Tensor,
+                 sens_batches: list[list[int]], dense: _DensePass, grid: Sequence[float], report: Callable) -> dict[str, dict[str, float]]:
+    """Loss increase per block: skipped ("0"), and routing its most important tokens at each capacity."""
+    variants = [0.0] + sorted((c for c in grid if c < 1.0), reverse=True)
+    table: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            router = getattr(block, ROUTER_ATTR)
+            row = {}
+            for c in variants:
+                losses = []
+                for b, batch in enumerate(sens_batches):
+                    oracle = dense.importance[i][b]
+                    handle = router.register_forward_hook(lambda m, a, out, _o=oracle: _o)
+                    with _replay(blocks[:i], [dense.outputs[j][b] for j in range(i)]), _variant(block, states[i], c, router):
+                        losses.append(_loss(model, windows[batch]))
+                    handle.remove()
+                row[f"{c:g}"] = sum(losses) / len(losses) - dense.loss
+            row["1"] = 0.0
+            table[str(i)] = row
+            report("sensitivity", i + 1, len(blocks))
+    return table
+
+
+def _overlap(dense: _DensePass, routers: dict[int, dict[str, torch.Tensor]], capacities: Sequence[float], keep_first: int) -> dict[str, float]:
+    """Per routed block: the share of the fitted router's top-k that is also the oracle's top-k."""
+    overlap = {}
+    for i, c in enumerate(capacities):
+        if c < 1.0:
+            hits = total = 0
+            for x, oracle in zip(dense.inputs[i], dense.importance[i]):
+                r = torch.nn.functional.linear(x.float(), routers[i]["weight"], routers[i]["bias"]).squeeze(-1)
+                k = capacity_tokens(c, x.shape[1])
+                fitted, best = select_tokens(r, k, keep_first=keep_first), select_tokens(oracle, k, keep_first=keep_first)
+                hits += sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(fitted, best))
+                total += fitted.numel()
+            overlap[str(i)] = hits / total
+    return overlap
 
 
 def _calibrate(model: nn.Module, windows: torch.Tensor, data: dict[str, Any], s: CalibrationSettings, report: Callable) -> Calibration:
@@ -199,101 +302,32 @@ def _calibrate(model: nn.Module, windows: torch.Tensor, data: dict[str, Any], s:
     n, dim = len(blocks), states[0].spec.hidden_size
     sens_count = max(1, min(len(windows), s.sensitivity_tokens // s.seq_len))
     sens_index = sorted(random.Random(s.seed).sample(range(len(windows)), sens_count))
-    sens_set = set(sens_index)
-
-    # Dense pass: normal equations for the routers, importance and outputs on the sensitivity windows.
-    gram = torch.zeros(n, dim + 1, dim + 1, dtype=torch.float64)
-    moment = torch.zeros(n, dim + 1, dtype=torch.float64)
-    sens_importance: list[list[torch.Tensor]] = [[] for _ in blocks]
-    sens_inputs: list[list[torch.Tensor]] = [[] for _ in blocks]
-    sens_outputs: list[list[Any]] = [[] for _ in blocks]
-    keep = {"sens": False}
-
-    def hook(i: int) -> Callable:
-        def fn(block: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            x = _hidden(block, args, kwargs)
-            y = out[0] if isinstance(out, tuple) else out
-            importance = (y - x).float().norm(dim=-1).clamp_min(1e-12).log()  # [B, T]
-            feats = torch.cat([x.float().reshape(-1, dim), torch.ones(x.shape[0] * x.shape[1], 1)], dim=1).double()
-            gram[i] += feats.T @ feats
-            moment[i] += feats.T @ importance.reshape(-1).double()
-            if keep["sens"]:
-                sens_importance[i].append(importance)
-                sens_inputs[i].append(x)
-                sens_outputs[i].append(out)
-
-        return fn
-
-    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    dense_losses: list[float] = []
-    # Sensitivity windows go in batches of their own, so that their cached activations line up.
     sens_batches = [sens_index[i : i + s.batch_size] for i in range(0, len(sens_index), s.batch_size)]
-    other = [w for w in range(len(windows)) if w not in sens_set]
-    batches = sens_batches + [other[i : i + s.batch_size] for i in range(0, len(other), s.batch_size)]
-    try:
-        with torch.no_grad():
-            for done, batch in enumerate(batches):
-                keep["sens"] = done < len(sens_batches)
-                loss = _loss(model, windows[batch])
-                if keep["sens"]:
-                    dense_losses.append(loss)
-                report("dense pass", done + 1, len(batches))
-    finally:
-        for h in handles:
-            h.remove()
-    dense_loss = sum(dense_losses) / len(dense_losses)
+    other = [w for w in range(len(windows)) if w not in set(sens_index)]
+    other_batches = [other[i : i + s.batch_size] for i in range(0, len(other), s.batch_size)]
 
-    # Routers: ridge regression from x to log-importance.
-    routers: dict[int, dict[str, torch.Tensor]] = {}
-    for i in range(n):
-        ridge = 1e-6 * gram[i].diagonal().mean() * torch.eye(dim + 1, dtype=torch.float64)
-        ridge[dim, dim] = 0
-        solution = torch.linalg.solve(gram[i] + ridge, moment[i])
-        routers[i] = {"weight": solution[:dim].float().unsqueeze(0), "bias": solution[dim:].float(), "scale": torch.zeros(1)}
-
-    # Sensitivity: block i skipped, or routing its most important tokens at each capacity of the grid.
-    variants = [0.0] + sorted((c for c in s.grid if c < 1.0), reverse=True)
-    sensitivity: dict[str, dict[str, float]] = {}
-    width = _attention_width(model)
-    with torch.no_grad():
-        for i, block in enumerate(blocks):
-            router = getattr(block, ROUTER_ATTR)
-            row = {}
-            for c in variants:
-                losses = []
-                for b, batch in enumerate(sens_batches):
-                    oracle = sens_importance[i][b]
-                    hook_handle = router.register_forward_hook(lambda m, a, out, _o=oracle: _o)
-                    with _replay(blocks[:i], [sens_outputs[j][b] for j in range(i)]), _variant(block, states[i], c, router):
-                        losses.append(_loss(model, windows[batch]))
-                    hook_handle.remove()
-                row[f"{c:g}"] = sum(losses) / len(losses) - dense_loss
-            row["1"] = 0.0
-            sensitivity[str(i)] = row
-            report("sensitivity", i + 1, n)
+    dense = _dense_pass(model, blocks, windows, sens_batches, other_batches, dim, report)
+    routers = {i: _fit_router(dense.gram[i], dense.moment[i]) for i in range(n)}
+    sensitivity = _sensitivity(model, blocks, states, windows, sens_batches, dense, s.grid, report)
 
     grid = sorted(set(s.grid), reverse=True)
-    costs = []
-    for block in blocks:
-        router_cost = 2 * dim * s.seq_len
-        costs.append({c: float(block_flops(block, width, capacity_tokens(c, s.seq_len)) + (router_cost if c < 1 else 0)) for c in grid})
+    width, router_cost = _attention_width(model), 2 * dim * s.seq_len
+    costs = [
+        {c: float(block_flops(b, width, capacity_tokens(c, s.seq_len)) + (router_cost if c < 1 else 0)) for c in grid}
+        for b in blocks
+    ]
     loss_tables = [{c: sensitivity[str(i)][f"{c:g}"] for c in grid} for i in range(n)]
     chosen = plan_under_budget(loss_tables, costs, s.budget)
 
-    # Overlap of each routed block's fitted top-k with the oracle's, on the sensitivity windows.
-    overlap = {}
-    for i, c in enumerate(chosen.capacities):
-        if c < 1.0:
-            hits, total = 0, 0
-            for x, oracle in zip(sens_inputs[i], sens_importance[i]):
-                r = torch.nn.functional.linear(x.float(), routers[i]["weight"], routers[i]["bias"]).squeeze(-1)
-                k = capacity_tokens(c, x.shape[1])
-                fitted, best = select_tokens(r, k, keep_first=s.keep_first), select_tokens(oracle, k, keep_first=s.keep_first)
-                hits += sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(fitted, best))
-                total += fitted.numel()
-            overlap[str(i)] = hits / total
-
-    result = Calibration(
+    # The chosen plan, measured on the sensitivity windows with fitted and with zero routers.
+    measured = {}
+    with torch.no_grad():
+        for fitted in (True, False):
+            for i, block in enumerate(blocks):
+                states[i].capacity, states[i].enabled = chosen.capacities[i], chosen.capacities[i] < 1.0
+                _load_router(getattr(block, ROUTER_ATTR), routers[i] if fitted else None)
+            measured[fitted] = sum(_loss(model, windows[b]) for b in sens_batches) / len(sens_batches)
+    return Calibration(
         settings={**asdict(s), "grid": list(s.grid)},
         data=data,
         num_blocks=n,
@@ -301,32 +335,12 @@ def _calibrate(model: nn.Module, windows: torch.Tensor, data: dict[str, Any], s:
         sensitivity=sensitivity,
         cost_ratio=chosen.cost_ratio,
         predicted_loss_increase=chosen.predicted_loss_increase,
-        dense_loss=dense_loss,
-        measured_loss=math.nan,
-        measured_loss_untrained_routers=math.nan,
-        router_overlap=overlap,
-        routers={i: routers[i] for i in chosen_routed(chosen.capacities)},
+        dense_loss=dense.loss,
+        measured_loss=measured[True],
+        measured_loss_untrained_routers=measured[False],
+        router_overlap=_overlap(dense, routers, chosen.capacities, s.keep_first),
+        routers={i: routers[i] for i, c in enumerate(chosen.capacities) if c < 1.0},
     )
-    # Measure the chosen plan on the sensitivity windows, with fitted and with zero routers.
-    for st in states:
-        st.enabled = True
-        st.capacity = 1.0
-    with torch.no_grad():
-        for fitted in (True, False):
-            for i, block in enumerate(blocks):
-                states[i].capacity = chosen.capacities[i]
-                states[i].enabled = chosen.capacities[i] < 1.0
-                _load_router(getattr(block, ROUTER_ATTR), routers[i] if fitted else None)
-            measured = sum(_loss(model, windows[b]) for b in sens_batches) / len(sens_batches)
-            if fitted:
-                result.measured_loss = measured
-            else:
-                result.measured_loss_untrained_routers = measured
-    return result
-
-
-def chosen_routed(capacities: Sequence[float]) -> list[int]:
-    return [i for i, c in enumerate(capacities) if c < 1.0]
 
 
 def _load_router(router: nn.Module, values: dict[str, torch.Tensor] | None) -> None:
@@ -357,8 +371,6 @@ def _variant(block: nn.Module, state: Any, capacity: float, router: nn.Module) -
     try:
         yield
     finally:
-        from modify.routing import routed_forward
-
         block.forward = types.MethodType(routed_forward, block)  # type: ignore[method-assign]
         state.enabled, state.capacity = False, 1.0
         with torch.no_grad():
