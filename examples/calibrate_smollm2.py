@@ -20,9 +20,8 @@ import torch
 import modify
 from modify.assets import load_smollm2, shakespeare_split
 from modify.calibration import CalibrationSettings, apply_calibration, calibrate, token_windows
-from modify.flops import _attention_width, block_flops
+from modify.flops import attention_width, block_flops, routed_block_flops
 from modify.passes.find_block_stack import find_block_stack
-from modify.routing import capacity_tokens
 
 
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 4) -> float:
@@ -36,11 +35,11 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 4) ->
 def every_other_capacity(model: torch.nn.Module, budget: float, seq_len: int, grid: tuple[float, ...]) -> float:
     """The largest grid capacity at which the paper's every-other plan meets the budget."""
     _, stack = find_block_stack(model)
-    width, dim = _attention_width(model), model.config.hidden_size
+    width, dim = attention_width(model), model.config.hidden_size
     dense = block_flops(stack[0], width, seq_len)
     n = len(stack)
     for c in sorted(grid, reverse=True):
-        routed = block_flops(stack[0], width, capacity_tokens(c, seq_len)) + 2 * dim * seq_len
+        routed = routed_block_flops(stack[0], width, c, seq_len, dim)
         if ((n - n // 2) * dense + (n // 2) * routed) <= budget * n * dense:
             return c
     raise ValueError(f"no grid capacity meets budget {budget} with every other block routed")
@@ -72,12 +71,7 @@ def main() -> None:
     modify.convert(model, capacity=cap, layers="every-other")
     rows[f"every-other at capacity {cap:g}, zero routers"] = perplexity(model, held_out)
     modify.revert(model)
-    apply_calibration(model, cal)
-    for _, state in modify.api.routed_blocks(model):
-        with torch.no_grad():
-            for p in model.get_submodule(state.name).mod_router.parameters():
-                p.zero_()
-            model.get_submodule(state.name).mod_router.scale.fill_(1.0)
+    modify.convert(model, plan=cal.plan())  # the calibrated plan with fresh, zero routers
     rows["calibrated plan, zero routers"] = perplexity(model, held_out)
     modify.revert(model)
     apply_calibration(model, cal)

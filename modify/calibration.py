@@ -37,7 +37,7 @@ from torch import nn
 
 from modify.api import convert, routed_blocks
 from modify.config import MoDConfig
-from modify.flops import _attention_width, block_flops
+from modify.flops import attention_width, block_flops, routed_block_flops
 from modify.passes.find_block_stack import find_block_stack
 from modify.passes.probe_block_calls import bind_call
 from modify.planning import DEFAULT_GRID, plan_under_budget
@@ -311,9 +311,9 @@ def _calibrate(model: nn.Module, windows: torch.Tensor, data: dict[str, Any], s:
     sensitivity = _sensitivity(model, blocks, states, windows, sens_batches, dense, s.grid, report)
 
     grid = sorted(set(s.grid), reverse=True)
-    width, router_cost = _attention_width(model), 2 * dim * s.seq_len
+    width = attention_width(model)
     costs = [
-        {c: float(block_flops(b, width, capacity_tokens(c, s.seq_len)) + (router_cost if c < 1 else 0)) for c in grid}
+        {c: float(routed_block_flops(b, width, c, s.seq_len, dim) if c < 1 else block_flops(b, width, s.seq_len)) for c in grid}
         for b in blocks
     ]
     loss_tables = [{c: sensitivity[str(i)][f"{c:g}"] for c in grid} for i in range(n)]

@@ -18,7 +18,7 @@ from modify.passes.find_block_stack import find_block_stack
 from modify.router import ROUTER_ATTR
 from modify.routing import STATE_ATTR, capacity_tokens
 
-__all__ = ["FlopCount", "flops", "block_flops"]
+__all__ = ["FlopCount", "flops", "block_flops", "routed_block_flops", "attention_width"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def _linear_flops_per_token(module: nn.Module, skip: set[int]) -> int:
     return total
 
 
-def _attention_width(model: nn.Module) -> int:
+def attention_width(model: nn.Module) -> int:
     """H·d, the summed width of the attention heads."""
     config = getattr(model, "config", None)
     heads = getattr(config, "num_attention_heads", None)
@@ -65,6 +65,11 @@ def block_flops(block: nn.Module, attention_width: int, tokens: int) -> int:
     return _linear_flops_per_token(block, skip) * tokens + 4 * tokens * tokens * attention_width
 
 
+def routed_block_flops(block: nn.Module, attention_width: int, capacity: float, seq_len: int, hidden_size: int) -> int:
+    """FLOPs of one routed block over one sequence: the block on k = ceil(c·T) tokens plus its router on all T."""
+    return block_flops(block, attention_width, capacity_tokens(capacity, seq_len)) + 2 * hidden_size * seq_len
+
+
 def flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> FlopCount:
     """Forward FLOPs of ``model`` on ``batch_size`` sequences of ``seq_len`` tokens.
 
@@ -75,7 +80,7 @@ def flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> FlopCount:
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
     _, stack = find_block_stack(model)
-    width = _attention_width(model)
+    width = attention_width(model)
     in_blocks = {id(m) for m in stack.modules()}
     outside = sum(
         2 * m.weight.shape[0] * m.weight.shape[1]
@@ -89,9 +94,8 @@ def flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> FlopCount:
         if state is None:
             per_block.append((full, full))
         else:
-            router_per_token = 2 * getattr(block, ROUTER_ATTR).weight.numel()
-            cost = block_flops(block, width, capacity_tokens(state.capacity, seq_len)) + router_per_token * seq_len
-            per_block.append((full, cost))
+            hidden = getattr(block, ROUTER_ATTR).weight.shape[-1]
+            per_block.append((full, routed_block_flops(block, width, state.capacity, seq_len, hidden)))
     dense = outside * seq_len + sum(d for d, _ in per_block)
     routed = outside * seq_len + sum(r for _, r in per_block)
     return FlopCount(dense * batch_size, routed * batch_size, tuple((d * batch_size, r * batch_size) for d, r in per_block))

@@ -70,3 +70,19 @@ def set_router_weights(model: nn.Module, std: float = 1.0, seed: int = 1) -> Non
         for name, p in model.named_parameters():
             if "router" in name and not name.endswith("scale"):
                 p.copy_(torch.randn(p.shape, generator=gen) * std / max(1, p.shape[-1]) ** 0.5)
+
+
+class BlockIO:
+    """Records a block's hidden-states input ``x`` and output ``y`` on its next calls."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+        self._handles = [
+            block.register_forward_pre_hook(lambda m, a: setattr(self, "x", a[0])),
+            block.register_forward_hook(lambda m, a, out: setattr(self, "y", out)),
+        ]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()

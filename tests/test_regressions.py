@@ -16,7 +16,7 @@ import torch
 import modify
 from modify.routing import capacity_tokens
 from modify.testing import tiny_model
-from tests.helpers import Recorder, set_router_weights
+from tests.helpers import BlockIO, Recorder, set_router_weights
 
 
 def _loop_reference(model: torch.nn.Module, block: torch.nn.Module, x: torch.Tensor, capacity: float) -> torch.Tensor:
@@ -46,15 +46,12 @@ def test_routed_block_matches_loop_reference(family: str, capacity: float) -> No
     modify.convert(model, capacity=capacity, layers=[1])
     set_router_weights(model)
     block = model.model.layers[1]
-    seen: dict[str, torch.Tensor] = {}
-    pre = block.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
-    post = block.register_forward_hook(lambda m, a, out: seen.__setitem__("y", out))
+    io = BlockIO(block)
     with torch.no_grad():
         model(torch.randint(3, 97, (2, 24)))
-        expected = _loop_reference(model, block, seen["x"], capacity)
-    pre.remove()
-    post.remove()
-    torch.testing.assert_close(seen["y"], expected, atol=1e-10, rtol=1e-10)
+        expected = _loop_reference(model, block, io.x, capacity)
+    io.remove()
+    torch.testing.assert_close(io.y, expected, atol=1e-10, rtol=1e-10)
 
 
 def _attention_calls(model: torch.nn.Module, capacity: float, length: int = 16) -> tuple[torch.Tensor, dict]:
@@ -106,15 +103,11 @@ def test_skipped_tokens_ride_the_residual_stream_unchanged() -> None:
     model = tiny_model("gpt2")
     modify.convert(model, capacity=0.25, layers=[1])
     set_router_weights(model)
-    block = model.transformer.h[1]
-    seen: dict[str, torch.Tensor] = {}
-    pre = block.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
-    post = block.register_forward_hook(lambda m, a, out: seen.__setitem__("y", out))
+    io = BlockIO(model.transformer.h[1])
     with torch.no_grad():
         model(torch.randint(3, 97, (2, 16)))
-    pre.remove()
-    post.remove()
-    unchanged = (seen["y"] == seen["x"]).all(dim=-1)
+    io.remove()
+    unchanged = (io.y == io.x).all(dim=-1)
     assert unchanged.sum(dim=-1).tolist() == [16 - 4, 16 - 4]
 
 

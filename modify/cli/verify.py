@@ -73,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import modify.hf_integration  # noqa: F401
-
     with progress.step(f"loading {target.path}"):
         out_model, info = AutoModelForCausalLM.from_pretrained(target.path, output_loading_info=True)
     out_model.eval()
