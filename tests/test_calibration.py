@@ -13,7 +13,7 @@ from modify.calibration import CalibrationSettings, apply_calibration, calibrate
 from modify.plan_file import load_plan, save_plan
 from modify.testing import tiny_model, tiny_tokenizer
 
-SETTINGS = CalibrationSettings(tokens=4096, seq_len=64, budget=0.6, sensitivity_tokens=512, batch_size=4)
+SETTINGS = CalibrationSettings(tokens=4096, seq_len=64, budget=0.6, sensitivity_tokens=512, batch_size=4, refine_rounds=1)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,12 @@ def test_budget_met_and_record_complete(calibrated) -> None:
     assert set(cal.sensitivity) == {str(i) for i in range(6)}
     assert set(cal.sensitivity["0"]) == {"0", "0.125", "0.25", "0.5", "0.75", "1"}
     record = cal.to_dict()
-    for key in ("settings", "data", "predicted_loss_increase", "measured_loss", "dense_loss", "router_overlap"):
+    for key in ("settings", "data", "predicted_loss_increase", "measured_loss", "dense_loss", "router_overlap", "rounds"):
         assert key in record
+    assert 1 <= len(record["rounds"]) <= 1 + SETTINGS.refine_rounds
+    kept = min(record["rounds"], key=lambda r: r["measured"])
+    assert kept["capacities"] == cal.capacities
+    assert cal.measured_loss - cal.dense_loss == pytest.approx(kept["measured"])
     assert record["data"]["sha256"] == data["sha256"] and record["data"]["tokens"] == 4096
     assert record["settings"]["budget"] == 0.6 and record["settings"]["seq_len"] == 64
 

@@ -48,6 +48,7 @@ def add_calibration_flags(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--sensitivity-tokens", type=int, default=2048, help="tokens for the per-block measurements (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="picks the sensitivity windows (default 0)")
     p.add_argument("--keep-first", type=int, default=1, help="leading tokens always routed: the attention sink (default 1)")
+    p.add_argument("--refine-rounds", type=int, default=0, help="re-measure around the plan and plan again this many times (default 0)")
     p.add_argument("--calibration-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"], help="dtype calibration runs in (default bfloat16)")
 
 
@@ -81,7 +82,7 @@ def run_calibration(args: argparse.Namespace, model: Any, tokenizer: Any, progre
         settings = CalibrationSettings(
             tokens=args.tokens, seq_len=args.seq_len, budget=args.flops_budget, grid=args.grid,
             sensitivity_tokens=args.sensitivity_tokens, seed=args.seed, keep_first=args.keep_first,
-            dtype=args.calibration_dtype,
+            dtype=args.calibration_dtype, refine_rounds=args.refine_rounds,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
