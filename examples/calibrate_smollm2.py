@@ -52,12 +52,16 @@ def main() -> None:
     parser.add_argument("--sensitivity-tokens", type=int, default=2048, help="tokens for the per-block measurements")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out evaluation tokens")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    parser.add_argument("--keep-first", type=int, default=1, help="leading tokens always routed (attention sink)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
 
     model, tokenizer = load_smollm2()
     calib_files, eval_files = shakespeare_split()
-    settings = CalibrationSettings(tokens=args.tokens, seq_len=args.seq_len, budget=args.budget, sensitivity_tokens=args.sensitivity_tokens)
+    settings = CalibrationSettings(
+        tokens=args.tokens, seq_len=args.seq_len, budget=args.budget, sensitivity_tokens=args.sensitivity_tokens,
+        keep_first=args.keep_first,
+    )
     windows, data = token_windows(tokenizer, calib_files, args.seq_len, args.tokens)
     held_out, _ = token_windows(tokenizer, eval_files, args.seq_len, args.eval_tokens)
 
