@@ -28,3 +28,19 @@ def test_probe_leaves_the_model_as_it_was() -> None:
     assert torch.equal(torch.get_rng_state(), rng)
     assert model.training and not model.transformer.h[0].training and model.transformer.h[1].training
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_step_by_step_as_documented() -> None:
+    """The walk-through in modify.passes' docstring, on a real family."""
+    from modify import passes
+
+    model = tiny_model("gemma2")
+    stack_name, stack = passes.find_block_stack(model)
+    specs = passes.probe_block_calls(model, list(stack))
+    gm = passes.capture_block(stack[0], specs[0].structure)
+    analysis = passes.analyze_residual(gm, specs[0].hidden)
+    assert stack_name == "model.layers" and analysis.form == "sandwich" and len(analysis.branches) == 2
+    assert passes.ExtractDeltaPass(specs[0].hidden)(gm).modified
+    assert "block.self_attn" in gm.code.replace("self.block.self_attn", "block.self_attn")
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    assert output.meta["modify"]["delta"] == "exact"
