@@ -80,7 +80,9 @@ def _peak(device: str) -> float | None:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except OSError:
         return "unknown"
 
@@ -109,8 +111,16 @@ def run(batch: int, seq: int, dim: int, capacity: float, dtype: torch.dtype, dev
 
     cases = {
         "gather": (rows * 2, lambda: _torch_gather(x, idx), lambda: gather_tokens(x, idx)),
-        "scatter": (full * 2 + rows, lambda: _torch_scatter(x, idx, delta, gate), lambda: gated_scatter_add(x, idx, delta, gate)),
-        "scatter_bwd": (rows * 3, lambda: _torch_scatter_bwd(x, idx, delta, gate), lambda: gated_scatter_add_backward(x, idx, delta, gate)),
+        "scatter": (
+            full * 2 + rows,
+            lambda: _torch_scatter(x, idx, delta, gate),
+            lambda: gated_scatter_add(x, idx, delta, gate),
+        ),
+        "scatter_bwd": (
+            rows * 3,
+            lambda: _torch_scatter_bwd(x, idx, delta, gate),
+            lambda: gated_scatter_add_backward(x, idx, delta, gate),
+        ),
         "routing": (
             full * 5 + rows * 4,
             routing(_torch_gather, _torch_scatter),
@@ -132,11 +142,21 @@ def run(batch: int, seq: int, dim: int, capacity: float, dtype: torch.dtype, dev
             gbps = nbytes / seconds / 1e9
             out.append(
                 {
-                    "op": op, "provider": provider, "B": batch, "T": seq, "D": dim, "capacity": capacity,
-                    "dtype": str(dtype).removeprefix("torch."), "ms": round(seconds * 1e3, 4), "GB/s": round(gbps, 1),
+                    "op": op,
+                    "provider": provider,
+                    "B": batch,
+                    "T": seq,
+                    "D": dim,
+                    "capacity": capacity,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "ms": round(seconds * 1e3, 4),
+                    "GB/s": round(gbps, 1),
                     "pct_peak": round(100 * gbps / peak, 1) if peak else "",
                     "speedup_vs_torch": round(times["torch"] / seconds, 3),
-                    "device": name, "torch": torch.__version__, "triton": triton_version, "commit": _git_commit(),
+                    "device": name,
+                    "torch": torch.__version__,
+                    "triton": triton_version,
+                    "commit": _git_commit(),
                 }
             )
     return out
@@ -149,7 +169,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096 if cuda else 1024, help="tokens per sequence")
     parser.add_argument("--dim", type=int, default=4096 if cuda else 1024, help="hidden size")
     parser.add_argument("--capacity", type=float, default=0.125, help="fraction of tokens routed")
-    parser.add_argument("--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--dtype", default="bfloat16" if cuda else "float32", choices=["float32", "bfloat16", "float16"]
+    )
     parser.add_argument("--device", default="cuda" if cuda else "cpu", help="cuda or cpu")
     parser.add_argument("--csv", type=Path, help="write the rows to this CSV file")
     args = parser.parse_args()

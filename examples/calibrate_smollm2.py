@@ -28,7 +28,9 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 4) ->
     losses = []
     with torch.no_grad():
         for i in range(0, len(windows), batch):
-            losses.append(model(input_ids=windows[i : i + batch], labels=windows[i : i + batch], use_cache=False).loss.item())
+            losses.append(
+                model(input_ids=windows[i : i + batch], labels=windows[i : i + batch], use_cache=False).loss.item()
+            )
     return math.exp(sum(losses) / len(losses))
 
 
@@ -59,14 +61,23 @@ def main() -> None:
     model, tokenizer = load_smollm2()
     calib_files, eval_files = shakespeare_split()
     settings = CalibrationSettings(
-        tokens=args.tokens, seq_len=args.seq_len, budget=args.budget, sensitivity_tokens=args.sensitivity_tokens,
+        tokens=args.tokens,
+        seq_len=args.seq_len,
+        budget=args.budget,
+        sensitivity_tokens=args.sensitivity_tokens,
         keep_first=args.keep_first,
     )
     windows, data = token_windows(tokenizer, calib_files, args.seq_len, args.tokens)
     held_out, _ = token_windows(tokenizer, eval_files, args.seq_len, args.eval_tokens)
 
     start = time.perf_counter()
-    cal = calibrate(model, windows, data, settings, progress=lambda stage, done, total: print(f"\r{stage} {done}/{total}", end="", flush=True))
+    cal = calibrate(
+        model,
+        windows,
+        data,
+        settings,
+        progress=lambda stage, done, total: print(f"\r{stage} {done}/{total}", end="", flush=True),
+    )
     seconds = time.perf_counter() - start
     print()
 
@@ -81,11 +92,22 @@ def main() -> None:
     apply_calibration(model, cal)
     rows["calibrated plan, calibrated routers"] = perplexity(model, held_out)
 
-    print(f"calibration: {data['tokens']} tokens from {len(calib_files)} plays in {seconds:.0f} s; held out: {held_out.numel()} tokens from {len(eval_files)} plays")
-    print(f"plan ({cal.cost_ratio:.3f} of dense block FLOPs): " + ", ".join(f"{i}:{c:g}" for i, c in enumerate(cal.capacities) if c < 1))
-    print(f"predicted loss increase {cal.predicted_loss_increase:.3f}, measured {cal.measured_loss - cal.dense_loss:.3f} "
-          f"(zero routers {cal.measured_loss_untrained_routers - cal.dense_loss:.3f}) on the sensitivity windows")
-    print(f"router top-k overlap with the oracle: {sum(cal.router_overlap.values()) / max(1, len(cal.router_overlap)):.2f} (mean over routed blocks)")
+    print(
+        f"calibration: {data['tokens']} tokens from {len(calib_files)} plays in {seconds:.0f} s; "
+        f"held out: {held_out.numel()} tokens from {len(eval_files)} plays"
+    )
+    print(
+        f"plan ({cal.cost_ratio:.3f} of dense block FLOPs): "
+        + ", ".join(f"{i}:{c:g}" for i, c in enumerate(cal.capacities) if c < 1)
+    )
+    print(
+        f"predicted loss increase {cal.predicted_loss_increase:.3f}, measured {cal.measured_loss - cal.dense_loss:.3f} "
+        f"(zero routers {cal.measured_loss_untrained_routers - cal.dense_loss:.3f}) on the sensitivity windows"
+    )
+    print(
+        "router top-k overlap with the oracle: "
+        f"{sum(cal.router_overlap.values()) / max(1, len(cal.router_overlap)):.2f} (mean over routed blocks)"
+    )
     for name, ppl in rows.items():
         print(f"{name:<45} {ppl:10.2f}  {ppl / rows['dense']:6.2f}x")
     if args.json:

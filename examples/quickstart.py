@@ -1,6 +1,6 @@
 """The Python API on a tiny random Llama, in a second on CPU.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 from __future__ import annotations

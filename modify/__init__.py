@@ -1,7 +1,7 @@
 """modify: retrofit Mixture-of-Depths onto pretrained transformers.
 
-    import modify
-    model = modify.convert(model, capacity=0.125, layers="every-other")
+import modify
+model = modify.convert(model, capacity=0.125, layers="every-other")
 """
 
 from __future__ import annotations

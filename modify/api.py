@@ -111,7 +111,8 @@ def convert(
             by default random token ids.
         keep_first: leading real tokens every routed block always processes (1 keeps a pretrained model's
             attention sink; 0, the default, is the paper's pure top-k).
-        plan: a saved plan to apply instead of ``capacity``, ``layers`` and ``keep_first`` (its source is kept). A block that
+        plan: a saved plan to apply instead of ``capacity``, ``layers`` and ``keep_first`` (its source is
+            kept). A block that
             already carries a router (as when loading a converted checkpoint) keeps it and its weights.
 
     Raises:
@@ -129,9 +130,13 @@ def convert(
     stack_name, stack = find_block_stack(model)
     if plan is None:
         routed = resolve_layers(layers, len(stack))
-        plan = MoDConfig(len(stack), routed, _capacities(capacity, len(routed)), block_stack=stack_name, keep_first=keep_first)
+        plan = MoDConfig(
+            len(stack), routed, _capacities(capacity, len(routed)), block_stack=stack_name, keep_first=keep_first
+        )
     elif plan.num_blocks != len(stack):
-        raise ValueError(f"the plan is for {plan.num_blocks} blocks but the model has {len(stack)}; use the plan's model")
+        raise ValueError(
+            f"the plan is for {plan.num_blocks} blocks but the model has {len(stack)}; use the plan's model"
+        )
     else:
         plan = MoDConfig.from_dict({**plan.to_dict(), "block_stack": stack_name})
     blocks = list(stack)
@@ -142,7 +147,17 @@ def convert(
         form, delta = _analyse(blocks[i], specs[i], name)
         forward_fn = type(blocks[i]).forward
         states.append(
-            RoutingState(i, name, cap, specs[i], form, delta, forward_fn, inspect.signature(forward_fn), keep_first=plan.keep_first)
+            RoutingState(
+                i,
+                name,
+                cap,
+                specs[i],
+                form,
+                delta,
+                forward_fn,
+                inspect.signature(forward_fn),
+                keep_first=plan.keep_first,
+            )
         )
     device = next(model.parameters()).device
     for state in states:
@@ -211,4 +226,3 @@ def find_blocks(
             continue
         infos.append(BlockInfo(i, name, form, delta, False, None))
     return infos
-

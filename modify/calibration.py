@@ -156,10 +156,17 @@ def token_windows(
         if len(windows) >= needed:
             break
     if not windows:
-        raise ValueError(f"the calibration files hold fewer than {seq_len} tokens; give more text or a shorter --seq-len")
+        raise ValueError(
+            f"the calibration files hold fewer than {seq_len} tokens; give more text or a shorter --seq-len"
+        )
     ids = torch.tensor(windows, dtype=torch.long)
     digest.update(ids.to(torch.int32).numpy().tobytes())
-    record = {"files": [str(p) for p in files], "tokens": ids.numel(), "windows": len(windows), "sha256": digest.hexdigest()}
+    record = {
+        "files": [str(p) for p in files],
+        "tokens": ids.numel(),
+        "windows": len(windows),
+        "sha256": digest.hexdigest(),
+    }
     return ids, record
 
 
@@ -211,11 +218,23 @@ class _DensePass:
     outputs: list[list[Any]] = field(default_factory=list)  # per block, per sensitivity batch: the block's output
 
 
-def _dense_pass(model: nn.Module, blocks: list[nn.Module], windows: torch.Tensor, sens_batches: list[list[int]],
-                other_batches: list[list[int]], dim: int, report: Callable) -> _DensePass:
+def _dense_pass(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    windows: torch.Tensor,
+    sens_batches: list[list[int]],
+    other_batches: list[list[int]],
+    dim: int,
+    report: Callable,
+) -> _DensePass:
     n = len(blocks)
-    dense = _DensePass(torch.zeros(n, dim + 1, dim + 1, dtype=torch.float64), torch.zeros(n, dim + 1, dtype=torch.float64),
-                       importance=[[] for _ in blocks], inputs=[[] for _ in blocks], outputs=[[] for _ in blocks])
+    dense = _DensePass(
+        torch.zeros(n, dim + 1, dim + 1, dtype=torch.float64),
+        torch.zeros(n, dim + 1, dtype=torch.float64),
+        importance=[[] for _ in blocks],
+        inputs=[[] for _ in blocks],
+        outputs=[[] for _ in blocks],
+    )
     keep = {"sens": False}
 
     def hook(i: int) -> Callable:
@@ -261,8 +280,16 @@ def _fit_router(gram: torch.Tensor, moment: torch.Tensor) -> dict[str, torch.Ten
     return {"weight": solution[:dim].float().unsqueeze(0), "bias": solution[dim:].float(), "scale": torch.zeros(1)}
 
 
-def _sensitivity(model: nn.Module, blocks: list[nn.Module], states: list[Any], windows: torch.Tensor,
-                 sens_batches: list[list[int]], dense: _DensePass, grid: Sequence[float], report: Callable) -> dict[str, dict[str, float]]:
+def _sensitivity(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    states: list[Any],
+    windows: torch.Tensor,
+    sens_batches: list[list[int]],
+    dense: _DensePass,
+    grid: Sequence[float],
+    report: Callable,
+) -> dict[str, dict[str, float]]:
     """Loss increase per block: skipped ("0"), and routing its most important tokens at each capacity."""
     variants = [0.0] + sorted((c for c in grid if c < 1.0), reverse=True)
     table: dict[str, dict[str, float]] = {}
@@ -275,7 +302,10 @@ def _sensitivity(model: nn.Module, blocks: list[nn.Module], states: list[Any], w
                 for b, batch in enumerate(sens_batches):
                     oracle = dense.importance[i][b]
                     handle = router.register_forward_hook(lambda m, a, out, _o=oracle: _o)
-                    with _replay(blocks[:i], [dense.outputs[j][b] for j in range(i)]), _variant(block, states[i], c, router):
+                    with (
+                        _replay(blocks[:i], [dense.outputs[j][b] for j in range(i)]),
+                        _variant(block, states[i], c, router),
+                    ):
                         losses.append(_loss(model, windows[batch]))
                     handle.remove()
                 row[f"{c:g}"] = sum(losses) / len(losses) - dense.loss
@@ -285,7 +315,12 @@ def _sensitivity(model: nn.Module, blocks: list[nn.Module], states: list[Any], w
     return table
 
 
-def _set_plan(blocks: list[nn.Module], states: list[Any], capacities: Sequence[float], routers: dict[int, dict[str, torch.Tensor]] | None) -> None:
+def _set_plan(
+    blocks: list[nn.Module],
+    states: list[Any],
+    capacities: Sequence[float],
+    routers: dict[int, dict[str, torch.Tensor]] | None,
+) -> None:
     """Route every block as planned, with the fitted routers (or zero routers when ``routers`` is None)."""
     for i, block in enumerate(blocks):
         states[i].capacity, states[i].enabled = capacities[i], capacities[i] < 1.0
@@ -297,9 +332,17 @@ def _plan_loss(model: nn.Module, windows: torch.Tensor, sens_batches: list[list[
         return sum(_loss(model, windows[b]) for b in sens_batches) / len(sens_batches)
 
 
-def _refined_tables(model: nn.Module, blocks: list[nn.Module], states: list[Any], windows: torch.Tensor,
-                    sens_batches: list[list[int]], routers: dict[int, dict[str, torch.Tensor]],
-                    capacities: Sequence[float], grid: Sequence[float], report: Callable) -> list[dict[float, float]]:
+def _refined_tables(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    states: list[Any],
+    windows: torch.Tensor,
+    sens_batches: list[list[int]],
+    routers: dict[int, dict[str, torch.Tensor]],
+    capacities: Sequence[float],
+    grid: Sequence[float],
+    report: Callable,
+) -> list[dict[float, float]]:
     """Each block's loss increase at each grid capacity, with every other block routed as planned.
 
     The additive prediction measures blocks one at a time on the dense model; effects compound, so the
@@ -332,7 +375,9 @@ def _refined_tables(model: nn.Module, blocks: list[nn.Module], states: list[Any]
     return tables
 
 
-def _overlap(dense: _DensePass, routers: dict[int, dict[str, torch.Tensor]], capacities: Sequence[float], keep_first: int) -> dict[str, float]:
+def _overlap(
+    dense: _DensePass, routers: dict[int, dict[str, torch.Tensor]], capacities: Sequence[float], keep_first: int
+) -> dict[str, float]:
     """Per routed block: the share of the fitted router's top-k that is also the oracle's top-k."""
     overlap = {}
     for i, c in enumerate(capacities):
@@ -341,14 +386,19 @@ def _overlap(dense: _DensePass, routers: dict[int, dict[str, torch.Tensor]], cap
             for x, oracle in zip(dense.inputs[i], dense.importance[i]):
                 r = torch.nn.functional.linear(x.float(), routers[i]["weight"], routers[i]["bias"]).squeeze(-1)
                 k = capacity_tokens(c, x.shape[1])
-                fitted, best = select_tokens(r, k, keep_first=keep_first), select_tokens(oracle, k, keep_first=keep_first)
+                fitted, best = (
+                    select_tokens(r, k, keep_first=keep_first),
+                    select_tokens(oracle, k, keep_first=keep_first),
+                )
                 hits += sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(fitted, best))
                 total += fitted.numel()
             overlap[str(i)] = hits / total
     return overlap
 
 
-def _calibrate(model: nn.Module, windows: torch.Tensor, data: dict[str, Any], s: CalibrationSettings, report: Callable) -> Calibration:
+def _calibrate(
+    model: nn.Module, windows: torch.Tensor, data: dict[str, Any], s: CalibrationSettings, report: Callable
+) -> Calibration:
     _, stack = find_block_stack(model)
     blocks = list(stack)
     states = [getattr(b, STATE_ATTR) for b in blocks]
@@ -368,22 +418,35 @@ def _calibrate(model: nn.Module, windows: torch.Tensor, data: dict[str, Any], s:
     grid = sorted(set(s.grid), reverse=True)
     width = attention_width(model)
     costs = [
-        {c: float(routed_block_flops(b, width, c, s.seq_len, dim) if c < 1 else block_flops(b, width, s.seq_len)) for c in grid}
+        {
+            c: float(routed_block_flops(b, width, c, s.seq_len, dim) if c < 1 else block_flops(b, width, s.seq_len))
+            for c in grid
+        }
         for b in blocks
     ]
     loss_tables = [{c: sensitivity[str(i)][f"{c:g}"] for c in grid} for i in range(n)]
     chosen = plan_under_budget(loss_tables, costs, s.budget)
     _set_plan(blocks, states, chosen.capacities, routers)
     measured = _plan_loss(model, windows, sens_batches)
-    rounds = [{"capacities": list(chosen.capacities), "predicted": chosen.predicted_loss_increase, "measured": measured - dense.loss}]
+    rounds = [
+        {
+            "capacities": list(chosen.capacities),
+            "predicted": chosen.predicted_loss_increase,
+            "measured": measured - dense.loss,
+        }
+    ]
     for _ in range(s.refine_rounds):
         tables = _refined_tables(model, blocks, states, windows, sens_batches, routers, chosen.capacities, grid, report)
         candidate = plan_under_budget(tables, costs, s.budget)
         # Linearised around the current plan: its measured increase plus the change of the refined terms.
-        predicted = measured - dense.loss + sum(t[c] - t[p] for t, c, p in zip(tables, candidate.capacities, chosen.capacities))
+        predicted = (
+            measured - dense.loss + sum(t[c] - t[p] for t, c, p in zip(tables, candidate.capacities, chosen.capacities))
+        )
         _set_plan(blocks, states, candidate.capacities, routers)
         candidate_loss = _plan_loss(model, windows, sens_batches)
-        rounds.append({"capacities": list(candidate.capacities), "predicted": predicted, "measured": candidate_loss - dense.loss})
+        rounds.append(
+            {"capacities": list(candidate.capacities), "predicted": predicted, "measured": candidate_loss - dense.loss}
+        )
         if candidate_loss >= measured:
             break
         chosen = dataclasses.replace(candidate, predicted_loss_increase=predicted)

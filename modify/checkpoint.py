@@ -30,7 +30,15 @@ from torch import nn
 from modify.config import CONFIG_KEY, MoDConfig
 from modify.errors import ModifyError
 
-__all__ = ["Source", "resolve_source", "load_source", "save_converted", "from_pretrained", "atomic_directory", "DEFAULT_SOURCE"]
+__all__ = [
+    "Source",
+    "resolve_source",
+    "load_source",
+    "save_converted",
+    "from_pretrained",
+    "atomic_directory",
+    "DEFAULT_SOURCE",
+]
 
 #: The SRC that names the default real checkpoint.
 DEFAULT_SOURCE = "smollm2"
@@ -80,7 +88,9 @@ def resolve_source(src: str) -> Source:
             return Source("directory", path)
         if path.suffix == ".gguf":
             return Source("gguf", path)
-        raise ModifyError(f"{src} is a file but not a .gguf file; give a model directory, a .gguf file or a cached model id")
+        raise ModifyError(
+            f"{src} is a file but not a .gguf file; give a model directory, a .gguf file or a cached model id"
+        )
     if src == DEFAULT_SOURCE:
         from modify.assets import AssetError, smollm2_gguf
 
@@ -99,7 +109,9 @@ def resolve_source(src: str) -> Source:
                 f"model id {src} is not in the local Hugging Face cache and nothing is downloaded; "
                 f"fetch it first (hf download {src}) or pass a local directory"
             ) from None
-    raise ModifyError(f"{src} does not exist; give a model directory, a .gguf file, a cached model id or '{DEFAULT_SOURCE}'")
+    raise ModifyError(
+        f"{src} does not exist; give a model directory, a .gguf file, a cached model id or '{DEFAULT_SOURCE}'"
+    )
 
 
 def _check_safetensors(path: Path) -> None:
@@ -113,7 +125,9 @@ def _check_safetensors(path: Path) -> None:
             header = json.loads(f.read(length))
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     except (struct.error, ValueError, KeyError, TypeError) as exc:
-        raise ModifyError(f"{path} is not a readable safetensors file ({exc}); it may be corrupted: fetch it again") from None
+        raise ModifyError(
+            f"{path} is not a readable safetensors file ({exc}); it may be corrupted: fetch it again"
+        ) from None
     if 8 + length + end > size:
         raise ModifyError(f"{path} is truncated ({size} of {8 + length + end} bytes); fetch it again")
 
@@ -125,18 +139,24 @@ def _validate(source: Source) -> None:
         try:
             GGUFReader(source.path)
         except Exception as exc:  # the reader raises ValueError, IndexError, struct.error...
-            raise ModifyError(f"{source.path} is not a readable GGUF file ({type(exc).__name__}); it may be truncated: fetch it again") from None
+            raise ModifyError(
+                f"{source.path} is not a readable GGUF file ({type(exc).__name__}); it may be truncated: fetch it again"
+            ) from None
         return
     config = source.path / "config.json"
     if not config.is_file():
-        raise ModifyError(f"{source.path} has no config.json; point SRC at a Hugging Face model directory or a .gguf file")
+        raise ModifyError(
+            f"{source.path} has no config.json; point SRC at a Hugging Face model directory or a .gguf file"
+        )
     try:
         json.loads(config.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModifyError(f"{config} is not valid JSON ({exc}); repair or re-download it") from None
     weights = [p for pattern in _WEIGHT_PATTERNS for p in source.path.glob(pattern)]
     if not weights:
-        raise ModifyError(f"{source.path} has no weights (*.safetensors or *.bin); it is not a complete model directory")
+        raise ModifyError(
+            f"{source.path} has no weights (*.safetensors or *.bin); it is not a complete model directory"
+        )
     for p in weights:
         if p.suffix == ".safetensors":
             _check_safetensors(p)
@@ -171,7 +191,10 @@ def check_output(out: Path, source: Source | None, force: bool) -> None:
     if source is not None:
         src = source.path
         if out == src or (src.is_dir() and src in out.parents):
-            raise ModifyError(f"OUT {out} is {'SRC' if out == src else 'inside SRC'}; the source is never modified: choose another OUT")
+            raise ModifyError(
+                f"OUT {out} is {'SRC' if out == src else 'inside SRC'}; "
+                "the source is never modified: choose another OUT"
+            )
     if out.exists() and not force:
         raise ModifyError(f"{out} already exists; pass --force to replace it or choose another OUT")
     parent = out.parent
@@ -203,7 +226,9 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
             os.rename(tmp, out)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise ModifyError(f"no space left on the device while writing {out}; free space or choose another OUT") from None
+            raise ModifyError(
+                f"no space left on the device while writing {out}; free space or choose another OUT"
+            ) from None
         raise ModifyError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -224,7 +249,8 @@ Converted with [modify](https://pypi.org/project/modify/) from `{source.model_id
 
 - Routed blocks (capacity): {routed} of {plan.num_blocks}
 - Router: {plan.router}, gate: {plan.gate} (routers start at zero: every gate is 1)
-- Forward FLOPs per token at {seq_len} tokens: dense {count.dense / seq_len:,.0f}, routed {count.routed / seq_len:,.0f} ({count.ratio:.1%})
+- Forward FLOPs per token at {seq_len} tokens: dense {count.dense / seq_len:,.0f}, \
+routed {count.routed / seq_len:,.0f} ({count.ratio:.1%})
 
 Load with `import modify; modify.from_pretrained(path)`, or with `AutoModelForCausalLM.from_pretrained(path)`
 after `import modify`. The routers are untrained: train before use.
@@ -253,15 +279,18 @@ def save_converted(model: nn.Module, tokenizer: Any, out: Path, source: Source, 
 
 def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     """Load a directory written by ``modify convert``: the model with its routing and trained routers."""
-    import modify.hf_integration  # noqa: F401  (registers the loading hook)
     from transformers import AutoModelForCausalLM
+
+    import modify.hf_integration  # noqa: F401  (registers the loading hook)
 
     directory = Path(path)
     config = directory / "config.json"
     if not config.is_file():
         raise ModifyError(f"{directory} has no config.json; is it a directory written by 'modify convert'?")
     if CONFIG_KEY not in json.loads(config.read_text()):
-        raise ModifyError(f"{directory} has no Mixture-of-Depths plan in config.json; convert it with 'modify convert' first")
+        raise ModifyError(
+            f"{directory} has no Mixture-of-Depths plan in config.json; convert it with 'modify convert' first"
+        )
     return AutoModelForCausalLM.from_pretrained(directory, **kwargs).eval()
 
 

@@ -98,4 +98,6 @@ def flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> FlopCount:
             per_block.append((full, routed_block_flops(block, width, state.capacity, seq_len, hidden)))
     dense = outside * seq_len + sum(d for d, _ in per_block)
     routed = outside * seq_len + sum(r for _, r in per_block)
-    return FlopCount(dense * batch_size, routed * batch_size, tuple((d * batch_size, r * batch_size) for d, r in per_block))
+    return FlopCount(
+        dense * batch_size, routed * batch_size, tuple((d * batch_size, r * batch_size) for d, r in per_block)
+    )

@@ -54,7 +54,9 @@ def plot_plan(calibration: Calibration, path: Path) -> None:
     top.set_ylabel("loss increase (nats)")
     top.set_title(f"per-block sensitivity ({calibration.data['tokens']} calibration tokens)")
     top.legend(fontsize=7, ncol=3)
-    bottom.bar(blocks, calibration.capacities, color=["tab:blue" if c < 1 else "lightgray" for c in calibration.capacities])
+    bottom.bar(
+        blocks, calibration.capacities, color=["tab:blue" if c < 1 else "lightgray" for c in calibration.capacities]
+    )
     bottom.set_ylim(0, 1.05)
     bottom.set_ylabel("capacity")
     bottom.set_xlabel("block")
@@ -78,7 +80,13 @@ def save_plan(calibration: Calibration, path: Path, source: dict[str, Any]) -> P
     tensors = {f"{i}.{name}": t.contiguous() for i, values in calibration.routers.items() for name, t in values.items()}
     _atomic(routers_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     plot_plan(calibration, chart_path)
-    record = {"format": PLAN_FORMAT, "version": _VERSION, "source": source, "routers": routers_path.name, **calibration.to_dict()}
+    record = {
+        "format": PLAN_FORMAT,
+        "version": _VERSION,
+        "source": source,
+        "routers": routers_path.name,
+        **calibration.to_dict(),
+    }
     _atomic(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n"))
     return path
 
@@ -98,7 +106,9 @@ def load_plan(path: Path) -> tuple[Calibration, dict[str, Any]]:
     try:
         tensors = load_file(str(routers_path))
     except (FileNotFoundError, OSError) as exc:
-        raise ModifyError(f"the plan's routers {routers_path} can't be read ({exc}); keep them beside the plan") from None
+        raise ModifyError(
+            f"the plan's routers {routers_path} can't be read ({exc}); keep them beside the plan"
+        ) from None
     source = record.pop("source")
     for key in ("format", "version"):
         record.pop(key)

@@ -53,7 +53,9 @@ def explicit(capacities: dict[int, float], num_blocks: int) -> list[float]:
     return [capacities.get(i, 1.0) for i in range(num_blocks)]
 
 
-def cosine_depth(num_blocks: int, low: float, high: float = 1.0, skip_first: int = 1, skip_last: int = 1) -> list[float]:
+def cosine_depth(
+    num_blocks: int, low: float, high: float = 1.0, skip_first: int = 1, skip_last: int = 1
+) -> list[float]:
     """Capacity falling from ``high`` to ``low`` along a half cosine over the middle blocks.
 
     The first ``skip_first`` and last ``skip_last`` blocks stay dense: on pretrained models they are the
@@ -90,7 +92,9 @@ def _check(loss: Sequence[dict[float, float]], cost: Sequence[dict[float, float]
     if not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"FLOP budget {budget} must be a number in (0, 1), e.g. 0.75")
     if budget >= 1.0:
-        raise ValueError(f"FLOP budget {budget} leaves the dense cost: nothing needs routing; use a budget below 1, e.g. 0.75")
+        raise ValueError(
+            f"FLOP budget {budget} leaves the dense cost: nothing needs routing; use a budget below 1, e.g. 0.75"
+        )
     dense = sum(c[1.0] for c in cost)
     cheapest = sum(min(c.values()) for c in cost)
     if cheapest > budget * dense:
@@ -136,7 +140,9 @@ def plan_under_budget(
     return BudgetPlan(caps, total_cost, dense, total_loss)
 
 
-def brute_force_plan(loss: Sequence[dict[float, float]], cost: Sequence[dict[float, float]], budget: float) -> BudgetPlan:
+def brute_force_plan(
+    loss: Sequence[dict[float, float]], cost: Sequence[dict[float, float]], budget: float
+) -> BudgetPlan:
     """Every combination of the grid; for testing the dynamic program on small cases."""
     _check(loss, cost, budget)
     dense = sum(c[1.0] for c in cost)
@@ -145,7 +151,7 @@ def brute_force_plan(loss: Sequence[dict[float, float]], cost: Sequence[dict[flo
         total = sum(c[cap] for c, cap in zip(cost, caps))
         if total > budget * dense * (1 + 1e-12):
             continue
-        lost = sum(l[cap] for l, cap in zip(loss, caps))
+        lost = sum(table[cap] for table, cap in zip(loss, caps))
         if best is None or (lost, total) < (best.predicted_loss_increase, best.cost):
             best = BudgetPlan(tuple(caps), total, dense, lost)
     assert best is not None

@@ -25,7 +25,15 @@ from modify.passes.extract_delta import ExtractDeltaPass
 from modify.passes.probe_block_calls import BlockCallSpec, Path, bind_call
 from modify.router import ROUTER_ATTR
 
-__all__ = ["RoutingState", "STATE_ATTR", "capacity_tokens", "select_tokens", "padding_from_mask", "install", "uninstall"]
+__all__ = [
+    "RoutingState",
+    "STATE_ATTR",
+    "capacity_tokens",
+    "select_tokens",
+    "padding_from_mask",
+    "install",
+    "uninstall",
+]
 
 #: Attribute of a routed block holding its :class:`RoutingState` (a plain object: not in the state dict).
 STATE_ATTR = "_modify_routing"
@@ -40,7 +48,9 @@ def capacity_tokens(capacity: float, length: int) -> int:
     return min(length, max(1, math.ceil(round(capacity * length, 6))))
 
 
-def select_tokens(scores: torch.Tensor, k: int, padding: torch.Tensor | None = None, keep_first: int = 0) -> torch.Tensor:
+def select_tokens(
+    scores: torch.Tensor, k: int, padding: torch.Tensor | None = None, keep_first: int = 0
+) -> torch.Tensor:
     """Indices of the k highest-scoring tokens of each row, ascending.
 
     Args:
@@ -192,4 +202,3 @@ def uninstall(block: nn.Module) -> None:
     del block.forward
     delattr(block, ROUTER_ATTR)
     delattr(block, STATE_ATTR)
-

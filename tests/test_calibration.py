@@ -13,7 +13,9 @@ from modify.calibration import CalibrationSettings, apply_calibration, calibrate
 from modify.plan_file import load_plan, save_plan
 from modify.testing import tiny_model, tiny_tokenizer
 
-SETTINGS = CalibrationSettings(tokens=4096, seq_len=64, budget=0.6, sensitivity_tokens=512, batch_size=4, refine_rounds=1)
+SETTINGS = CalibrationSettings(
+    tokens=4096, seq_len=64, budget=0.6, sensitivity_tokens=512, batch_size=4, refine_rounds=1
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,15 @@ def test_budget_met_and_record_complete(calibrated) -> None:
     assert set(cal.sensitivity) == {str(i) for i in range(6)}
     assert set(cal.sensitivity["0"]) == {"0", "0.125", "0.25", "0.5", "0.75", "1"}
     record = cal.to_dict()
-    for key in ("settings", "data", "predicted_loss_increase", "measured_loss", "dense_loss", "router_overlap", "rounds"):
+    for key in (
+        "settings",
+        "data",
+        "predicted_loss_increase",
+        "measured_loss",
+        "dense_loss",
+        "router_overlap",
+        "rounds",
+    ):
         assert key in record
     assert 1 <= len(record["rounds"]) <= 1 + SETTINGS.refine_rounds
     kept = min(record["rounds"], key=lambda r: r["measured"])
@@ -120,7 +130,9 @@ def test_cli_calibrate_then_convert_with_the_plan(text: Path, tmp_path: Path, ca
     tiny_model("llama", num_hidden_layers=6).save_pretrained(src)
     tiny_tokenizer().save_pretrained(src)
     flags = ["--tokens", "2048", "--seq-len", "64", "--sensitivity-tokens", "256", "--flops-budget", "0.6"]
-    assert main(["calibrate", str(src), "--data", str(text), "--out", str(tmp_path / "plan.json"), *flags, "--json"]) == 0
+    assert (
+        main(["calibrate", str(src), "--data", str(text), "--out", str(tmp_path / "plan.json"), *flags, "--json"]) == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["cost_ratio"] <= 0.6 and (tmp_path / "plan.png").is_file()
     assert main(["convert", str(src), str(tmp_path / "a"), "--plan", str(tmp_path / "plan.json"), "-q"]) == 0
@@ -132,6 +144,8 @@ def test_cli_calibrate_then_convert_with_the_plan(text: Path, tmp_path: Path, ca
     capsys.readouterr()
     assert main(["convert", str(src), str(tmp_path / "c"), "--calibrate", str(text)]) == 2
     assert "--calibrate needs --flops-budget" in capsys.readouterr().err
-    assert main(["calibrate", str(src), "--data", str(text), "--out", str(tmp_path / "p.json"), *flags[:-1], "0.01"]) == 2
+    assert (
+        main(["calibrate", str(src), "--data", str(text), "--out", str(tmp_path / "p.json"), *flags[:-1], "0.01"]) == 2
+    )
     assert "below the cheapest plan on this grid" in capsys.readouterr().err
     assert not (tmp_path / "c").exists() and not (tmp_path / "p.json").exists()

@@ -10,7 +10,12 @@ from modify.routing import capacity_tokens
 from modify.testing import tiny_model
 from tests.helpers import Recorder, set_router_weights
 
-CASES = [(f, a) for f in ("llama", "mistral", "qwen2", "gemma2", "gpt2", "opt", "phi", "gpt_neox") for a in ("eager", "sdpa") if (f, a) != ("gemma2", "sdpa")]
+CASES = [
+    (f, a)
+    for f in ("llama", "mistral", "qwen2", "gemma2", "gpt2", "opt", "phi", "gpt_neox")
+    for a in ("eager", "sdpa")
+    if (f, a) != ("gemma2", "sdpa")
+]
 PAD = 5
 
 

@@ -61,7 +61,15 @@ def test_insensitive_blocks_are_routed_first() -> None:
     assert plan.capacities[1] < 1.0 and plan.capacities[2] < 1.0
 
 
-@pytest.mark.parametrize("budget,message", [(1.0, "leaves the dense cost: nothing needs routing"), (1.5, "nothing needs routing"), (0.0, "must be a number in \\(0, 1\\)"), (0.05, "below the cheapest plan on this grid")])
+@pytest.mark.parametrize(
+    "budget,message",
+    [
+        (1.0, "leaves the dense cost: nothing needs routing"),
+        (1.5, "nothing needs routing"),
+        (0.0, "must be a number in \\(0, 1\\)"),
+        (0.05, "below the cheapest plan on this grid"),
+    ],
+)
 def test_degenerate_budgets(budget: float, message: str) -> None:
     loss, cost = _tables(4, seed=0)
     with pytest.raises(ValueError, match=message):

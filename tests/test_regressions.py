@@ -85,7 +85,9 @@ def test_positions_are_gathered_not_renumbered() -> None:
     torch.testing.assert_close(cos, full_cos[0][expected], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("capacity,length,k", [(0.125, 16, 2), (0.25, 16, 4), (0.3, 10, 3), (0.5, 7, 4), (1 / 3, 9, 3), (0.01, 5, 1)])
+@pytest.mark.parametrize(
+    "capacity,length,k", [(0.125, 16, 2), (0.25, 16, 4), (0.3, 10, 3), (0.5, 7, 4), (1 / 3, 9, 3), (0.01, 5, 1)]
+)
 def test_exactly_k_tokens_are_computed(capacity: float, length: int, k: int) -> None:
     """Not k-1 (selection by ``> kth value``), not every token computed and masked afterwards."""
     assert capacity_tokens(capacity, length) == k

@@ -7,6 +7,7 @@ rest; an interrupt exits with 130 and leaves nothing written.
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 from collections.abc import Sequence
@@ -25,8 +26,12 @@ def _parser() -> Parser:
     parser = Parser(
         prog="modify",
         description="Retrofit Mixture-of-Depths onto pretrained transformer checkpoints.",
-        epilog="examples:\n  modify convert smollm2 out/smollm2-mod\n  modify inspect out/smollm2-mod\n  modify verify out/smollm2-mod",
-        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+        epilog=(
+            "examples:\n  modify convert smollm2 out/smollm2-mod\n  modify inspect out/smollm2-mod\n"
+            "  modify verify out/smollm2-mod\n"
+            "  modify calibrate smollm2 --data play.txt --flops-budget 0.75 --out plan.json"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     from modify import __version__
 
@@ -62,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug, not bad input: say so in one line, keep the traceback for --debug
         if args.debug:
             raise
-        print(f"modify {args.command}: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(rerun with --debug for the traceback and report it)", file=sys.stderr)
+        print(
+            f"modify {args.command}: internal error: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''} "
+            "(rerun with --debug for the traceback and report it)",
+            file=sys.stderr,
+        )
         return 1

@@ -26,7 +26,9 @@ def budget_type(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"budget {text!r} is not a number; use a value in (0, 1), e.g. 0.75") from None
     if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"budget {text} is out of range; use a value in (0, 1), e.g. 0.75 (1 routes nothing)")
+        raise argparse.ArgumentTypeError(
+            f"budget {text} is out of range; use a value in (0, 1), e.g. 0.75 (1 routes nothing)"
+        )
     return value
 
 
@@ -41,15 +43,38 @@ def grid_type(text: str) -> tuple[float, ...]:
 
 
 def add_calibration_flags(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--flops-budget", type=budget_type, required=required, help="blocks cost at most F x dense FLOPs, F in (0, 1)")
+    p.add_argument(
+        "--flops-budget", type=budget_type, required=required, help="blocks cost at most F x dense FLOPs, F in (0, 1)"
+    )
     p.add_argument("--tokens", type=int, default=65536, help="calibration tokens (default 65536)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window; the budget holds at this length (default 512)")
-    p.add_argument("--grid", type=grid_type, default=(1.0, 0.75, 0.5, 0.25, 0.125), help="capacities to choose from (default 1,0.75,0.5,0.25,0.125)")
-    p.add_argument("--sensitivity-tokens", type=int, default=2048, help="tokens for the per-block measurements (default 2048)")
+    p.add_argument(
+        "--seq-len", type=int, default=512, help="tokens per window; the budget holds at this length (default 512)"
+    )
+    p.add_argument(
+        "--grid",
+        type=grid_type,
+        default=(1.0, 0.75, 0.5, 0.25, 0.125),
+        help="capacities to choose from (default 1,0.75,0.5,0.25,0.125)",
+    )
+    p.add_argument(
+        "--sensitivity-tokens", type=int, default=2048, help="tokens for the per-block measurements (default 2048)"
+    )
     p.add_argument("--seed", type=int, default=0, help="picks the sensitivity windows (default 0)")
-    p.add_argument("--keep-first", type=int, default=1, help="leading tokens always routed: the attention sink (default 1)")
-    p.add_argument("--refine-rounds", type=int, default=0, help="re-measure around the plan and plan again this many times (default 0)")
-    p.add_argument("--calibration-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"], help="dtype calibration runs in (default bfloat16)")
+    p.add_argument(
+        "--keep-first", type=int, default=1, help="leading tokens always routed: the attention sink (default 1)"
+    )
+    p.add_argument(
+        "--refine-rounds",
+        type=int,
+        default=0,
+        help="re-measure around the plan and plan again this many times (default 0)",
+    )
+    p.add_argument(
+        "--calibration-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32", "float16"],
+        help="dtype calibration runs in (default bfloat16)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,7 +86,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", metavar="SRC", help="model directory, .gguf file, cached model id, or 'smollm2'")
-    p.add_argument("--data", nargs="+", type=Path, required=True, metavar="FILE", help="UTF-8 text files, read in order")
+    p.add_argument(
+        "--data", nargs="+", type=Path, required=True, metavar="FILE", help="UTF-8 text files, read in order"
+    )
     p.add_argument("--out", type=Path, required=True, metavar="PLAN.json", help="where to write the plan")
     add_calibration_flags(p, required=True)
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -80,9 +107,15 @@ def run_calibration(args: argparse.Namespace, model: Any, tokenizer: Any, progre
         raise ModifyError("SRC has no tokenizer to read the calibration text with; save one beside the model")
     try:
         settings = CalibrationSettings(
-            tokens=args.tokens, seq_len=args.seq_len, budget=args.flops_budget, grid=args.grid,
-            sensitivity_tokens=args.sensitivity_tokens, seed=args.seed, keep_first=args.keep_first,
-            dtype=args.calibration_dtype, refine_rounds=args.refine_rounds,
+            tokens=args.tokens,
+            seq_len=args.seq_len,
+            budget=args.flops_budget,
+            grid=args.grid,
+            sensitivity_tokens=args.sensitivity_tokens,
+            seed=args.seed,
+            keep_first=args.keep_first,
+            dtype=args.calibration_dtype,
+            refine_rounds=args.refine_rounds,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -127,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         routed = ", ".join(f"{i}:{c:g}" for i, c in zip(summary["routed"], summary["capacities"]))
         print(
             f"wrote {path} (+ .safetensors, .png): blocks {routed}; {calibration.cost_ratio:.3f} of dense block FLOPs; "
-            f"loss +{summary['predicted_loss_increase']:.3f} predicted, +{summary['measured_loss_increase']:.3f} measured "
+            f"loss {summary['predicted_loss_increase']:+.3f} predicted, "
+            f"{summary['measured_loss_increase']:+.3f} measured "
             f"({summary['seconds']:.0f} s)"
         )
     return 0

@@ -29,14 +29,16 @@ def capacity_type(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"capacity {text!r} is not a number; use a value in (0, 1], e.g. 0.125") from None
+        raise argparse.ArgumentTypeError(
+            f"capacity {text!r} is not a number; use a value in (0, 1], e.g. 0.125"
+        ) from None
     if not (math.isfinite(value) and 0.0 < value <= 1.0):
         raise argparse.ArgumentTypeError(f"capacity {text} is out of range; use a value in (0, 1], e.g. 0.125")
     return value
 
 
 def parse_layers(text: str) -> str | list[int]:
-    """"every-other", "all", or indices and inclusive ranges: "1,3,5", "4-20", "0,4-6"."""
+    """ "every-other", "all", or indices and inclusive ranges: "1,3,5", "4-20", "0,4-6"."""
     if text in ("every-other", "all"):
         return text
     indices: list[int] = []

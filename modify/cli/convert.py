@@ -34,13 +34,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("src", metavar="SRC", help="model directory, .gguf file, cached model id, or 'smollm2'")
     p.add_argument("out", metavar="OUT", type=Path, help="directory to write (must not exist unless --force)")
-    p.add_argument("--capacity", type=capacity_type, default=0.125, help="fraction of tokens routed, in (0, 1] (default 0.125)")
+    p.add_argument(
+        "--capacity", type=capacity_type, default=0.125, help="fraction of tokens routed, in (0, 1] (default 0.125)"
+    )
     p.add_argument("--layers", default="every-other", help="every-other (default), all, 1,3,5 or 4-20")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: the checkpoint's)")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: the checkpoint's)"
+    )
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--plan", type=Path, metavar="PLAN.json", help="apply a plan written by 'modify calibrate'")
-    source.add_argument("--calibrate", dest="data", nargs="+", type=Path, metavar="FILE", help="calibrate on these text files first")
+    source.add_argument(
+        "--calibrate", dest="data", nargs="+", type=Path, metavar="FILE", help="calibrate on these text files first"
+    )
     add_calibration_flags(p, required=False)
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_common_flags(p)
@@ -61,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, source, args.force)
     if is_converted_directory(source):
         raise ModifyError(
-            f"{source.path} is already converted (its config.json has a Mixture-of-Depths plan); convert its source instead"
+            f"{source.path} is already converted (its config.json has a Mixture-of-Depths plan); "
+            "convert its source instead"
         )
     with progress.step(f"loading {source.path.name}"):
         model, tokenizer = load_source(source, args.dtype)

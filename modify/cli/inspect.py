@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", metavar="SRC_OR_OUT", help="model directory, .gguf file, cached model id, 'smollm2', or a converted OUT")
+    p.add_argument(
+        "src", metavar="SRC_OR_OUT", help="model directory, .gguf file, cached model id, 'smollm2', or a converted OUT"
+    )
     p.add_argument("--seq-len", type=int, default=2048, help="sequence length for the FLOPs (default 2048)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_common_flags(p)
@@ -72,7 +74,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'block':>5}  {'name':<24} {'form':<11} {'routed':<8} {'dense':>12} {'routed':>12}")
     for r in rows:
         capacity = f"{r['capacity']:g}" if r["routed"] else "-"
-        print(f"{r['index']:>5}  {r['name']:<24} {r['form']:<11} {capacity:<8} {r['flops_dense']:>12.4g} {r['flops_routed']:>12.4g}")
+        print(
+            f"{r['index']:>5}  {r['name']:<24} {r['form']:<11} {capacity:<8} "
+            f"{r['flops_dense']:>12.4g} {r['flops_routed']:>12.4g}"
+        )
     print(f"total (with embeddings and head): dense {count.dense:.4g}, routed {count.routed:.4g} ({count.ratio:.1%})")
     for u in unroutable:
         print(f"block {u['index']} ({u['name']}) can't be routed: {u['reason']}")

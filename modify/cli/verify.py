@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _windows(tokenizer: Any, text_path: Path | None, vocab: int) -> torch.Tensor:
     if text_path is None or tokenizer is None:
         return torch.randint(0, vocab, (1, 128), generator=torch.Generator().manual_seed(0))
-    ids = tokenizer(text_path.read_text(errors="replace")[: 400_000], return_tensors="pt").input_ids[0]
+    ids = tokenizer(text_path.read_text(errors="replace")[:400_000], return_tensors="pt").input_ids[0]
     count = min(_WINDOWS, max(1, ids.numel() // _WINDOW))
     ids = ids[: count * _WINDOW]
     return ids.view(count, -1) if ids.numel() == count * _WINDOW else ids.unsqueeze(0)
@@ -79,7 +79,11 @@ def run(args: argparse.Namespace) -> int:
     plan = MoDConfig.from_dict(out_model.config.mixture_of_depths)
     bad = [k for k in (*info["missing_keys"], *info["unexpected_keys"]) if "router" in k]
     routed = [b.index for b in modify.find_blocks(out_model) if b.routed]
-    check("routers load", not bad and routed == plan.routed, f"{len(routed)} routed blocks" + (f"; bad keys {bad[:3]}" if bad else ""))
+    check(
+        "routers load",
+        not bad and routed == plan.routed,
+        f"{len(routed)} routed blocks" + (f"; bad keys {bad[:3]}" if bad else ""),
+    )
 
     result: dict[str, Any] = {}
     source = Source.from_dict(plan.source) if plan.source else None
@@ -91,7 +95,9 @@ def run(args: argparse.Namespace) -> int:
         src_state = src_model.state_dict()
         out_state = {k: v for k, v in out_model.state_dict().items() if "router" not in k}
         differ = [k for k, v in src_state.items() if k not in out_state or not torch.equal(out_state[k], v)]
-        check("weights", not differ, "equal to the source's" if not differ else f"{len(differ)} differ, e.g. {differ[0]}")
+        check(
+            "weights", not differ, "equal to the source's" if not differ else f"{len(differ)} differ, e.g. {differ[0]}"
+        )
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(target.path)
@@ -126,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
         for c in checks:
             print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['name']}: {c['detail']}")
         if "ppl_source" in result:
-            print(f"perplexity on {args.text}: source {result['ppl_source']:.2f}, converted {result.get('ppl_converted', float('nan')):.2f}")
+            print(
+                f"perplexity on {args.text}: source {result['ppl_source']:.2f}, "
+                f"converted {result.get('ppl_converted', float('nan')):.2f}"
+            )
         print("verified" if ok else "verification FAILED")
     return 0 if ok else 1

@@ -168,7 +168,9 @@ def gated_scatter_add_backward(
 
 
 @gated_scatter_add_backward.register_fake
-def _(grad_out: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, gate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _(
+    grad_out: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, gate: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.empty_like(delta), torch.empty_like(gate)
 
 

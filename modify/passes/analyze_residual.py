@@ -37,7 +37,14 @@ from torch import fx
 from modify.archs import NORM_CLASS_PATTERN
 from modify.errors import UnsupportedModelError
 
-__all__ = ["ResidualAnalysis", "BlockForm", "analyze_residual", "register_block_form", "unregister_block_form", "block_forms"]
+__all__ = [
+    "ResidualAnalysis",
+    "BlockForm",
+    "analyze_residual",
+    "register_block_form",
+    "unregister_block_form",
+    "block_forms",
+]
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 _RESHAPE_TARGETS = {"view", "reshape", "contiguous", torch.reshape}

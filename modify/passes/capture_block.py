@@ -169,7 +169,9 @@ def capture_block(
     try:
         graph = BlockTracer(block).trace(wrapper)
     except Exception as exc:  # fx raises many types; name the block and keep the cause
-        raise UnsupportedModelError(name or type(block).__name__, f"torch.fx could not trace its forward ({exc})") from exc
+        raise UnsupportedModelError(
+            name or type(block).__name__, f"torch.fx could not trace its forward ({exc})"
+        ) from exc
     finally:
         block.training = was_training
     for node in graph.nodes:

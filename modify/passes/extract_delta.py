@@ -101,7 +101,9 @@ def _delta_parts(graph: fx.Graph, analysis: ResidualAnalysis) -> list[fx.Node]:
             parts.append(next(branches))
         else:
             parts = [
-                graph.create_node(node.op, node.target, tuple(p if a is prev else a for a in node.args), dict(node.kwargs))
+                graph.create_node(
+                    node.op, node.target, tuple(p if a is prev else a for a in node.args), dict(node.kwargs)
+                )
                 for p in parts
             ]
     return parts

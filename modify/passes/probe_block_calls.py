@@ -145,7 +145,9 @@ def probe_block_calls(
 def _spec_from_calls(name: str, calls: list[tuple[dict[str, Any], Any]]) -> BlockCallSpec:
     if len(calls) != len(PROBE_LENGTHS):
         raise UnsupportedModelError(
-            name, f"it was called {len(calls)} times in {len(PROBE_LENGTHS)} forward passes; routed blocks must run once per forward"
+            name,
+            f"it was called {len(calls)} times in {len(PROBE_LENGTHS)} forward passes; "
+            "routed blocks must run once per forward",
         )
     (first, out), (second, _) = calls
     hidden = next(iter(first))

@@ -13,14 +13,47 @@ _COMMON = {"vocab_size": 97, "max_position_embeddings": 128, "bos_token_id": 1, 
 
 #: family -> (config class name in transformers, keyword arguments). Four blocks each, small widths.
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)),
-    "mistral": ("MistralConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, sliding_window=8)),
-    "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)),
-    "gemma2": ("Gemma2Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=8)),
+    "llama": (
+        "LlamaConfig",
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+    ),
+    "mistral": (
+        "MistralConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            sliding_window=8,
+        ),
+    ),
+    "qwen2": (
+        "Qwen2Config",
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
+    ),
+    "gemma2": (
+        "Gemma2Config",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            sliding_window=8,
+        ),
+    ),
     "phi": ("PhiConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4)),
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=4, n_head=4, n_positions=128)),
-    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4)),
-    "opt": ("OPTConfig", dict(hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4, word_embed_proj_dim=32)),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4),
+    ),
+    "opt": (
+        "OPTConfig",
+        dict(hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4, word_embed_proj_dim=32),
+    ),
 }
 
 

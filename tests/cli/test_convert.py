@@ -156,7 +156,9 @@ def test_bad_arguments(case: str, saved_models: dict, tmp_path: Path, capsys) ->
     except SystemExit as exc:  # argparse's own usage errors
         code = exc.code
     _, err = capsys.readouterr()
-    _assert_failed(code, err.replace(f"convert: error: argument {flags[0]}: ", "convert: error: "), expected_code, message, out)
+    _assert_failed(
+        code, err.replace(f"convert: error: argument {flags[0]}: ", "convert: error: "), expected_code, message, out
+    )
     assert tree_digest(src) == before
 
 

@@ -106,8 +106,12 @@ def test_help_shows_examples(command: str) -> None:
 def test_killed_mid_save_leaves_no_out(sig: int, tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     # Large enough (about 100 MB of float32) that saving takes a while.
-    tiny_model("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=8, vocab_size=4096).save_pretrained(src)
-    proc = subprocess.Popen([sys.executable, "-m", "modify", "convert", str(src), str(out)], stderr=subprocess.PIPE, text=True)
+    tiny_model("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=8, vocab_size=4096).save_pretrained(
+        src
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modify", "convert", str(src), str(out)], stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         partial = list(tmp_path.glob(".out.*.partial"))

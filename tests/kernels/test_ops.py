@@ -16,7 +16,9 @@ from modify.kernels import gated_scatter_add, gather_tokens, reference, use_back
 from modify.kernels.ops import gated_scatter_add_backward, scatter_tokens
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HAS_TRITON = importlib.util.find_spec("triton") is not None and (DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+HAS_TRITON = importlib.util.find_spec("triton") is not None and (
+    DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+)
 BACKENDS = ["reference"] + (["triton"] if HAS_TRITON else [])
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
@@ -92,10 +94,13 @@ def test_opcheck(backend: str) -> None:
     x, idx, delta, gate = _inputs(2, 8, 3, 6, torch.float32)
     torch.library.opcheck(torch.ops.modify.gather_tokens.default, (x.requires_grad_(), idx))
     torch.library.opcheck(
-        torch.ops.modify.gated_scatter_add.default, (x.detach().requires_grad_(), idx, delta.requires_grad_(), gate.requires_grad_())
+        torch.ops.modify.gated_scatter_add.default,
+        (x.detach().requires_grad_(), idx, delta.requires_grad_(), gate.requires_grad_()),
     )
     torch.library.opcheck(torch.ops.modify.scatter_tokens.default, (delta.detach(), idx, 8))
-    torch.library.opcheck(torch.ops.modify.gated_scatter_add_backward.default, (x.detach(), idx, delta.detach(), gate.detach()))
+    torch.library.opcheck(
+        torch.ops.modify.gated_scatter_add_backward.default, (x.detach(), idx, delta.detach(), gate.detach())
+    )
 
 
 def test_non_contiguous_inputs(backend: str) -> None:

@@ -45,7 +45,9 @@ def test_capture_keeps_children_as_leaves_and_shares_them() -> None:
     assert all(n.meta["modify"]["block"] == "toy" for n in gm.graph.nodes)
 
 
-@pytest.mark.parametrize("kind,form,branches", [("pre-norm", "pre-norm", 2), ("parallel", "parallel", 1), ("post-norm", "post-norm", 0)])
+@pytest.mark.parametrize(
+    "kind,form,branches", [("pre-norm", "pre-norm", 2), ("parallel", "parallel", 1), ("post-norm", "post-norm", 0)]
+)
 def test_forms(kind: str, form: str, branches: int) -> None:
     _, gm, _ = _capture(kind)
     analysis = analyze_residual(gm, "x")
@@ -60,7 +62,9 @@ def test_non_residual_block_is_rejected() -> None:
         analyze_residual(gm, "x", "toy")
 
 
-@pytest.mark.parametrize("kind,parts,kind_of_delta", [("pre-norm", 2, "exact"), ("parallel", 1, "exact"), ("post-norm", 1, "difference")])
+@pytest.mark.parametrize(
+    "kind,parts,kind_of_delta", [("pre-norm", 2, "exact"), ("parallel", 1, "exact"), ("post-norm", 1, "difference")]
+)
 def test_extract_delta_returns_the_parts_of_delta(kind: str, parts: int, kind_of_delta: str) -> None:
     block, gm, x = _capture(kind)
     extract = ExtractDeltaPass("x", "toy")

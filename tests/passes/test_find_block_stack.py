@@ -9,7 +9,15 @@ from modify.testing import tiny_model
 from tests.helpers import ToyModel
 
 
-@pytest.mark.parametrize("family,expected", [("llama", "model.layers"), ("gpt2", "transformer.h"), ("gpt_neox", "gpt_neox.layers"), ("opt", "model.decoder.layers")])
+@pytest.mark.parametrize(
+    "family,expected",
+    [
+        ("llama", "model.layers"),
+        ("gpt2", "transformer.h"),
+        ("gpt_neox", "gpt_neox.layers"),
+        ("opt", "model.decoder.layers"),
+    ],
+)
 def test_finds_hugging_face_stacks(family: str, expected: str) -> None:
     name, stack = find_block_stack(tiny_model(family))
     assert name == expected and len(stack) == 4
