@@ -162,14 +162,27 @@ def _validate(source: Source) -> None:
             _check_safetensors(p)
 
 
+def load_tokenizer(source: Source) -> Any:
+    """The source's tokenizer, or None when it carries none (a model directory need not)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.directory, **source.load_kwargs())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_source(source: Source, dtype: str | None = None) -> tuple[nn.Module, Any]:
-    """Load the model (and its tokenizer, if any) of a validated source."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load the model (with its routing, for a converted directory) and its tokenizer, if any."""
+    from transformers import AutoModelForCausalLM
 
     _validate(source)
     torch_dtype: Any = getattr(torch, dtype) if dtype else ("auto" if source.path.suffix != ".gguf" else torch.float32)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch_dtype, **source.load_kwargs())
+        if is_converted_directory(source):
+            model = from_pretrained(source.path, dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=torch_dtype, **source.load_kwargs())
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModifyError(f"cannot load {source.path}: {first[:300]}") from exc
@@ -178,11 +191,7 @@ def load_source(source: Source, dtype: str | None = None) -> tuple[nn.Module, An
         # transformers dequantises GGUF weights on load but keeps the model marked as quantized, which
         # forbids saving it; the weights in memory are plain floating point.
         quantizer.remove_quantization_config(model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.directory, **source.load_kwargs())
-    except (OSError, ValueError, KeyError, TypeError):
-        tokenizer = None  # a model directory need not carry one
-    return model.eval(), tokenizer
+    return model.eval(), load_tokenizer(source)
 
 
 def check_output(out: Path, source: Source | None, force: bool) -> None:
@@ -306,20 +315,6 @@ def is_converted_directory(source: Source) -> bool:
 
 def load_any(src: str, dtype: str | None = None) -> tuple[nn.Module, Any, Source, bool]:
     """Load a source or a converted directory: ``(model, tokenizer, source, converted)``."""
-    from transformers import AutoTokenizer
-
     source = resolve_source(src)
-    if not is_converted_directory(source):
-        model, tokenizer = load_source(source, dtype)
-        return model, tokenizer, source, False
-    _validate(source)
-    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
-    try:
-        model = from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModifyError(f"cannot load {source.path}: {str(exc).strip().splitlines()[0][:300]}") from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
-    except (OSError, ValueError, KeyError, TypeError):
-        tokenizer = None
-    return model, tokenizer, source, True
+    model, tokenizer = load_source(source, dtype)
+    return model, tokenizer, source, is_converted_directory(source)

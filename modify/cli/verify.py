@@ -55,7 +55,7 @@ def _perplexity(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 def run(args: argparse.Namespace) -> int:
     import modify
-    from modify.checkpoint import Source, is_converted_directory, load_source, resolve_source
+    from modify.checkpoint import Source, is_converted_directory, load_source, load_tokenizer, resolve_source
     from modify.config import MoDConfig
     from modify.errors import ModifyError
 
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     def check(name: str, ok: bool, detail: str) -> None:
         checks.append({"name": name, "ok": bool(ok), "detail": detail})
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     with progress.step(f"loading {target.path}"):
         out_model, info = AutoModelForCausalLM.from_pretrained(target.path, output_loading_info=True)
@@ -99,10 +99,7 @@ def run(args: argparse.Namespace) -> int:
             "weights", not differ, "equal to the source's" if not differ else f"{len(differ)} differ, e.g. {differ[0]}"
         )
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(target.path)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+        tokenizer = load_tokenizer(target) or tokenizer
         ids = _windows(tokenizer, args.text, out_model.config.get_text_config().vocab_size)
         with torch.no_grad(), progress.step("checking capacity 1.0 against the source"):
             reference = src_model(ids[:1], use_cache=False).logits
