@@ -11,9 +11,7 @@ initialise the routers, all from text run through the dense model.
    i replay their cached dense outputs, so each measurement costs only the blocks from i on.
 4. **Plan**: :func:`modify.planning.plan_under_budget` picks the capacities minimising the predicted loss
    increase, Σ_i ΔL_i(c_i), under the FLOP budget. The prediction assumes the blocks' effects add up; they
-   compound instead, so one optimal plan is made per sub-grid (every subset of the grid's capacities: fewer
-   choices route fewer blocks harder), each is measured with the fitted routers, and the best measured plan
-   is kept. Each optional refinement round measures every block's tables again with the other blocks
+   compound instead. Each optional refinement round measures every block's tables again with the other blocks
    routed as planned (fitted routers) and plans again on them, keeping the new plan only if it measures
    better. The report gives each round's predicted and measured increase.
 5. **Routers**: each routed block's router is fitted by ridge regression from x (float64 normal equations,
@@ -30,8 +28,6 @@ import contextlib
 import copy
 import dataclasses
 import hashlib
-import itertools
-import math
 import random
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -319,13 +315,6 @@ def _sensitivity(
     return table
 
 
-def _sub_grids(grid: Sequence[float]) -> list[tuple[float, ...]]:
-    """Every subset of the grid that keeps 1.0 (not routed) and at least one capacity below it; full grid first."""
-    smaller = [c for c in grid if c < 1.0]
-    subsets = [combo for r in range(len(smaller), 0, -1) for combo in itertools.combinations(smaller, r)]
-    return [(1.0, *combo) for combo in subsets]
-
-
 def _set_plan(
     blocks: list[nn.Module],
     states: list[Any],
@@ -438,36 +427,16 @@ def _calibrate(
     sensitivity = _sensitivity(model, blocks, states, windows, sens_batches, dense, s.grid, report)
 
     loss_tables = [{c: sensitivity[str(i)][f"{c:g}"] for c in grid} for i in range(n)]
-    # One optimal plan per sub-grid: fewer, coarser choices route fewer blocks harder. The additive
-    # prediction can't rank these (effects compound), so each is measured and the best measured is kept.
-    rounds: list[dict[str, Any]] = []
-    chosen, measured = None, math.inf
-    for n_sub, sub in enumerate(_sub_grids(grid)):
-        try:
-            candidate = plan_under_budget(
-                [{c: t[c] for c in sub} for t in loss_tables], [{c: k[c] for c in sub} for k in costs], s.budget
-            )
-        except ValueError:
-            if n_sub == 0:
-                raise  # the full grid can't meet the budget: no sub-grid can; the message says why
-            continue  # this sub-grid alone can't meet the budget
-        if any(r["capacities"] == list(candidate.capacities) for r in rounds):
-            continue
-        _set_plan(blocks, states, candidate.capacities, routers)
-        loss = _plan_loss(model, windows, sens_batches)
-        rounds.append(
-            {
-                "grid": list(sub),
-                "capacities": list(candidate.capacities),
-                "predicted": candidate.predicted_loss_increase,
-                "measured": loss - dense.loss,
-            }
-        )
-        report("candidate plans", n_sub + 1, 2 ** (len(grid) - 1) - 1)
-        if loss < measured:
-            chosen, measured = candidate, loss
-    assert chosen is not None
+    chosen = plan_under_budget(loss_tables, costs, s.budget)
     _set_plan(blocks, states, chosen.capacities, routers)
+    measured = _plan_loss(model, windows, sens_batches)
+    rounds: list[dict[str, Any]] = [
+        {
+            "capacities": list(chosen.capacities),
+            "predicted": chosen.predicted_loss_increase,
+            "measured": measured - dense.loss,
+        }
+    ]
     for _ in range(s.refine_rounds):
         tables = _refined_tables(model, blocks, states, windows, sens_batches, routers, chosen.capacities, grid, report)
         candidate = plan_under_budget(tables, costs, s.budget)

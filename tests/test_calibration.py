@@ -69,9 +69,7 @@ def test_budget_met_and_record_complete(calibrated) -> None:
         "rounds",
     ):
         assert key in record
-    candidates = [r for r in record["rounds"] if "grid" in r]
-    assert candidates and candidates[0]["grid"] == list(SETTINGS.grid)  # the full grid is always tried first
-    assert len(record["rounds"]) <= len(candidates) + SETTINGS.refine_rounds
+    assert 1 <= len(record["rounds"]) <= 1 + SETTINGS.refine_rounds
     kept = min(record["rounds"], key=lambda r: r["measured"])
     assert kept["capacities"] == cal.capacities
     assert cal.measured_loss - cal.dense_loss == pytest.approx(kept["measured"])
