@@ -11,48 +11,21 @@ __all__ = ["FAMILIES", "tiny_model", "tiny_tokenizer"]
 
 _COMMON = {"vocab_size": 97, "max_position_embeddings": 128, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
+_DECODER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4}
+_GQA = {**_DECODER, "num_key_value_heads": 2}
+
 #: family -> (config class name in transformers, keyword arguments). Four blocks each, small widths.
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama": (
-        "LlamaConfig",
-        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
-    ),
-    "mistral": (
-        "MistralConfig",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            sliding_window=8,
-        ),
-    ),
-    "qwen2": (
-        "Qwen2Config",
-        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2),
-    ),
-    "gemma2": (
-        "Gemma2Config",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            sliding_window=8,
-        ),
-    ),
-    "phi": ("PhiConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4)),
-    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=4, n_head=4, n_positions=128)),
-    "gpt_neox": (
-        "GPTNeoXConfig",
-        dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4),
-    ),
+    "llama": ("LlamaConfig", _GQA),
+    "mistral": ("MistralConfig", {**_GQA, "sliding_window": 8}),
+    "qwen2": ("Qwen2Config", _GQA),
+    "gemma2": ("Gemma2Config", {**_GQA, "head_dim": 8, "sliding_window": 8}),
+    "phi": ("PhiConfig", _DECODER),
+    "gpt2": ("GPT2Config", {"n_embd": 32, "n_layer": 4, "n_head": 4, "n_positions": 128}),
+    "gpt_neox": ("GPTNeoXConfig", _DECODER),
     "opt": (
         "OPTConfig",
-        dict(hidden_size=32, ffn_dim=64, num_hidden_layers=4, num_attention_heads=4, word_embed_proj_dim=32),
+        {"hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "word_embed_proj_dim": 32},
     ),
 }
 
