@@ -43,37 +43,49 @@ def grid_type(text: str) -> tuple[float, ...]:
 
 
 def add_calibration_flags(p: argparse.ArgumentParser, required: bool) -> None:
+    from modify.calibration import CalibrationSettings
+
+    d = CalibrationSettings()  # the flags' defaults are the library's
     p.add_argument(
         "--flops-budget", type=budget_type, required=required, help="blocks cost at most F x dense FLOPs, F in (0, 1)"
     )
-    p.add_argument("--tokens", type=int, default=65536, help="calibration tokens (default 65536)")
+    p.add_argument("--tokens", type=int, default=d.tokens, help=f"calibration tokens (default {d.tokens})")
     p.add_argument(
-        "--seq-len", type=int, default=512, help="tokens per window; the budget holds at this length (default 512)"
+        "--seq-len",
+        type=int,
+        default=d.seq_len,
+        help=f"tokens per window; the budget holds at this length (default {d.seq_len})",
     )
     p.add_argument(
         "--grid",
         type=grid_type,
-        default=(1.0, 0.75, 0.5, 0.25, 0.125),
-        help="capacities to choose from (default 1,0.75,0.5,0.25,0.125)",
+        default=d.grid,
+        help=f"capacities to choose from (default {','.join(f'{c:g}' for c in d.grid)})",
     )
     p.add_argument(
-        "--sensitivity-tokens", type=int, default=2048, help="tokens for the per-block measurements (default 2048)"
+        "--sensitivity-tokens",
+        type=int,
+        default=d.sensitivity_tokens,
+        help=f"tokens for the per-block measurements (default {d.sensitivity_tokens})",
     )
-    p.add_argument("--seed", type=int, default=0, help="picks the sensitivity windows (default 0)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"picks the sensitivity windows (default {d.seed})")
     p.add_argument(
-        "--keep-first", type=int, default=1, help="leading tokens always routed: the attention sink (default 1)"
+        "--keep-first",
+        type=int,
+        default=d.keep_first,
+        help=f"leading tokens always routed: the attention sink (default {d.keep_first})",
     )
     p.add_argument(
         "--refine-rounds",
         type=int,
-        default=0,
-        help="re-measure around the plan and plan again this many times (default 0)",
+        default=d.refine_rounds,
+        help=f"re-measure around the plan and plan again this many times (default {d.refine_rounds})",
     )
     p.add_argument(
         "--calibration-dtype",
-        default="bfloat16",
+        default=d.dtype,
         choices=["bfloat16", "float32", "float16"],
-        help="dtype calibration runs in (default bfloat16)",
+        help=f"dtype calibration runs in (default {d.dtype})",
     )
 
 
