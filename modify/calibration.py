@@ -47,7 +47,15 @@ from modify.planning import DEFAULT_GRID, plan_under_budget
 from modify.router import ROUTER_ATTR
 from modify.routing import STATE_ATTR, capacity_tokens, routed_forward, select_tokens
 
-__all__ = ["CalibrationSettings", "Calibration", "token_windows", "calibrate", "apply_calibration"]
+__all__ = [
+    "CalibrationSettings",
+    "Calibration",
+    "token_windows",
+    "calibrate",
+    "apply_calibration",
+    "fit_router",
+    "grid_costs",
+]
 
 _CHUNK_CHARS = 1 << 20
 
@@ -271,8 +279,24 @@ def _dense_pass(
     return dense
 
 
-def _fit_router(gram: torch.Tensor, moment: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Ridge regression from [x, 1] to log-importance; the bias is not penalised."""
+def grid_costs(model: nn.Module, grid: Sequence[float], seq_len: int) -> list[dict[float, float]]:
+    """Per block, capacity -> forward FLOPs at ``seq_len`` (routers included below 1.0): the planner's costs."""
+    _, stack = find_block_stack(model)
+    width, dim = attention_width(model), model.config.hidden_size
+    return [
+        {
+            c: float(routed_block_flops(b, width, c, seq_len, dim) if c < 1 else block_flops(b, width, seq_len))
+            for c in grid
+        }
+        for b in stack
+    ]
+
+
+def fit_router(gram: torch.Tensor, moment: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Ridge regression from [x, 1] to a per-token target, from Σ [x,1]ᵀ[x,1] and Σ [x,1]ᵀ target.
+
+    The bias is not penalised; the gate scale is 0, so the fitted router's gates are exactly 1.
+    """
     dim = gram.shape[0] - 1
     ridge = 1e-6 * gram.diagonal().mean() * torch.eye(dim + 1, dtype=torch.float64)
     ridge[dim, dim] = 0
@@ -412,18 +436,11 @@ def _calibrate(
     other_batches = [other[i : i + s.batch_size] for i in range(0, len(other), s.batch_size)]
 
     grid = sorted(set(s.grid), reverse=True)
-    width = attention_width(model)
-    costs = [
-        {
-            c: float(routed_block_flops(b, width, c, s.seq_len, dim) if c < 1 else block_flops(b, width, s.seq_len))
-            for c in grid
-        }
-        for b in blocks
-    ]
+    costs = grid_costs(model, grid, s.seq_len)
     # A budget no plan can meet (or one that routes nothing) fails here, before minutes of measurement.
     plan_under_budget([{c: 0.0 for c in grid} for _ in blocks], costs, s.budget)
     dense = _dense_pass(model, blocks, windows, sens_batches, other_batches, dim, report)
-    routers = {i: _fit_router(dense.gram[i], dense.moment[i]) for i in range(n)}
+    routers = {i: fit_router(dense.gram[i], dense.moment[i]) for i in range(n)}
     sensitivity = _sensitivity(model, blocks, states, windows, sens_batches, dense, s.grid, report)
 
     loss_tables = [{c: sensitivity[str(i)][f"{c:g}"] for c in grid} for i in range(n)]
