@@ -1,4 +1,4 @@
-"""What limits zero-shot routing of SmolLM2-135M: token-selection rules, correlated selection, the budget.
+"""What limits zero-shot routing of SmolLM2-135M: token-selection rules, attention context, the budget.
 
     python examples/calibration_ablations_smollm2.py [--plan PLAN.json] [--tokens 16384] [--eval-tokens 4096]
 
@@ -12,8 +12,10 @@ plays titled A–L at budget 0.75) and measures zero-shot perplexity on plays ti
    model itself), the ‖Δ‖ oracle measured on the routed model's own inputs (not a router: it runs the block
    on every token first), the −g·Δ oracle on the evaluation text itself (it reads the labels: an upper
    bound, not a router), and routers trained by gradient through the gate for one epoch on the
-   calibration text (the model frozen).
-2. The planner's plan at several budgets, with log ‖Δ‖ routers: where 1.5x dense is reached.
+   calibration text (the model frozen); and a plan of the same cost that routes many blocks a little.
+2. One block at a time, on calibration text: the loss increase of the routed block against the block run
+   on every token with Δ kept only on the same chosen tokens, i.e. with its full attention context.
+3. The planner's plan at several budgets, with log ‖Δ‖ routers: where 1.5x dense is reached.
 
 Everything runs in bfloat16 (the calibration dtype); the dense row is the same model unrouted.
 """
