@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -36,9 +38,11 @@ class MoDRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, D] hidden states -> [B, T] float32 scores."""
-        # float32 whatever the model's dtype: bfloat16 scores tie often and make top-k arbitrary.
-        w = self.weight.float()
-        return torch.nn.functional.linear(x.float(), w, self.bias.float()).squeeze(-1)
+        # float32 whatever the model's dtype, autocast included: bfloat16 scores tie often and make top-k
+        # arbitrary. (Only CPU and CUDA-like devices have autocast; meta tensors have none to leave.)
+        autocast = x.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(x.device.type)
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            return torch.nn.functional.linear(x.float(), self.weight.float(), self.bias.float()).squeeze(-1)
 
     def gate(self, scores: torch.Tensor) -> torch.Tensor:
         return 2.0 * torch.sigmoid(self.scale.float() * scores)

@@ -185,7 +185,9 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     gate = router.gate(torch.gather(scores, 1, idx))
     y = x
     for part in parts:  # in the dense block's order of additions: bit-exact at gate 1
-        y = gated_scatter_add(y, idx, part, gate)
+        # Under autocast Δ comes out in the compute dtype while the stream keeps its own; x + Δ promotes.
+        dtype = torch.promote_types(y.dtype, part.dtype)
+        y = gated_scatter_add(y.to(dtype), idx, part.to(dtype), gate)
     return (y, *out[1:]) if spec.output_is_tuple else y
 
 

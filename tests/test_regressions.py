@@ -145,3 +145,30 @@ def test_keep_first_always_routes_the_first_real_token() -> None:
     rec.remove()
     assert (rec.calls[0][1]["position_ids"][:, 0] == 0).all()
     assert model.config.mixture_of_depths["keep_first"] == 1
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_mixed_precision_autocast(family: str) -> None:
+    """Under torch.autocast (float32 weights, bfloat16 compute: how Trainer(bf16=True) runs), the block's Δ is
+    bfloat16 while the residual stream stays float32. Capacity 1.0 must still equal the dense model exactly,
+    routing must run forward and backward, and the router must still score in float32 (bfloat16 scores tie).
+    """
+    model = tiny_model(family)
+    ids = torch.randint(3, 97, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        dense = model(ids).logits
+    modify.convert(model, capacity=1.0, layers="all")
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert torch.equal(model(ids).logits, dense)
+    modify.revert(model)
+    modify.convert(model, capacity=0.5, layers=[1])
+    set_router_weights(model)
+    router = model.get_submodule(modify.find_blocks(model)[1].name).mod_router
+    scores = []
+    handle = router.register_forward_hook(lambda m, a, out: scores.append(out))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    handle.remove()
+    assert scores[0].dtype == torch.float32
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
