@@ -31,7 +31,7 @@ import torch
 
 import modify
 from modify.assets import load_smollm2, shakespeare_split
-from modify.calibration import CalibrationSettings, calibrate, fit_router, grid_costs, token_windows
+from modify.calibration import CalibrationSettings, calibrate, fit_router, grid_costs, load_router, token_windows
 from modify.passes.find_block_stack import find_block_stack
 from modify.plan_file import load_plan
 from modify.planning import plan_under_budget
@@ -107,23 +107,18 @@ def mean_loss(model: torch.nn.Module, ids: torch.Tensor, before: Callable[[int],
     return sum(losses) / len(losses)
 
 
-def route(model: torch.nn.Module, blocks: list[torch.nn.Module], capacities: list[float], keep_first: int) -> list[int]:
+def route(model: torch.nn.Module, capacities: list[float], keep_first: int) -> list[int]:
     """Convert ``model`` (reverting an earlier conversion first) to the plan; returns the routed blocks."""
     modify.revert(model)
     routed = [i for i, c in enumerate(capacities) if c < 1]
-    plan = modify.MoDConfig(len(blocks), routed, [capacities[i] for i in routed], keep_first=keep_first)
-    modify.convert(model, plan=plan)
+    modify.convert(model, capacity=[capacities[i] for i in routed], layers=routed, keep_first=keep_first)
     return routed
 
 
 def load_routers(blocks: list[torch.nn.Module], routed: list[int], weights: dict[int, dict] | None) -> None:
-    """Fitted routers (gate scale 0: gates exactly 1), or zero routers when ``weights`` is None."""
-    with torch.no_grad():
-        for i in routed:
-            router = getattr(blocks[i], ROUTER_ATTR)
-            router.scale.zero_()
-            router.weight.copy_(weights[i]["weight"] if weights else torch.zeros_like(router.weight))
-            router.bias.copy_(weights[i]["bias"] if weights else torch.zeros_like(router.bias))
+    """Fitted routers (gates exactly 1), or zero routers (which keep the first k tokens) when ``weights`` is None."""
+    for i in routed:
+        load_router(getattr(blocks[i], ROUTER_ATTR), weights[i] if weights else None)
 
 
 def with_scores(blocks, routed, scores: Callable[[int, int], torch.Tensor]) -> tuple[Callable, list]:
@@ -221,14 +216,14 @@ def context_check(model, blocks, ids, checked: list[int], keep_first: int) -> di
             handle = blocks[i].register_forward_hook(masked, with_kwargs=True)
             full_context = mean_loss(model, ids) - dense
             handle.remove()
-            route(model, blocks, [capacity if j == i else 1.0 for j in range(len(blocks))], keep_first)
+            route(model, [capacity if j == i else 1.0 for j in range(len(blocks))], keep_first)
             _, hooks = with_scores(blocks, [i], lambda j, b, _i=i: norms[_i])
             routed = mean_loss(model, ids) - dense
             for h in hooks:
                 h.remove()
             modify.revert(model)
             result[f"{i}@{capacity:g}"] = {"routed": routed, "full_context": full_context}
-            print(f"block {i} at {capacity:g}: routed +{routed:.3f} nats, full attention context +{full_context:.3f}")
+            print(f"block {i} at {capacity:g}: routed {routed:+.3f} nats, full attention context {full_context:+.3f}")
     return result
 
 
@@ -273,7 +268,7 @@ def main() -> None:
 
     routes = ", ".join(f"{i}:{cal.capacities[i]:g}" for i in cal.routed)
     print(f"plan {routes} (cost {cal.cost_ratio:.3f}); dense held-out perplexity {math.exp(dense):.2f}")
-    routed = route(model, blocks, cal.capacities, keep_first)
+    routed = route(model, cal.capacities, keep_first)
     load_routers(blocks, routed, None)
     measure("zero routers (first k tokens)")
     shared = torch.rand(len(held_out), held_out.shape[1])
@@ -307,14 +302,14 @@ def main() -> None:
         train_routers(model, blocks, routed, windows, lr)
         measure(f"log ‖Δ‖ fit, then routers trained 1 epoch (lr {lr:g})")
     thin = [1.0, 1.0] + [0.75] * (n - 2)
-    load_routers(blocks, route(model, blocks, thin, keep_first), fitted["log_norm"])
+    load_routers(blocks, route(model, thin, keep_first), fitted["log_norm"])
     measure(f"another plan: 0.75 on blocks 2-{n - 1} (cost {plan_cost(thin, costs):.3f}), log ‖Δ‖ routers")
 
     tables = [{c: cal.sensitivity[str(i)][f"{c:g}"] for c in grid} for i in range(n)]
     sweep = {}
     for budget in (float(b) for b in args.budgets.split(",")):
         plan = plan_under_budget(tables, costs, budget)
-        routed = route(model, blocks, list(plan.capacities), keep_first)
+        routed = route(model, list(plan.capacities), keep_first)
         load_routers(blocks, routed, fitted["log_norm"])
         sweep[budget] = math.exp(mean_loss(model, held_out) - dense)
         print(f"budget {budget:g}: {len(routed)} blocks routed, cost {plan.cost_ratio:.3f}, {sweep[budget]:.2f}x dense")

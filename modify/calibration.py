@@ -55,6 +55,7 @@ __all__ = [
     "apply_calibration",
     "fit_router",
     "grid_costs",
+    "load_router",
 ]
 
 _CHUNK_CHARS = 1 << 20
@@ -348,7 +349,7 @@ def _set_plan(
     """Route every block as planned, with the fitted routers (or zero routers when ``routers`` is None)."""
     for i, block in enumerate(blocks):
         states[i].capacity, states[i].enabled = capacities[i], capacities[i] < 1.0
-        _load_router(getattr(block, ROUTER_ATTR), routers[i] if routers is not None else None)
+        load_router(getattr(block, ROUTER_ATTR), routers[i] if routers is not None else None)
 
 
 def _plan_loss(model: nn.Module, windows: torch.Tensor, sens_batches: list[list[int]]) -> float:
@@ -489,7 +490,9 @@ def _calibrate(
     )
 
 
-def _load_router(router: nn.Module, values: dict[str, torch.Tensor] | None) -> None:
+def load_router(router: nn.Module, values: dict[str, torch.Tensor] | None) -> None:
+    """Load fitted router ``values`` (from :func:`fit_router`) into ``router``, or reset it to a fresh zero
+    router when ``values`` is None."""
     with torch.no_grad():
         for name, param in router.named_parameters():
             if values is None:
@@ -527,5 +530,5 @@ def apply_calibration(model: nn.Module, calibration: Calibration) -> nn.Module:
     """Convert ``model`` with the calibrated plan and load the fitted routers (gate scale 0: gates are 1)."""
     convert(model, plan=calibration.plan())
     for block, state in routed_blocks(model):
-        _load_router(getattr(block, ROUTER_ATTR), calibration.routers[state.index])
+        load_router(getattr(block, ROUTER_ATTR), calibration.routers[state.index])
     return model
