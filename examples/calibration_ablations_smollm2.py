@@ -25,7 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -64,37 +65,47 @@ def block_io(blocks: list[torch.nn.Module], grad: bool) -> tuple[dict, dict, lis
     return inputs, outputs, handles
 
 
+def labelled_gradients(model, blocks, embeddings, windows) -> Iterator[tuple[dict, dict, Any, dict]]:
+    """Per batch of the dense model: block inputs, outputs, the model's output, and −g·Δ per block, where
+    g = ∂loss/∂(block output) for the text's own labels (the outputs' .grad is cleared for another backward).
+    """
+    # The embeddings' output needs a gradient for the blocks' outputs to get one; the weights stay frozen.
+    handle = embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    try:
+        for ids in batches(windows):
+            inputs, outputs, handles = block_io(blocks, grad=True)
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+            out.loss.backward(retain_graph=True)
+            for h in handles:
+                h.remove()
+            first_order = {i: -(y.grad.float() * (y - inputs[i]).detach().float()).sum(-1) for i, y in outputs.items()}
+            for y in outputs.values():
+                y.grad = None
+            yield inputs, outputs, out, first_order
+    finally:
+        handle.remove()
+
+
 def target_statistics(model, blocks, windows, embeddings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Σ [x,1]ᵀ[x,1] and Σ [x,1]ᵀ target per block and target, over a forward and two backwards per batch."""
     n, dim = len(blocks), embeddings.embedding_dim
     gram = torch.zeros(n, dim + 1, dim + 1, dtype=torch.float64)
     moments = {t: torch.zeros(n, dim + 1, dtype=torch.float64) for t in TARGETS}
-    # The embeddings' output needs a gradient for the blocks' outputs to get one; the weights stay frozen.
-    handle = embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
-    for ids in batches(windows):
-        inputs, outputs, handles = block_io(blocks, grad=True)
-        out = model(input_ids=ids, labels=ids, use_cache=False)
-        out.loss.backward(retain_graph=True)
-        true_grad = {i: y.grad.float().clone() for i, y in outputs.items()}
-        for y in outputs.values():
-            y.grad = None
+    for inputs, outputs, out, first_order in labelled_gradients(model, blocks, embeddings, windows):
         logits = out.logits[:, :-1].float()
         sampled = torch.distributions.Categorical(logits=logits).sample()
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), sampled.flatten()).backward()
-        for h in handles:
-            h.remove()
         for i in range(n):
             x, delta = inputs[i].detach().float(), (outputs[i] - inputs[i]).detach().float()
             feats = torch.cat([x.flatten(0, 1), torch.ones(x.shape[0] * x.shape[1], 1)], 1)
             values = {
                 "log_norm": delta.norm(dim=-1).clamp_min(1e-12).log(),
-                "first_order": -(true_grad[i] * delta).sum(-1),
+                "first_order": first_order[i],
                 "fisher": ((outputs[i].grad.float() * delta).sum(-1) ** 2).clamp_min(1e-30).log(),
             }
             gram[i] += (feats.T @ feats).double()
             for t, v in values.items():
                 moments[t][i] += (feats.T @ v.reshape(-1, 1)).squeeze(-1).double()
-    handle.remove()
     return gram, moments
 
 
@@ -159,16 +170,10 @@ def oracle_norm(blocks, routed) -> list:
 
 def first_order_oracle(model, blocks, routed, held_out, embeddings) -> list[dict[int, torch.Tensor]]:
     """Per held-out batch and routed block: −g·Δ on the held-out text, measured on the dense model."""
-    out: list[dict[int, torch.Tensor]] = []
-    handle = embeddings.register_forward_hook(lambda m, a, o: o.requires_grad_(True))
-    for ids in batches(held_out):
-        inputs, outputs, handles = block_io(blocks, grad=True)
-        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-        for h in handles:
-            h.remove()
-        out.append({i: -(outputs[i].grad.float() * (outputs[i] - inputs[i]).float()).sum(-1).detach() for i in routed})
-    handle.remove()
-    return out
+    return [
+        {i: first_order[i] for i in routed}
+        for *_, first_order in labelled_gradients(model, blocks, embeddings, held_out)
+    ]
 
 
 def train_routers(model, blocks, routed, windows, lr: float) -> None:
