@@ -37,6 +37,7 @@ __all__ = [
     "save_converted",
     "from_pretrained",
     "atomic_directory",
+    "check_parent",
     "DEFAULT_SOURCE",
 ]
 
@@ -206,21 +207,32 @@ def check_output(out: Path, source: Source | None, force: bool) -> None:
             )
     if out.exists() and not force:
         raise ModifyError(f"{out} already exists; pass --force to replace it or choose another OUT")
-    parent = out.parent
-    if not parent.is_dir():
-        raise ModifyError(f"cannot create {out}: {parent} is not a directory; create it or choose another OUT")
-    if not os.access(parent, os.W_OK):
-        raise ModifyError(f"cannot create {out}: {parent} is not writable; choose another OUT")
+    check_parent(out)
+
+
+def check_parent(out: Path) -> None:
+    """Refuse an output whose missing parent directories can't be created (as ``mkdir -p`` would)."""
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ModifyError(f"cannot create {out}: {ancestor} is not a directory; choose another path")
+    if not os.access(ancestor, os.W_OK):
+        raise ModifyError(f"cannot create {out}: {ancestor} is not writable; choose another path")
 
 
 @contextlib.contextmanager
 def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``out``; on success it becomes ``out`` by a rename.
 
-    On any failure or interrupt the temporary directory is removed and ``out`` is untouched: an existing
-    ``out`` (with force) is replaced only after the new one is complete.
+    Missing parent directories are created, as ``save_pretrained`` does (:func:`check_parent` tells early
+    whether they can be). On any failure or interrupt the temporary directory, and the parents created for
+    it, are removed and ``out`` is untouched: an existing ``out`` (with force) is replaced only after the new
+    one is complete.
     """
     out = out.expanduser().resolve()
+    created = [p for p in out.parents if not p.exists()]  # innermost first
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         yield tmp
@@ -241,6 +253,10 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
         raise ModifyError(f"cannot write {out}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not out.exists():
+            for parent in created:
+                with contextlib.suppress(OSError):  # not empty: something else was put there meanwhile
+                    parent.rmdir()
 
 
 def _model_card(model: nn.Module, source: Source, plan: MoDConfig, seq_len: int = 2048) -> str:

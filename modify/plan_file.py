@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modify.calibration import Calibration
+from modify.checkpoint import check_parent
 from modify.errors import ModifyError
 
 __all__ = ["save_plan", "load_plan", "plot_plan", "PLAN_FORMAT"]
@@ -74,8 +75,8 @@ def plot_plan(calibration: Calibration, path: Path) -> None:
 def save_plan(calibration: Calibration, path: Path, source: dict[str, Any]) -> Path:
     """Write PLAN.json with its routers (PLAN.safetensors) and chart (PLAN.png); returns the JSON's path."""
     path = Path(path).expanduser().resolve()
-    if not path.parent.is_dir():
-        raise ModifyError(f"cannot write {path}: {path.parent} is not a directory")
+    check_parent(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     routers_path, chart_path = path.with_suffix(".safetensors"), path.with_suffix(".png")
     tensors = {f"{i}.{name}": t.contiguous() for i, values in calibration.routers.items() for name, t in values.items()}
     _atomic(routers_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))

@@ -164,3 +164,10 @@ def test_cli_calibrate_then_convert_with_the_plan(text: Path, tmp_path: Path, ca
     )
     assert "below the cheapest plan on this grid" in capsys.readouterr().err
     assert not (tmp_path / "c").exists() and not (tmp_path / "p.json").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["calibrate", str(src), "--data", str(text), "--out", str(blocker / "p.json"), *flags]) == 1
+    assert "a-file is not a directory" in capsys.readouterr().err and blocker.read_text() == "x"
+    nested = tmp_path / "plans" / "today" / "p.json"  # missing directories are created, as for OUT
+    assert main(["calibrate", str(src), "--data", str(text), "--out", str(nested), *flags, "-q"]) == 0
+    assert nested.is_file() and nested.with_suffix(".safetensors").is_file()

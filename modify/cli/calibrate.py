@@ -146,13 +146,14 @@ def run_calibration(args: argparse.Namespace, model: Any, tokenizer: Any, progre
 
 
 def run(args: argparse.Namespace) -> int:
-    from modify.checkpoint import load_source, resolve_source
+    from modify.checkpoint import check_parent, load_source, resolve_source
     from modify.plan_file import save_plan
 
     progress = Progress(args.quiet or args.json, args.debug)
     quiet_libraries(args.debug, progress.enabled)
     start = time.perf_counter()
     source = resolve_source(args.src)
+    check_parent(args.out.expanduser().resolve())  # before minutes of calibration, not after
     with progress.step(f"loading {source.path.name}"):
         model, tokenizer = load_source(source)
     calibration = run_calibration(args, model, tokenizer, progress)

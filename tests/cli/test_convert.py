@@ -182,6 +182,21 @@ def test_output_problems(saved_models: dict, tmp_path: Path, capsys) -> None:
     assert tree_digest(src) == before
 
 
+def test_missing_parents_are_created_and_removed_again_on_failure(saved_models: dict, tmp_path: Path, capsys) -> None:
+    """OUT in directories that don't exist yet works, as save_pretrained does; a failed write leaves none."""
+    from modify.checkpoint import atomic_directory
+
+    out = tmp_path / "runs" / "today" / "mod"
+    code, _, err = _run(capsys, "convert", str(saved_models["llama"]), str(out), "-q")
+    assert code == 0, err
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+    with pytest.raises(RuntimeError), atomic_directory(tmp_path / "new" / "deeper" / "mod") as tmp:
+        (tmp / "partial.bin").write_bytes(b"x")
+        raise RuntimeError("interrupted")
+    assert not (tmp_path / "new").exists()
+
+
 def test_force_replaces_out_only_when_complete(saved_models: dict, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     assert _run(capsys, "convert", str(saved_models["gpt2"]), str(out))[0] == 0
