@@ -35,6 +35,7 @@ __all__ = [
     "resolve_source",
     "load_source",
     "save_converted",
+    "write_converted",
     "from_pretrained",
     "atomic_directory",
     "check_parent",
@@ -282,23 +283,40 @@ after `import modify`. The routers are untrained: train before use.
 """
 
 
-def save_converted(model: nn.Module, tokenizer: Any, out: Path, source: Source, force: bool = False) -> Path:
-    """Save a converted model to ``out`` atomically: weights with routers, config with the plan, tokenizer, card."""
+def write_converted(
+    model: nn.Module,
+    tokenizer: Any,
+    directory: Path,
+    source: Source | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write a converted model into the existing ``directory``: weights, config with the plan, tokenizer, card.
+
+    ``source`` defaults to the one the plan already records (a trained model keeps the checkpoint it was
+    converted from); ``state_dict`` replaces the model's own (a sharded model's gathered weights).
+    """
     from modify.hf_integration import QUANT_METHOD
 
     plan = MoDConfig.from_dict(getattr(model.config, CONFIG_KEY))
-    plan.source = source.to_dict()
+    if source is not None:
+        plan.source = source.to_dict()
     setattr(model.config, CONFIG_KEY, plan.to_dict())
+    card_source = source or (Source.from_dict(plan.source) if plan.source else Source("unknown", Path("?")))
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {"quant_method": QUANT_METHOD}
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    (directory / "README.md").write_text(_model_card(model, card_source, plan))
+
+
+def save_converted(model: nn.Module, tokenizer: Any, out: Path, source: Source, force: bool = False) -> Path:
+    """Save a converted model to ``out`` atomically: weights with routers, config with the plan, tokenizer, card."""
     out = Path(out)
     with atomic_directory(out, force) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        config["quantization_config"] = {"quant_method": QUANT_METHOD}
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(_model_card(model, source, plan))
+        write_converted(model, tokenizer, tmp, source)
     return out.expanduser().resolve()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,6 +37,26 @@ class MoDRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(1, hidden_size, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(1, dtype=torch.float32, device=device))
         self.scale = nn.Parameter(torch.ones(1, dtype=torch.float32, device=device))
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> MoDRouter:
+        """Apply ``fn`` as ``nn.Module`` does, but keep floating-point tensors float32.
+
+        Why: ``model.to(torch.bfloat16)``, ``.half()`` and ``.bfloat16()`` all reach the parameters through
+        ``_apply``; a bfloat16 router ties scores (top-k becomes arbitrary) and its small updates round away.
+        Like Hugging Face's ``_keep_in_fp32_modules``, the router stays float32. A conversion that would change
+        the dtype keeps the original float32 values (not a float32 copy of the rounded ones); device moves and
+        everything else ``fn`` does still apply, to parameters, buffers and gradients alike.
+        """
+
+        def keep_float32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.dtype == torch.float32 and out.is_floating_point() and out.dtype != torch.float32:
+                return t.to(out.device)
+            if out.is_floating_point() and out.dtype != torch.float32:
+                return out.float()
+            return out
+
+        return super()._apply(keep_float32, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, D] hidden states -> [B, T] float32 scores."""

@@ -133,6 +133,8 @@ class RoutingState:
         delta: "exact" or "difference" (see :mod:`modify.passes.extract_delta`).
         enabled: False inside ``modify.routing_disabled``: the block runs densely.
         keep_first: leading real tokens always routed (see :func:`select_tokens`).
+        observer: called as ``observer(scores, idx, gate)`` (detached) on every routed call; training uses
+            it for per-block selection statistics.
     """
 
     index: int
@@ -145,6 +147,7 @@ class RoutingState:
     signature: inspect.Signature
     enabled: bool = True
     keep_first: int = 0
+    observer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     graphs: dict[CallStructure, fx.GraphModule] = field(default_factory=dict)
 
     def graph(self, block: nn.Module, structure: CallStructure) -> fx.GraphModule:
@@ -183,6 +186,8 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     out = state.graph(block, structure)(*leaves)
     parts = out[0] if spec.output_is_tuple else out
     gate = router.gate(torch.gather(scores, 1, idx))
+    if state.observer is not None:
+        state.observer(scores.detach(), idx, gate.detach())
     y = x
     for part in parts:  # in the dense block's order of additions: bit-exact at gate 1
         # Under autocast Δ comes out in the compute dtype while the stream keeps its own; x + Δ promotes.

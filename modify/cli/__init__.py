@@ -1,4 +1,4 @@
-"""The ``modify`` command line: ``modify convert``, ``inspect``, ``verify`` and ``calibrate``.
+"""The ``modify`` command line: ``modify convert``, ``inspect``, ``verify``, ``calibrate``, ``train`` and ``eval``.
 
 Each subcommand lives in its own file and registers itself with :func:`main`'s parser. Errors the user can
 fix print one line on stderr (no traceback unless ``--debug``) and exit with 2 for usage errors, 1 for the
@@ -13,13 +13,13 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from modify.cli import calibrate, convert, inspect, verify
+from modify.cli import calibrate, convert, eval, inspect, train, verify
 from modify.cli.common import Parser
 from modify.errors import ModifyError, UnsupportedModelError
 
 __all__ = ["main"]
 
-_SUBCOMMANDS = (convert, inspect, verify, calibrate)
+_SUBCOMMANDS = (convert, inspect, verify, calibrate, train, eval)
 
 
 def _parser() -> Parser:
@@ -29,7 +29,9 @@ def _parser() -> Parser:
         epilog=(
             "examples:\n  modify convert smollm2 out/smollm2-mod\n  modify inspect out/smollm2-mod\n"
             "  modify verify out/smollm2-mod\n"
-            "  modify calibrate smollm2 --data play.txt --flops-budget 0.75 --out plan.json"
+            "  modify calibrate smollm2 --data play.txt --flops-budget 0.75 --out plan.json\n"
+            "  modify train out/smollm2-mod --data plays/ --tokens 500000 --out runs/mod\n"
+            "  modify eval out/smollm2-mod --data heldout.txt"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

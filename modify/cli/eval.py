@@ -1,0 +1,148 @@
+"""``modify eval MODEL --data FILES``: held-out perplexity, throughput and FLOPs per token of a model.
+
+MODEL is a directory written by ``modify convert`` (evaluated routed, as trained) or any source ``modify
+convert`` accepts (evaluated dense). The text is tokenized with MODEL's tokenizer and packed into sequences
+of ``--seq-len`` tokens, read once in order; the loss is the mean next-token cross entropy over every
+predicted token (see :mod:`modify.train.evaluate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+
+from modify.cli.common import Progress, add_common_flags, emit_json, quiet_libraries
+from modify.errors import ModifyError, UnsupportedModelError, UsageError
+
+EXAMPLES = """examples:
+  modify eval out/smollm2-mod --data plays/m*.txt              # perplexity of a converted checkpoint
+  modify eval smollm2 --data plays/m*.txt --max-tokens 8192     # the dense source on the same text
+  modify eval out/smollm2-mod --data heldout/ --seq-len 1024 --batch-size 2 --dtype bfloat16
+  modify eval out/smollm2-mod --data heldout.txt --json | jq .ppl
+
+--data takes text files or directories of them. The sequences are read once, in order."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity, tokens/s and FLOPs per token of a model on held-out text",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "model", metavar="MODEL", help="a converted OUT, model directory, .gguf file, cached model id, or 'smollm2'"
+    )
+    p.add_argument(
+        "--data", nargs="+", type=Path, required=True, metavar="PATH", help="UTF-8 text files or directories"
+    )
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence, at least 2 (default 512)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens (default: all the data)")
+    p.add_argument(
+        "--routing",
+        choices=["topk", "causal"],
+        default="topk",
+        help="routing rule of the routed blocks (default topk; causal is not implemented yet)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="weights dtype (default: the checkpoint's); routers stay float32",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_common_flags(p)
+    p.set_defaults(run=run)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    if args.routing == "causal":
+        raise UsageError("--routing causal is not implemented yet; topk is the available rule (--routing topk)")
+    if args.seq_len < 2:
+        raise UsageError(f"--seq-len {args.seq_len} must be at least 2 (each token predicts the next)")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.max_tokens is not None and args.max_tokens < args.seq_len:
+        raise UsageError(
+            f"--max-tokens {args.max_tokens} is less than one sequence of --seq-len {args.seq_len}; raise it"
+        )
+
+
+def _batches(sequences: Iterable[torch.Tensor], batch_size: int, limit: int | None) -> Iterator[torch.Tensor]:
+    """[B, T] batches of the sequences, at most ``limit`` sequences in all; a short last batch is kept, so
+    that every sequence of the data counts (``PackedStream.batches`` drops it, as training wants)."""
+    batch: list[torch.Tensor] = []
+    for seq in itertools.islice(sequences, limit):
+        batch.append(seq)
+        if len(batch) == batch_size:
+            yield torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch)
+
+
+def run(args: argparse.Namespace) -> int:
+    import modify
+    from modify.checkpoint import load_any
+    from modify.train.data import PackedStream, collect_files
+    from modify.train.evaluate import evaluate
+
+    _check_args(args)
+    progress = Progress(args.quiet or args.json, args.debug)
+    quiet_libraries(args.debug, progress.enabled)
+    files = collect_files(args.data)
+    with progress.step(f"loading {args.model}"):
+        model, tokenizer, source, converted = load_any(args.model, args.dtype)
+    if tokenizer is None:
+        raise ModifyError(
+            f"{source.path} has no tokenizer to read --data with; save one beside the model (tokenizer.save_pretrained)"
+        )
+    positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if positions and args.seq_len > positions:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's {positions} positions; use at most {positions}")
+    with progress.step("reading --data"):
+        stream = PackedStream(files, tokenizer, args.seq_len, loop=False, shuffle=False)
+    sequences = args.max_tokens // args.seq_len if args.max_tokens is not None else None
+    with progress.step(f"evaluating on {len(files)} file(s)"):
+        result = evaluate(model, _batches(stream, args.batch_size, sequences))
+    if result.tokens == 0:
+        raise ModifyError(
+            f"--data holds fewer than {args.seq_len} tokens: not one sequence to evaluate; "
+            "give more text or a smaller --seq-len"
+        )
+    try:
+        dense = modify.flops(model, args.seq_len).dense / args.seq_len
+    except UnsupportedModelError:  # a model evaluate() could run but whose blocks modify can't count
+        dense = math.nan
+    summary = {
+        "model": str(source.path),
+        "converted": converted,
+        "routing": args.routing,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "data": [str(f) for f in files],
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "loss": result.loss,
+        "ppl": result.ppl,
+        "tokens": result.tokens,
+        "predicted_tokens": result.predicted_tokens,
+        "seconds": round(result.seconds, 3),
+        "tokens_per_second": result.tokens_per_second,
+        "flops_per_token": result.flops_per_token,
+        "flops_per_token_dense": dense,
+    }
+    if args.json:
+        emit_json(summary)
+        return 0
+    ratio = f" ({result.flops_per_token / dense:.1%} of dense)" if converted and math.isfinite(dense) else ""
+    print(
+        f"perplexity {result.ppl:.3f} (loss {result.loss:.4f}) on {result.tokens:,} tokens in {result.seconds:.1f} s: "
+        f"{result.tokens_per_second:,.0f} tokens/s, {result.flops_per_token:.4g} FLOPs/token{ratio}"
+    )
+    return 0

@@ -1,0 +1,156 @@
+"""Checkpoints of a training run, and the trained model it leaves in OUT.
+
+``OUT/checkpoints/step-000100/`` is a model directory in the format ``modify convert`` writes (a dense run:
+``save_pretrained``'s), loadable with ``modify.from_pretrained``, with LoRA merged into the weights; beside
+the weights, ``trainer/`` holds what resuming needs: the trained parameters exactly as they were
+(``trainable.safetensors``, unmerged), the optimizer (``optimizer.pt``), each process's data position and
+random state (``processes.pt``) and ``state.json`` (step, counters, the run's identity and data fingerprint,
+checked before resuming). A LoRA run also keeps its adapters in ``adapter/``. Each checkpoint is written into
+a hidden directory and renamed when complete, so one that is there is whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from modify.errors import ModifyError
+from modify.train import distributed
+from modify.train.trainable import base_model, merged_state_dict
+
+if TYPE_CHECKING:
+    from modify.train.config import TrainConfig
+    from modify.train.loop import Trainer
+
+__all__ = ["save", "restore", "save_model", "check_resume", "latest"]
+
+_FORMAT = "modify-train-checkpoint"
+
+
+def _gather(obj: Any, d: distributed.Dist) -> list[Any]:
+    if not d.enabled:
+        return [obj]
+    out: list[Any] = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _write_model(trainer: Trainer, directory: Path, state: dict[str, torch.Tensor]) -> None:
+    from modify.checkpoint import write_converted
+
+    model = base_model(trainer.inner)
+    merged = dict(merged_state_dict(trainer.inner, state))  # save_pretrained drops tied keys from the dict it gets
+    if trainer.converted:
+        write_converted(model, trainer.tokenizer, directory, state_dict=merged)
+    else:
+        model.save_pretrained(directory, safe_serialization=True, state_dict=merged)
+        trainer.tokenizer.save_pretrained(directory)
+    if hasattr(trainer.inner, "peft_config"):
+        trainer.inner.save_pretrained(directory / "adapter")
+
+
+def save(trainer: Trainer, path: Path) -> None:
+    """Write a checkpoint (a collective: every process calls it; the main one writes)."""
+    from modify.checkpoint import atomic_directory
+
+    d = trainer.d
+    state = distributed.full_model_state(trainer.model, d)
+    optimizer = distributed.full_optimizer_state(trainer.model, trainer.optimizer, d)
+    processes = _gather({"data": trainer.train_data.state_dict(), "rng": torch.get_rng_state()}, d)
+    if d.main:
+        with atomic_directory(path, force=True) as tmp:
+            _write_model(trainer, tmp, state)
+            (tmp / "trainer").mkdir()
+            trainable = {k: state[k].contiguous() for k in trainer.trainable}
+            save_file(trainable, tmp / "trainer" / "trainable.safetensors")
+            torch.save(optimizer, tmp / "trainer" / "optimizer.pt")
+            torch.save(processes, tmp / "trainer" / "processes.pt")
+            info = {
+                "format": _FORMAT,
+                "step": trainer.step,
+                "bad_steps": trainer.bad_steps,
+                "skipped": trainer.skipped,
+                "eval_history": trainer.eval_history,
+                "world_size": d.world_size,
+                "run": trainer.config.run_identity(),
+                "data": trainer.train_data.fingerprint(),
+                "config": trainer.config.to_dict(),
+            }
+            (tmp / "trainer" / "state.json").write_text(json.dumps(info, indent=2) + "\n")
+    d.barrier()
+
+
+def latest(out: Path) -> Path | None:
+    """The newest complete checkpoint under ``out/checkpoints``."""
+    found = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "trainer" / "state.json").is_file())
+    return found[-1] if found else None
+
+
+def check_resume(config: TrainConfig, path: Path, world_size: int, fingerprint: str) -> dict[str, Any]:
+    """The checkpoint's state, after checking that it belongs to a run of these settings and data."""
+    state_file = path / "trainer" / "state.json"
+    if not state_file.is_file():
+        raise ModifyError(f"{path} is not a checkpoint of 'modify train' (no trainer/state.json); give a step-* directory")
+    try:
+        info = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModifyError(f"{state_file} is not valid JSON; the checkpoint is damaged: resume from an earlier one") from None
+    if info.get("format") != _FORMAT:
+        raise ModifyError(f"{path} is not a checkpoint of 'modify train'; give a step-* directory it wrote")
+    mine = json.loads(json.dumps(config.run_identity()))
+    differ = [k for k in mine if info["run"].get(k) != mine[k]]
+    if differ:
+        k = differ[0]
+        raise ModifyError(
+            f"--resume {path} is from another run: its {k} is {info['run'].get(k)!r}, this run's {mine[k]!r}; "
+            "resume with the same settings or start a new --out"
+        )
+    if info["world_size"] != world_size:
+        raise ModifyError(
+            f"--resume {path} was written by {info['world_size']} process(es), this run has {world_size}; "
+            "resume with the same number of processes"
+        )
+    if info["data"] != fingerprint:
+        raise ModifyError(f"--resume {path} is from a run on other data (fingerprint differs); resume on the same files")
+    return info
+
+
+def restore(trainer: Trainer, path: Path) -> None:
+    d = trainer.d
+    info = check_resume(trainer.config, path, d.world_size, trainer.train_data.fingerprint())
+    distributed.load_model_state(trainer.model, load_file(path / "trainer" / "trainable.safetensors"), d)
+    optimizer = torch.load(path / "trainer" / "optimizer.pt", weights_only=False)
+    distributed.load_optimizer_state(trainer.model, trainer.optimizer, optimizer, d)
+    processes = torch.load(path / "trainer" / "processes.pt", weights_only=False)
+    trainer.train_data.load_state_dict(processes[d.rank]["data"])
+    torch.set_rng_state(processes[d.rank]["rng"])
+    trainer.step = info["step"]
+    trainer.bad_steps = info["bad_steps"]
+    trainer.skipped = info["skipped"]
+    trainer.eval_history = [tuple(x) for x in info["eval_history"]]
+
+
+def save_model(trainer: Trainer, out: Path) -> None:
+    """The trained model into ``out`` itself (beside the run's metrics), each file moved in when all are written."""
+    d = trainer.d
+    state = distributed.full_model_state(trainer.model, d)
+    if d.main:
+        tmp = Path(tempfile.mkdtemp(prefix=".model.", suffix=".partial", dir=out))
+        try:
+            _write_model(trainer, tmp, state)
+            for item in sorted(tmp.iterdir()):
+                target = out / item.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(item, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    d.barrier()

@@ -1,0 +1,325 @@
+"""The continued-pretraining loop behind ``modify train``: setup, steps, evaluation, checkpoints, the end.
+
+One step: ``grad_accum`` micro-batches of ``batch_size`` packed sequences per process, each a forward under
+autocast (bfloat16 where the hardware has it) with ``labels = input_ids``, the language-model loss plus
+``aux_weight`` times any auxiliary loss the model returns, backward; then gradient clipping and one AdamW step.
+A step whose loss or gradient is not finite on any process is skipped on all of them (the optimizer does
+not move) with a warning; ``max_bad_steps`` in a row stop the run with an error. Routers stay float32.
+
+Resuming (``--resume``) restores the trained weights, the optimizer, the learning-rate schedule, the data
+position and the random state of the checkpoint, so the resumed run's losses equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modify.errors import ModifyError
+from modify.train import distributed
+from modify.train.config import TrainConfig
+from modify.train.trainable import base_model, param_groups, prepare_trainable
+
+__all__ = ["Trainer", "autocast_dtype", "lr_factor"]
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The compute dtype under autocast: None for float32 (no autocast)."""
+    if name == "float32":
+        return None
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    # CPUs with AVX512-BF16 or AMX run bfloat16 matmuls natively; elsewhere emulated bfloat16 is slower.
+    return torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.1) -> float:
+    """Multiplier of the peak learning rate at ``step`` (1-based): linear warm-up, then decay to ``floor``."""
+    if warmup > 0 and step <= warmup:
+        return step / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    if schedule == "linear":
+        return 1.0 - (1.0 - floor) * progress
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """A training run: ``Trainer(config, ...).run()``. See :mod:`modify.cli.train` for the files it writes.
+
+    Args:
+        config: the resolved settings.
+        resume: a checkpoint directory written by an earlier run of the same settings, or None.
+        log: prints a line (to stderr and OUT/train.log, on the main process).
+        progress: draw a progress bar (a terminal on the main process).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        resume: Path | None = None,
+        log: Callable[[str], None] = print,
+        progress: bool = False,
+    ) -> None:
+        self.config = config
+        self.resume = resume
+        self.log = log
+        self.show_progress = progress
+        self.out = Path(config.out)
+
+    # -- setup ------------------------------------------------------------------------------------------------
+    def setup(self, d: distributed.Dist) -> None:
+        from modify.api import routed_blocks
+        from modify.checkpoint import load_any
+        from modify.train.data import PackedStream, collect_files
+        from modify.train.stats import RoutingMonitor
+
+        c = self.config
+        self.d = d
+        model, tokenizer, self.source, converted = load_any(c.model, "float32")
+        if tokenizer is None:
+            raise ModifyError(f"{c.model} has no tokenizer; save one beside the model (tokenizer.save_pretrained)")
+        self.tokenizer = tokenizer
+        self.converted = converted
+        self.plan_capacities = {state.index: state.capacity for _, state in routed_blocks(model)}
+        model.to(d.device)
+        self.monitor = RoutingMonitor(model, warn=self.log) if converted else None
+        torch.manual_seed(c.seed)
+        model = prepare_trainable(model, c.train, c.lora_rank, c.lora_alpha)
+        model.train()
+        self.trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        strategy = "ddp" if c.train == "lora" and c.strategy == "auto" else c.strategy
+        if c.train == "lora" and strategy == "fsdp" and d.enabled:
+            raise ModifyError("--train lora runs under DDP, not FSDP: pass --strategy ddp (or auto)")
+        self.model = distributed.wrap(model, d, strategy)
+        self.inner = distributed.unwrap(self.model)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.inner, c.lr, c.router_lr, c.weight_decay), betas=(0.9, 0.95), eps=1e-8, foreach=False
+        )
+        files = collect_files(c.data)
+        held_out = c.eval_fraction > 0 and not c.eval_data
+        self.train_data = PackedStream(
+            files, tokenizer, c.seq_len, seed=c.seed, split="train" if held_out else "all",
+            eval_fraction=c.eval_fraction, rank=d.rank, world_size=d.world_size,
+        )  # fmt: skip
+        eval_files = collect_files(c.eval_data) if c.eval_data else (files if held_out else [])
+        self.make_eval_data: Callable[[], Any] | None = None
+        if eval_files:
+            split = "eval" if held_out else "all"
+
+            def make_eval_data() -> Any:
+                return PackedStream(
+                    eval_files, tokenizer, c.seq_len, seed=c.seed, split=split, eval_fraction=c.eval_fraction,
+                    rank=d.rank, world_size=d.world_size, loop=False, shuffle=False,
+                )  # fmt: skip
+
+            self.make_eval_data = make_eval_data
+        per_step = c.batch_size * c.seq_len * c.grad_accum * d.world_size
+        self.tokens_per_step = per_step
+        self.total_steps = c.steps if c.steps is not None else max(1, math.ceil(c.tokens / per_step))
+        self.warmup = c.warmup_steps(self.total_steps)
+        self.amp = autocast_dtype(c.dtype, d.device)
+        self.step = 0
+        self.bad_steps = 0
+        self.skipped = 0
+        self.eval_history: list[tuple[int, float]] = []
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def _set_capacity(self, step: int) -> None:
+        from modify.api import routed_blocks
+
+        anneal = self.config.capacity_anneal
+        share = 1.0 if anneal == 0 else min(1.0, step / anneal)
+        for _, state in routed_blocks(self.inner):
+            plan = self.plan_capacities[state.index]
+            state.capacity = 1.0 - (1.0 - plan) * share
+
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(language-model loss, auxiliary loss or None) of one micro-batch."""
+        with torch.autocast(self.d.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            out = self.model(input_ids=batch, labels=batch)
+        aux = getattr(out, "aux_loss", None)
+        return out.loss, aux
+
+    def train_step(self, batches: Iterator[torch.Tensor]) -> dict[str, float]:
+        c, d = self.config, self.d
+        factor = lr_factor(self.step + 1, self.total_steps, self.warmup, c.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        self._set_capacity(self.step + 1)
+        lm_total = torch.zeros((), device=d.device)
+        aux_total = torch.zeros((), device=d.device)
+        has_aux = False
+        for micro in range(c.grad_accum):
+            batch = next(batches).to(d.device)
+            with distributed.no_sync(self.model, micro < c.grad_accum - 1):
+                lm, aux = self._forward(batch)
+                loss = lm if aux is None else lm + c.aux_weight * aux
+                (loss / c.grad_accum).backward()
+            lm_total += lm.detach().float() / c.grad_accum
+            if aux is not None:
+                has_aux = True
+                aux_total += aux.detach().float() / c.grad_accum
+        lm_mean = float(d.all_sum(lm_total).item()) / d.world_size
+        aux_mean = float(d.all_sum(aux_total).item()) / d.world_size if has_aux else math.nan
+        bad = d.any(not math.isfinite(lm_mean) or (has_aux and not math.isfinite(aux_mean)))
+        grad_norm = math.nan
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not bad:
+            norm = torch.nn.utils.clip_grad_norm_(params, c.clip if c.clip > 0 else math.inf)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            bad = d.any(not math.isfinite(grad_norm))
+        self.step += 1
+        if bad:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self.skipped += 1
+            self.log(
+                f"step {self.step}: non-finite {'loss' if not math.isfinite(lm_mean) else 'gradient'}; "
+                f"step skipped ({self.bad_steps} in a row)"
+            )
+            if self.bad_steps >= c.max_bad_steps:
+                raise ModifyError(
+                    f"{self.bad_steps} steps in a row had a non-finite loss or gradient (last at step {self.step}); "
+                    "training stopped: lower --lr / --router-lr, keep --clip on, or use --capacity-anneal"
+                )
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps = 0
+        row = {"step": self.step, "tokens": self.step * self.tokens_per_step, "lr": c.lr * factor,
+               "router_lr": c.router_lr * factor, "loss": lm_mean, "aux_loss": aux_mean, "grad_norm": grad_norm,
+               "skipped": float(bad)}  # fmt: skip
+        if self.monitor is not None:
+            row.update(self.monitor.end_step(self.step))
+        return row
+
+    def evaluate(self) -> float:
+        from modify.train.evaluate import evaluate
+
+        assert self.make_eval_data is not None
+        c = self.config
+        batches = max(1, c.eval_tokens // (c.batch_size * c.seq_len * self.d.world_size))
+        self._set_capacity(self.total_steps if c.capacity_anneal else self.step)  # evaluate the plan itself
+        result = evaluate(
+            self.model, self.make_eval_data().batches(c.batch_size), autocast_dtype=self.amp,
+            max_batches=batches, reduce=self.d.all_sum,
+        )  # fmt: skip
+        self.model.train()
+        self.eval_history.append((self.step, result.ppl))
+        return result.ppl
+
+    # -- the run ----------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from modify.train import checkpoints
+        from modify.train.report import MetricsLog, plot_report
+
+        d = distributed.setup()
+        try:
+            self.setup(d)
+            c = self.config
+            if self.resume is not None:
+                checkpoints.restore(self, self.resume)
+                self.log(f"resumed from {self.resume} at step {self.step}")
+            blocks = self.monitor.blocks if self.monitor is not None else []
+            metrics = MetricsLog(self.out, blocks, d.main, keep_until=self.step if self.resume else 0)
+            batches = self.train_data.batches(c.batch_size)
+            bar = _Bar(self.show_progress and d.main, self.total_steps, self.step)
+            start, start_step = time.perf_counter(), self.step
+            while self.step < self.total_steps:
+                t0 = time.perf_counter()
+                row = self.train_step(batches)
+                row["tokens_per_second"] = self.tokens_per_step / (time.perf_counter() - t0)
+                row["elapsed"] = time.perf_counter() - start
+                last = self.step == self.total_steps
+                if self.make_eval_data is not None and ((c.eval_every and self.step % c.eval_every == 0) or last):
+                    row["eval_ppl"] = self.evaluate()
+                metrics.write(row)
+                done = self.step - start_step
+                remaining = (self.total_steps - self.step) * row["elapsed"] / max(1, done)
+                bar.update(self.step, row, remaining)
+                if not bar.enabled and c.log_every and (self.step % c.log_every == 0 or last):
+                    self.log(_line(row, self.total_steps, remaining))
+                if c.save_every and self.step % c.save_every == 0 and not last:
+                    checkpoints.save(self, self.out / "checkpoints" / f"step-{self.step:06d}")
+            bar.close()
+            summary = self.finish(metrics)
+            plot_report(self.out, metrics, d.main)
+            metrics.close()
+            return summary
+        finally:
+            if self.monitor is not None:
+                self.monitor.close()
+            distributed.teardown(d)
+
+    def finish(self, metrics: Any) -> dict[str, Any]:
+        """Write the trained model into OUT (convert's format; LoRA merged, adapters in OUT/adapter)."""
+        from modify.flops import flops
+        from modify.train import checkpoints
+
+        self._set_capacity(self.total_steps if self.config.capacity_anneal else self.step)
+        checkpoints.save_model(self, self.out)
+        c = self.config
+        count = flops(base_model(self.inner), c.seq_len)
+        rows = metrics.rows
+        measured = [r["tokens_per_second"] for r in rows[1:]] or [r["tokens_per_second"] for r in rows]
+        return {
+            "out": str(self.out.resolve()),
+            "steps": self.step,
+            "tokens": self.step * self.tokens_per_step,
+            "skipped_steps": self.skipped,
+            "final_loss": rows[-1]["loss"] if rows else math.nan,
+            "eval_ppl": self.eval_history[-1][1] if self.eval_history else None,
+            "tokens_per_second": sorted(measured)[len(measured) // 2] if measured else None,
+            "flops_per_token": count.routed / c.seq_len,
+            "dense_flops_per_token": count.dense / c.seq_len,
+            "train": c.train,
+            "world_size": self.d.world_size,
+        }
+
+
+def _line(row: dict[str, float], total: int, remaining: float) -> str:
+    text = f"step {row['step']}/{total}  loss {row['loss']:.4f}  {row['tokens_per_second']:.0f} tok/s"
+    if "eval_ppl" in row:
+        text += f"  eval ppl {row['eval_ppl']:.2f}"
+    return text + f"  {remaining:.0f} s left"
+
+
+class _Bar:
+    """A rich progress bar with loss, tokens per second and time left; a no-op off a terminal."""
+
+    def __init__(self, enabled: bool, total: int, done: int) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        if not self.enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(), transient=True,
+        )  # fmt: skip
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total, completed=done, info="")
+
+    def update(self, step: int, row: dict[str, float], remaining: float) -> None:
+        if self.enabled:
+            info = f"loss {row['loss']:.4f}  {row['tokens_per_second']:.0f} tok/s"
+            self.progress.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+def fresh_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
