@@ -69,7 +69,10 @@ def quiet_libraries(debug: bool, show_progress: bool) -> None:
     from transformers.utils import logging as hf_logging
 
     if not show_progress:
+        from huggingface_hub.utils import disable_progress_bars
+
         hf_logging.disable_progress_bar()
+        disable_progress_bars()  # transformers 5 writes shards under huggingface_hub's bars
     if not debug:
         hf_logging.set_verbosity_error()
         warnings.filterwarnings("ignore")

@@ -132,12 +132,12 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ModifyError(f"--out {out} is a file; choose a directory")
     resume = _resume_point(config, getattr(args, "resume", None))
-    if resume is None and out.is_dir() and any(out.iterdir()):
+    # Only the main process checks: under torchrun it may already have created OUT when the others look.
+    if main_process and resume is None and out.is_dir() and any(out.iterdir()):
         raise ModifyError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
     check_parent(out)
     if resume is not None:
-        from modify.checkpoint import resolve_source
-        from modify.checkpoint import load_tokenizer
+        from modify.checkpoint import load_tokenizer, resolve_source
 
         tokenizer = load_tokenizer(resolve_source(config.model))
         split = "train" if config.eval_fraction > 0 and not config.eval_data else "all"
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             log_file[0].write(line + "\n")
             log_file[0].flush()
 
-    trainer = Trainer(config, resume, log, progress=not args.quiet and not args.json)
+    trainer = Trainer(config, resume, log, progress=not args.quiet and not args.json, verbose_load=args.debug)
     try:
         if main_process:
             out.mkdir(parents=True, exist_ok=True)

@@ -98,11 +98,15 @@ def check_resume(config: TrainConfig, path: Path, world_size: int, fingerprint: 
     """The checkpoint's state, after checking that it belongs to a run of these settings and data."""
     state_file = path / "trainer" / "state.json"
     if not state_file.is_file():
-        raise ModifyError(f"{path} is not a checkpoint of 'modify train' (no trainer/state.json); give a step-* directory")
+        raise ModifyError(
+            f"{path} is not a checkpoint of 'modify train' (no trainer/state.json); give a step-* directory"
+        )
     try:
         info = json.loads(state_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ModifyError(f"{state_file} is not valid JSON; the checkpoint is damaged: resume from an earlier one") from None
+        raise ModifyError(
+            f"{state_file} is not valid JSON; the checkpoint is damaged: resume from an earlier one"
+        ) from None
     if info.get("format") != _FORMAT:
         raise ModifyError(f"{path} is not a checkpoint of 'modify train'; give a step-* directory it wrote")
     mine = json.loads(json.dumps(config.run_identity()))
@@ -119,7 +123,9 @@ def check_resume(config: TrainConfig, path: Path, world_size: int, fingerprint: 
             "resume with the same number of processes"
         )
     if info["data"] != fingerprint:
-        raise ModifyError(f"--resume {path} is from a run on other data (fingerprint differs); resume on the same files")
+        raise ModifyError(
+            f"--resume {path} is from a run on other data (fingerprint differs); resume on the same files"
+        )
     return info
 
 

@@ -104,7 +104,9 @@ def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return (
+        model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+    )
 
 
 def full_model_state(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:

@@ -12,6 +12,8 @@ position and the random state of the checkpoint, so the resumed run's losses equ
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import sys
 import time
@@ -20,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from modify.errors import ModifyError
 from modify.train import distributed
@@ -39,7 +40,11 @@ def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     # CPUs with AVX512-BF16 or AMX run bfloat16 matmuls natively; elsewhere emulated bfloat16 is slower.
-    return torch.bfloat16 if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return (
+        torch.bfloat16
+        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        else None
+    )
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, floor: float = 0.1) -> float:
@@ -70,11 +75,13 @@ class Trainer:
         resume: Path | None = None,
         log: Callable[[str], None] = print,
         progress: bool = False,
+        verbose_load: bool = False,
     ) -> None:
         self.config = config
         self.resume = resume
         self.log = log
         self.show_progress = progress
+        self.verbose_load = verbose_load
         self.out = Path(config.out)
 
     # -- setup ------------------------------------------------------------------------------------------------
@@ -86,10 +93,13 @@ class Trainer:
 
         c = self.config
         self.d = d
-        model, tokenizer, self.source, converted = load_any(c.model, "float32")
+        # transformers' GGUF loader draws its own progress bar on stderr, whatever its verbosity.
+        with contextlib.nullcontext() if self.verbose_load else contextlib.redirect_stderr(io.StringIO()):
+            model, tokenizer, self.source, converted = load_any(c.model, "float32")
         if tokenizer is None:
             raise ModifyError(f"{c.model} has no tokenizer; save one beside the model (tokenizer.save_pretrained)")
         self.tokenizer = tokenizer
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         self.converted = converted
         self.plan_capacities = {state.index: state.capacity for _, state in routed_blocks(model)}
         model.to(d.device)
@@ -124,6 +134,7 @@ class Trainer:
                 )  # fmt: skip
 
             self.make_eval_data = make_eval_data
+            make_eval_data()  # an empty or too short held-out split is an error now, not after training
         per_step = c.batch_size * c.seq_len * c.grad_accum * d.world_size
         self.tokens_per_step = per_step
         self.total_steps = c.steps if c.steps is not None else max(1, math.ceil(c.tokens / per_step))
@@ -162,6 +173,11 @@ class Trainer:
         has_aux = False
         for micro in range(c.grad_accum):
             batch = next(batches).to(d.device)
+            if micro == 0 and self.step == 0 and int(batch.max()) >= self.vocab_size:
+                raise ModifyError(
+                    f"the tokenizer gives token id {int(batch.max())} but the model's vocabulary has {self.vocab_size} "
+                    "entries; use the model's own tokenizer"
+                )
             with distributed.no_sync(self.model, micro < c.grad_accum - 1):
                 lm, aux = self._forward(batch)
                 loss = lm if aux is None else lm + c.aux_weight * aux
@@ -319,7 +335,3 @@ class _Bar:
     def close(self) -> None:
         if self.enabled:
             self.progress.stop()
-
-
-def fresh_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

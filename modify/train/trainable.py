@@ -84,7 +84,13 @@ def param_groups(model: nn.Module, lr: float, router_lr: float, weight_decay: fl
         names[key].append(name)
     settings = {"router": (router_lr, 0.0), "decay": (lr, weight_decay), "no_decay": (lr, 0.0)}
     return [
-        {"params": groups[k], "lr": settings[k][0], "base_lr": settings[k][0], "weight_decay": settings[k][1], "name": k}
+        {
+            "params": groups[k],
+            "lr": settings[k][0],
+            "base_lr": settings[k][0],
+            "weight_decay": settings[k][1],
+            "name": k,
+        }
         for k in ("router", "decay", "no_decay")
         if groups[k]
     ]
