@@ -260,7 +260,7 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
                     parent.rmdir()
 
 
-def _model_card(model: nn.Module, source: Source, plan: MoDConfig, seq_len: int = 2048) -> str:
+def _model_card(model: nn.Module, source: Source, plan: MoDConfig, seq_len: int = 2048, trained: str = "") -> str:
     from modify.flops import flops
 
     count = flops(model, seq_len)
@@ -279,7 +279,7 @@ Converted with [modify](https://pypi.org/project/modify/) from `{source.model_id
 routed {count.routed / seq_len:,.0f} ({count.ratio:.1%})
 
 Load with `import modify; modify.from_pretrained(path)`, or with `AutoModelForCausalLM.from_pretrained(path)`
-after `import modify`. The routers are untrained: train before use.
+after `import modify`. {trained or "The routers are untrained: train before use."}
 """
 
 
@@ -289,11 +289,13 @@ def write_converted(
     directory: Path,
     source: Source | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    trained: str = "",
 ) -> None:
     """Write a converted model into the existing ``directory``: weights, config with the plan, tokenizer, card.
 
     ``source`` defaults to the one the plan already records (a trained model keeps the checkpoint it was
-    converted from); ``state_dict`` replaces the model's own (a sharded model's gathered weights).
+    converted from); ``state_dict`` replaces the model's own (a sharded model's gathered weights); ``trained``
+    says in the card how the model was trained.
     """
     from modify.hf_integration import QUANT_METHOD
 
@@ -309,7 +311,7 @@ def write_converted(
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    (directory / "README.md").write_text(_model_card(model, card_source, plan))
+    (directory / "README.md").write_text(_model_card(model, card_source, plan, trained=trained))
 
 
 def save_converted(model: nn.Module, tokenizer: Any, out: Path, source: Source, force: bool = False) -> Path:

@@ -49,7 +49,12 @@ def _write_model(trainer: Trainer, directory: Path, state: dict[str, torch.Tenso
     model = base_model(trainer.inner)
     merged = dict(merged_state_dict(trainer.inner, state))  # save_pretrained drops tied keys from the dict it gets
     if trainer.converted:
-        write_converted(model, trainer.tokenizer, directory, state_dict=merged)
+        c = trainer.config
+        note = (
+            f"Trained with `modify train` for {trainer.step} steps ({trainer.step * trainer.tokens_per_step:,} "
+            f"tokens, --train {c.train}, --lr {c.lr:g}, --router-lr {c.router_lr:g})."
+        )
+        write_converted(model, trainer.tokenizer, directory, state_dict=merged, trained=note)
     else:
         model.save_pretrained(directory, safe_serialization=True, state_dict=merged)
         trainer.tokenizer.save_pretrained(directory)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -114,7 +113,9 @@ def test_partial_modes_change_only_what_they_train(tiny_run: dict[str, Path], tm
     routers = {k for k in before if "mod_router" in k and not k.endswith("scale")}
     norms = {k for k in before if "norm" in k}
     assert routers <= changed
-    assert changed <= (routers | {k for k in before if "mod_router" in k} | (norms if mode == "routers+norms" else set()))
+    assert changed <= (
+        routers | {k for k in before if "mod_router" in k} | (norms if mode == "routers+norms" else set())
+    )
     if mode == "routers+norms":
         assert norms <= changed
 
@@ -135,18 +136,31 @@ def test_lora_merges_into_the_saved_model_and_keeps_adapters(tiny_run: dict[str,
     for key, value in merged.items():
         torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-6, msg=key)
     base = _weights(tiny_run["converted"])
-    assert not torch.equal(base["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        base["model.layers.0.self_attn.q_proj.weight"], merged["model.layers.0.self_attn.q_proj.weight"]
+    )
     assert torch.equal(base["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
 
 
-def test_capacity_one_trains_exactly_like_the_dense_model(tiny_run: dict[str, Path], tmp_path: Path) -> None:
-    """Every block routed at capacity 1.0 with the routers held still: the same losses, step for step."""
-    frozen = ("--router-lr", "0", "--lr", "1e-2")
+def test_capacity_one_trains_like_the_dense_model(tiny_run: dict[str, Path], tmp_path: Path) -> None:
+    """Every block routed at capacity 1.0, routers held still, no clipping: the dense model's losses, step by step.
+
+    The first step's loss is bit-identical (the forward performs the dense float operations). Backward sums the
+    stream's gradient in another order (g_out + (g_attn + g_mlp) where the dense block does (g_out + g_mlp) +
+    g_attn), so later steps agree to float32 rounding, not bit for bit.
+    """
+    frozen = ("--router-lr", "0", "--lr", "1e-2", "--clip", "0", "--steps", "6")
     assert main(train_args(tiny_run, tmp_path / "dense", "--dense", *frozen, model="src")) == 0
     assert main(train_args(tiny_run, tmp_path / "routed", *frozen, model="full")) == 0
     dense, routed = read_metrics(tmp_path / "dense" / "metrics.csv"), read_metrics(tmp_path / "routed" / "metrics.csv")
-    assert [r["loss"] for r in routed] == [r["loss"] for r in dense]
-    assert dense[-1]["loss"] < dense[0]["loss"]
+    assert routed[0]["loss"] == dense[0]["loss"]
+    torch.testing.assert_close(
+        torch.tensor([r["loss"] for r in routed], dtype=torch.float64),
+        torch.tensor([r["loss"] for r in dense], dtype=torch.float64),
+        rtol=1e-6,
+        atol=0.0,
+    )
+    assert dense[-1]["loss"] < dense[0]["loss"] - 0.3  # and it does learn
 
 
 def test_capacity_anneals_from_one_to_the_plan(tiny_run: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
