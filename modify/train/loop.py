@@ -146,11 +146,12 @@ class Trainer:
         self.eval_history: list[tuple[int, float]] = []
 
     # -- one step ---------------------------------------------------------------------------------------------
-    def _set_capacity(self, step: int) -> None:
+    def _set_capacity(self, step: int | None) -> None:
+        """Capacities at ``step`` of the anneal; ``None``: the plan's (what evaluation and the saved model use)."""
         from modify.api import routed_blocks
 
         anneal = self.config.capacity_anneal
-        share = 1.0 if anneal == 0 else min(1.0, step / anneal)
+        share = 1.0 if anneal == 0 or step is None else min(1.0, step / anneal)
         for _, state in routed_blocks(self.inner):
             plan = self.plan_capacities[state.index]
             state.capacity = 1.0 - (1.0 - plan) * share
@@ -226,11 +227,12 @@ class Trainer:
         assert self.make_eval_data is not None
         c = self.config
         batches = max(1, c.eval_tokens // (c.batch_size * c.seq_len * self.d.world_size))
-        self._set_capacity(self.total_steps if c.capacity_anneal else self.step)  # evaluate the plan itself
-        result = evaluate(
-            self.model, self.make_eval_data().batches(c.batch_size), autocast_dtype=self.amp,
-            max_batches=batches, reduce=self.d.all_sum,
-        )  # fmt: skip
+        self._set_capacity(None)
+        with self.monitor.paused() if self.monitor is not None else contextlib.nullcontext():
+            result = evaluate(
+                self.model, self.make_eval_data().batches(c.batch_size), autocast_dtype=self.amp,
+                max_batches=batches, reduce=self.d.all_sum,
+            )  # fmt: skip
         self.model.train()
         self.eval_history.append((self.step, result.ppl))
         return result.ppl
@@ -283,7 +285,7 @@ class Trainer:
         from modify.flops import flops
         from modify.train import checkpoints
 
-        self._set_capacity(self.total_steps if self.config.capacity_anneal else self.step)
+        self._set_capacity(None)
         checkpoints.save_model(self, self.out)
         c = self.config
         count = flops(base_model(self.inner), c.seq_len)

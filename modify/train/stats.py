@@ -16,8 +16,9 @@ The monitor says so once per block.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -109,6 +110,17 @@ class RoutingMonitor:
                     "reads content (lower --lr / --router-lr, or use --capacity-anneal)"
                 )
         return row
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Evaluation batches are not training steps: leave the statistics alone meanwhile."""
+        for state in self.states:
+            state.observer = None
+        try:
+            yield
+        finally:
+            for state in self.states:
+                state.observer = self._observer(state.index)
 
     def close(self) -> None:
         for state in self.states:
