@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # unset flags leave the config file's values alone
     )
-    helps = {f.name: f.metadata.get("help", "") for f in fields(cfg.TrainConfig)}
+    helps = {f.name: f.metadata.get("help", "").replace("%", "%%") for f in fields(cfg.TrainConfig)}
     defaults = {f.name: f.default for f in fields(cfg.TrainConfig)}
     p.add_argument("model", metavar="MODEL", nargs="?", help="converted directory (or any source, with --dense)")
     p.add_argument("--data", nargs="+", metavar="PATH", help=helps["data"])
@@ -58,7 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices = getattr(cfg, table)
         p.add_argument(f"--{name}", choices=choices, help=f"{helps[name]} (default {defaults[name]})")
     p.add_argument("--dtype", choices=cfg.DTYPES, help=f"{helps['dtype']} (default auto)")
-    p.add_argument("--resume", nargs="?", const="latest", metavar="CKPT", help="continue a killed or finished run")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="CKPT",
+        help="continue a killed run from its latest checkpoint, or from CKPT",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_common_flags(p)
     p.set_defaults(run=run, quiet=False, debug=False, json=False)

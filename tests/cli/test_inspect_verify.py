@@ -95,7 +95,7 @@ def test_verify_refuses_an_unconverted_directory(saved_models: dict, capsys) -> 
     assert "is not a converted checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["convert", "inspect", "verify"])
+@pytest.mark.parametrize("command", ["convert", "inspect", "verify", "calibrate", "train", "eval"])
 def test_help_shows_examples(command: str) -> None:
     result = subprocess.run([sys.executable, "-m", "modify", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0
