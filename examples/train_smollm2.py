@@ -1,6 +1,6 @@
 """Heal a retrofitted SmolLM2-135M with continued pretraining, against the dense model trained the same way.
 
-    python examples/train_smollm2.py [--tokens 196608] [--sweep-tokens 32768] [--work runs/train_smollm2]
+    python examples/train_smollm2.py [--tokens 262144] [--sweep-tokens 32768] [--extra-budgets 0.9] [--ablations]
 
 One command, CPU-sized, every step through the `modify` command line as a user would run it:
 
@@ -63,16 +63,26 @@ def evaluate(model: str, held_out: list[str], tokens: int, work: Path, name: str
 
 
 def train(model: str, out: Path, data: list[str], held_out: list[str], tokens: int, mode: str, lr: float,
-          eval_every: int, eval_tokens: int, dense: bool = False) -> dict[str, Any]:  # fmt: skip
+          eval_every: int, eval_tokens: int, dense: bool = False,
+          extra: tuple[str, ...] = ()) -> dict[str, Any]:  # fmt: skip
     summary = out / "summary.json"
-    if not summary.is_file():
+    if summary.is_file():  # reuse a finished run, but only one of these very settings
+        import yaml
+
+        saved = yaml.safe_load((out / "train_config.yaml").read_text())
+        if (saved["train"], saved["lr"], saved["tokens"]) != (mode, lr, tokens):
+            raise SystemExit(f"{out} holds a run with other settings; remove it or choose another --work")
+    else:
         args = ["train", model, "--data", *data, "--eval-data", *held_out, "--out", str(out), "--tokens", str(tokens),
                 "--seq-len", str(SEQ_LEN), "--batch-size", str(BATCH), "--train", mode, "--lr", str(lr),
                 "--eval-every", str(eval_every), "--eval-tokens", str(eval_tokens), "--json", "-q"]  # fmt: skip
         if dense:
             args.append("--dense")
+        args.extend(extra)
         cmd = [sys.executable, "-m", "modify", *args]
-        print(f"$ modify train {model} --train {mode} --lr {lr:g} --tokens {tokens}{' --dense' if dense else ''}")
+        print(
+            f"$ modify train {model} --train {mode} --lr {lr:g} --tokens {tokens}{' --dense' if dense else ''}", *extra
+        )
         summary.write_text(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     return json.loads(summary.read_text())
 
@@ -106,11 +116,15 @@ def plot(curves: dict[str, Path], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("runs/train_smollm2"), help="where every output goes")
-    parser.add_argument("--tokens", type=int, default=196608, help="training tokens of each model")
+    parser.add_argument("--tokens", type=int, default=262144, help="training tokens of each model")
     parser.add_argument("--sweep-tokens", type=int, default=32768, help="training tokens of each sweep run (0: none)")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens of each evaluation")
     parser.add_argument("--train", default="full", help="--train mode when there is no sweep")
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate when there is no sweep")
+    parser.add_argument("--extra-budgets", type=float, nargs="*", default=[0.9], help="more calibrated plans to train")
+    parser.add_argument(
+        "--ablations", action="store_true", help="short runs of the 0.75 plan beyond the sweep: lr, anneal, router lr"
+    )
     args = parser.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -123,6 +137,9 @@ def main() -> None:
         "calibrated 0.5": convert(work, "convert-cal050", data, "--flops-budget", "0.5"),
         "paper: every other at 0.125": convert(work, "convert-paper", data, "--capacity", "0.125"),
     }
+    for budget in args.extra_budgets:
+        name = f"convert-cal{round(budget * 100):03d}"
+        plans[f"calibrated {budget:g}"] = convert(work, name, data, "--flops-budget", str(budget))
     results: dict[str, Any] = {"tokens": args.tokens, "seq_len": SEQ_LEN, "batch_size": BATCH, "sweep": []}
 
     mode, lr = args.train, args.lr
@@ -144,6 +161,23 @@ def main() -> None:
             print(f"  --train {r['train']:<14} --lr {r['lr']:<7g} held-out ppl {r['eval_ppl']:8.2f}")
         print(f"best: --train {mode} --lr {lr:g}\n")
     results["train"], results["lr"] = mode, lr
+    if args.ablations and args.sweep_tokens:
+        steps = args.sweep_tokens // (SEQ_LEN * BATCH)
+        variants = {
+            f"--lr 1e-3 (above the sweep's {lr:g})": ("ablation-lr-0.001", 1e-3, ()),
+            f"--capacity-anneal {steps // 2}": ("ablation-anneal", lr, ("--capacity-anneal", str(steps // 2))),
+            "--router-lr 1e-2 (10x)": ("ablation-router-lr", lr, ("--router-lr", "1e-2")),
+            "--weight-decay 0.1": ("ablation-weight-decay", lr, ("--weight-decay", "0.1")),
+        }
+        results["ablations"] = []
+        reference = next(r["eval_ppl"] for r in results["sweep"] if (r["train"], r["lr"]) == (mode, lr))
+        print(f"ablations on the calibrated 0.75 plan, {args.sweep_tokens} tokens each, --train {mode} --lr {lr:g}: "
+              f"held-out ppl {reference:.2f}")  # fmt: skip
+        for label, (name, rate, extra) in variants.items():
+            s = train(str(plans["calibrated 0.75"]), work / name, data, held_out, args.sweep_tokens, mode, rate, 0,
+                      args.eval_tokens, extra=extra)  # fmt: skip
+            results["ablations"].append({"change": label, "eval_ppl": s["eval_ppl"]})
+            print(f"  {label:<36} held-out ppl {s['eval_ppl']:8.2f}")
 
     eval_every = max(1, args.tokens // (SEQ_LEN * BATCH) // 6)
     dense_mode = mode if mode in ("full", "lora") else "full"  # a dense model has no routers to train alone
@@ -171,6 +205,15 @@ def main() -> None:
             "vs_trained_dense": trained[label]["ppl"] / dense_ppl, "train": runs[label]["train"],
         })  # fmt: skip
     results["rows"] = rows
+    # the gap to the dense model over training, at each evaluation (the same steps for every run)
+    curves = {label: read_metrics(Path(run["out"]) / "metrics.csv") for label, run in runs.items()}
+    evals = {label: {r["tokens"]: r["eval_ppl"] for r in rows_ if not math.isnan(r["eval_ppl"])}
+             for label, rows_ in curves.items()}  # fmt: skip
+    results["gap_over_training"] = {
+        label: {t: ppl / evals["dense"][t] for t, ppl in points.items() if t in evals["dense"]}
+        for label, points in evals.items()
+        if label != "dense"
+    }
     results["seconds"] = time.perf_counter() - start
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot({label: Path(run["out"]) for label, run in runs.items()}, work / "loss_curves.png")
@@ -185,6 +228,12 @@ def main() -> None:
               f"{r['train_tokens_per_second']:.0f} | {r['eval_tokens_per_second']:.0f} | {r['zero_shot_ppl']:.2f} | "
               f"{r['trained_ppl']:.2f} | {r['vs_trained_dense']:.2f}x |")  # fmt: skip
     print(f"original dense model, untrained: {zero_shot['dense']['ppl']:.2f}; total {results['seconds'] / 60:.1f} min")
+    print("\nheld-out perplexity vs the dense model at the same point of training (evaluations during training):")
+    points = sorted(evals["dense"])
+    print("| model | " + " | ".join(f"{t // 1024}k tokens" for t in points) + " |")
+    print("|---|" + "---|" * len(points))
+    for label, gap in results["gap_over_training"].items():
+        print(f"| {label} | " + " | ".join(f"{gap[t]:.2f}x" if t in gap else "" for t in points) + " |")
     print(f"wrote {work / 'results.json'} and {work / 'loss_curves.png'}")
 
 

@@ -4,7 +4,10 @@ For each routed block and step (the last micro-batch of the step):
 
 - ``gate``: the mean gate g(r) over the tokens the block processed;
 - ``entropy``: the entropy of softmax(scores) over each sequence, divided by log T and averaged: 1.0 means
-  every token scores alike (the router does not discriminate), lower means a few tokens dominate;
+  every token scores alike (the router does not discriminate), lower means a few tokens dominate. The
+  leading ``keep_first`` tokens are left out: they are always kept, and the first token's hidden state (the
+  attention sink) is so large that its score would dominate. The measure depends on the scores' scale, which
+  top-k does not: a calibrated router, whose scores estimate log ‖Δ‖, sits near 0 while choosing well;
 - ``overlap``: the share of kept positions that the block also kept the step before (on another batch). A
   router that reads content keeps about its capacity of the same positions by chance; one that has frozen
   onto fixed positions keeps all of them.
@@ -61,9 +64,16 @@ class RoutingMonitor:
         return [state.index for state in self.states]
 
     def _observer(self, index: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
+        state = next(st for st in self.states if st.index == index)
+
         def observe(scores: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> None:
             s = self.stats[index]
             scores = scores.float()
+            keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
+            if s.previous is not None and s.previous.shape == keep.shape:
+                s.overlap = float((keep & s.previous).sum(-1).float().div(idx.shape[-1]).mean())
+            s.previous = keep
+            scores = scores[:, state.keep_first :]
             length = scores.shape[-1]
             s.gate = float(gate.float().mean())
             if length > 1:
@@ -71,10 +81,6 @@ class RoutingMonitor:
                 entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1) / math.log(length)
                 s.entropy = float(entropy.mean())
                 s.spread = float((scores.amax(-1) - scores.amin(-1)).max())
-            keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
-            if s.previous is not None and s.previous.shape == keep.shape:
-                s.overlap = float((keep & s.previous).sum(-1).float().div(idx.shape[-1]).mean())
-            s.previous = keep
             s.seen = True
 
         return observe
