@@ -19,7 +19,7 @@ import torch
 
 import modify
 from modify.assets import load_smollm2, shakespeare_split
-from modify.calibration import CalibrationSettings, apply_calibration, calibrate, token_windows
+from modify.calibrate.calibration import CalibrationSettings, apply_calibration, calibrate, token_windows
 from modify.flops import attention_width, block_flops, routed_block_flops
 from modify.passes.find_block_stack import find_block_stack
 

@@ -32,10 +32,17 @@ import torch
 
 import modify
 from modify.assets import load_smollm2, shakespeare_split
-from modify.calibration import CalibrationSettings, calibrate, fit_router, grid_costs, load_router, token_windows
+from modify.calibrate.calibration import (
+    CalibrationSettings,
+    calibrate,
+    fit_router,
+    grid_costs,
+    load_router,
+    token_windows,
+)
+from modify.calibrate.plan_file import load_plan
+from modify.calibrate.planning import plan_under_budget
 from modify.passes.find_block_stack import find_block_stack
-from modify.plan_file import load_plan
-from modify.planning import plan_under_budget
 from modify.router import ROUTER_ATTR
 from modify.routing import STATE_ATTR, capacity_tokens, select_tokens
 

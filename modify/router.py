@@ -23,7 +23,7 @@ class MoDRouter(nn.Module):
     identity-preserving start of p-MoD's TanhNorm). The gate's slope at 0 is s/2, not 0, so the router's
     weights receive gradient from the first step. Ties between equal scores go to earlier positions.
 
-    Routers fitted to calibration data (:mod:`modify.calibration`) start with useful non-zero weights and
+    Routers fitted to calibration data (:mod:`modify.calibrate.calibration`) start with useful non-zero weights and
     s = 0 instead: the gate is still exactly 1, so capacity 1.0 still reproduces the model, while the
     scores already pick the tokens that matter. s receives gradient (through r) from the first step, and
     w through s once s moves.

@@ -1,5 +1,5 @@
 """``modify calibrate SRC --data FILES --flops-budget F --out PLAN.json``: choose blocks, capacities and
-initial routers from calibration text (see :mod:`modify.calibration`)."""
+initial routers from calibration text (see :mod:`modify.calibrate.calibration`)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def grid_type(text: str) -> tuple[float, ...]:
 
 
 def add_calibration_flags(p: argparse.ArgumentParser, required: bool) -> None:
-    from modify.calibration import CalibrationSettings
+    from modify.calibrate.calibration import CalibrationSettings
 
     d = CalibrationSettings()  # the flags' defaults are the library's
     p.add_argument(
@@ -110,7 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_calibration(args: argparse.Namespace, model: Any, tokenizer: Any, progress: Progress) -> Any:
     """Calibrate ``model`` as the flags say; shared with ``modify convert --calibrate``."""
-    from modify.calibration import CalibrationSettings, calibrate, token_windows
+    from modify.calibrate.calibration import CalibrationSettings, calibrate, token_windows
 
     missing = [str(p) for p in args.data if not p.is_file()]
     if missing:
@@ -146,8 +146,8 @@ def run_calibration(args: argparse.Namespace, model: Any, tokenizer: Any, progre
 
 
 def run(args: argparse.Namespace) -> int:
+    from modify.calibrate.plan_file import save_plan
     from modify.checkpoint import check_parent, load_source, resolve_source
-    from modify.plan_file import save_plan
 
     progress = Progress(args.quiet or args.json, args.debug)
     quiet_libraries(args.debug, progress.enabled)

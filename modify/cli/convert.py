@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_source(source, args.dtype)
     calibration = None
     if args.plan:
-        from modify.plan_file import load_plan
+        from modify.calibrate.plan_file import load_plan
 
         calibration, _ = load_plan(args.plan)
     elif args.data:
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     with progress.step("tracing blocks and inserting routers"):
         try:
             if calibration is not None:
-                from modify.calibration import apply_calibration
+                from modify.calibrate.calibration import apply_calibration
 
                 apply_calibration(model, calibration)
             else:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modify.errors import ModifyError
 from modify.router import ROUTER_ATTR
 
 __all__ = ["prepare_trainable", "param_groups", "merged_state_dict", "base_model", "LORA_ADAPTER"]
@@ -68,7 +69,7 @@ def prepare_trainable(model: nn.Module, mode: str, rank: int = 16, alpha: float 
         else:  # routers+norms
             p.requires_grad_(_is_router(name) or id(p) in norms)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError(f"--train {mode} leaves nothing to train in this model")
+        raise ModifyError(f"--train {mode} leaves nothing to train in this model; use --train full")
     return model
 
 

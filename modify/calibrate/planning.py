@@ -7,7 +7,7 @@ Under a budget, :func:`plan_under_budget` picks one capacity per block from a di
 "not routed") to minimise the predicted loss increase, Σ_i ΔL_i(c_i), subject to
 Σ_i cost_i(c_i) <= F · Σ_i cost_i(1.0): the blocks' forward FLOPs at the calibration sequence length,
 routers included. The prediction assumes the blocks' effects add up (measured one block at a time, see
-:mod:`modify.calibration`). The optimisation is a multiple-choice knapsack solved exactly by dynamic
+:mod:`modify.calibrate.calibration`). The optimisation is a multiple-choice knapsack solved exactly by dynamic
 programming over blocks, keeping only the Pareto frontier of (cost, loss) partial plans; it agrees with
 brute force on small cases (tests/test_planning.py).
 """

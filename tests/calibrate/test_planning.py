@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from modify.planning import (
+from modify.calibrate.planning import (
     DEFAULT_GRID,
     brute_force_plan,
     cosine_depth,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import modify
-from modify.calibration import CalibrationSettings, apply_calibration, calibrate, token_windows
-from modify.plan_file import load_plan, save_plan
+from modify.calibrate.calibration import CalibrationSettings, apply_calibration, calibrate, token_windows
+from modify.calibrate.plan_file import load_plan, save_plan
 from modify.testing import tiny_model, tiny_tokenizer
 from tests.helpers import BlockIO
 

@@ -9,7 +9,7 @@ initialise the routers, all from text run through the dense model.
    skipped entirely, and when it routes only the most important fraction c of tokens for each c of the grid
    (its true routed forward, with the importance as an oracle router and the gate held at 1). Blocks before
    i replay their cached dense outputs, so each measurement costs only the blocks from i on.
-4. **Plan**: :func:`modify.planning.plan_under_budget` picks the capacities minimising the predicted loss
+4. **Plan**: :func:`modify.calibrate.planning.plan_under_budget` picks the capacities minimising the predicted loss
    increase, Σ_i ΔL_i(c_i), under the FLOP budget. The prediction assumes the blocks' effects add up; they
    compound instead. Each optional refinement round measures every block's tables again with the other blocks
    routed as planned (fitted routers) and plans again on them, keeping the new plan only if it measures
@@ -39,11 +39,11 @@ import torch
 from torch import nn
 
 from modify.api import convert, routed_blocks
+from modify.calibrate.planning import DEFAULT_GRID, plan_under_budget
 from modify.config import MoDConfig
 from modify.flops import attention_width, block_flops, routed_block_flops
 from modify.passes.find_block_stack import find_block_stack
 from modify.passes.probe_block_calls import bind_call
-from modify.planning import DEFAULT_GRID, plan_under_budget
 from modify.router import ROUTER_ATTR
 from modify.routing import STATE_ATTR, capacity_tokens, routed_forward, select_tokens
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from modify.calibration import Calibration
+from modify.calibrate.calibration import Calibration
 from modify.checkpoint import check_parent
 from modify.errors import ModifyError
 
