@@ -38,6 +38,7 @@ __all__ = [
     "write_converted",
     "from_pretrained",
     "atomic_directory",
+    "validate_source",
     "check_parent",
     "DEFAULT_SOURCE",
 ]
@@ -134,7 +135,8 @@ def _check_safetensors(path: Path) -> None:
         raise ModifyError(f"{path} is truncated ({size} of {8 + length + end} bytes); fetch it again")
 
 
-def _validate(source: Source) -> None:
+def validate_source(source: Source) -> None:
+    """Raise ModifyError (with the fix) when ``source`` can't be a model: no config, no weights, a damaged file."""
     if source.path.suffix == ".gguf":
         from gguf import GGUFReader
 
@@ -178,7 +180,7 @@ def load_source(source: Source, dtype: str | None = None) -> tuple[nn.Module, An
     """Load the model (with its routing, for a converted directory) and its tokenizer, if any."""
     from transformers import AutoModelForCausalLM
 
-    _validate(source)
+    validate_source(source)
     torch_dtype: Any = getattr(torch, dtype) if dtype else ("auto" if source.path.suffix != ".gguf" else torch.float32)
     try:
         if is_converted_directory(source):

@@ -88,10 +88,10 @@ def resolve_config(args: argparse.Namespace) -> Any:
 
 
 def _check_model(config: Any) -> None:
-    from modify.checkpoint import _validate, is_converted_directory, resolve_source
+    from modify.checkpoint import is_converted_directory, resolve_source, validate_source
 
     source = resolve_source(config.model)
-    _validate(source)
+    validate_source(source)
     converted = is_converted_directory(source)
     if config.dense and converted:
         raise UsageError(f"{config.model} is a converted model; --dense trains an unconverted one: give its source")
@@ -146,8 +146,7 @@ def run(args: argparse.Namespace) -> int:
         from modify.checkpoint import load_tokenizer, resolve_source
 
         tokenizer = load_tokenizer(resolve_source(config.model))
-        split = "train" if config.eval_fraction > 0 and not config.eval_data else "all"
-        stream = PackedStream(files, tokenizer, config.seq_len, seed=config.seed, split=split,
+        stream = PackedStream(files, tokenizer, config.seq_len, seed=config.seed, split=config.train_split,
                               eval_fraction=config.eval_fraction)  # fmt: skip
         check_resume(config, resume, int(os.environ.get("WORLD_SIZE", "1")), stream.fingerprint())
     created = not out.exists()

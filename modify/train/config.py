@@ -136,6 +136,16 @@ class TrainConfig:
         if self.dense and self.train != "full" and self.train != "lora":
             raise UsageError(f"--train {self.train} trains routers, and a --dense model has none; use full or lora")
 
+    @property
+    def held_out(self) -> bool:
+        """Whether evaluation holds out a share of ``data`` (no ``eval_data`` given)."""
+        return self.eval_fraction > 0 and not self.eval_data
+
+    @property
+    def train_split(self) -> str:
+        """The split of ``data`` that trains: all of it, or what is not held out."""
+        return "train" if self.held_out else "all"
+
     def warmup_steps(self, total: int) -> int:
         return min(100, total // 10) if self.warmup < 0 else self.warmup
 

@@ -117,15 +117,14 @@ class Trainer:
             param_groups(self.inner, c.lr, c.router_lr, c.weight_decay), betas=(0.9, 0.95), eps=1e-8, foreach=False
         )
         files = collect_files(c.data)
-        held_out = c.eval_fraction > 0 and not c.eval_data
         self.train_data = PackedStream(
-            files, tokenizer, c.seq_len, seed=c.seed, split="train" if held_out else "all",
+            files, tokenizer, c.seq_len, seed=c.seed, split=c.train_split,
             eval_fraction=c.eval_fraction, rank=d.rank, world_size=d.world_size,
         )  # fmt: skip
-        eval_files = collect_files(c.eval_data) if c.eval_data else (files if held_out else [])
+        eval_files = collect_files(c.eval_data) if c.eval_data else (files if c.held_out else [])
         self.make_eval_data: Callable[[], Any] | None = None
         if eval_files:
-            split = "eval" if held_out else "all"
+            split = "eval" if c.held_out else "all"
 
             def make_eval_data() -> Any:
                 return PackedStream(
