@@ -101,9 +101,8 @@ def plot_report(out: Path, metrics: MetricsLog, main: bool) -> None:
     ax.set_ylabel("nats per token")
     ax.set_title("loss")
     ax.legend()
-    for ax, kind, label in (
-        ((axes[0][1], "gate", "mean gate"), (axes[0][2], "entropy", "router entropy")) if (metrics.blocks) else ()
-    ):
+    heat_maps = [(axes[0][1], "gate", "mean gate"), (axes[0][2], "entropy", "router entropy")] if metrics.blocks else []
+    for ax, kind, label in heat_maps:
         grid = np.array([[r.get(f"{kind}_{b}", math.nan) for r in rows] for b in metrics.blocks])
         image = ax.imshow(grid, aspect="auto", interpolation="nearest", extent=(steps[0], steps[-1], len(grid), 0))
         ax.set_yticks([i + 0.5 for i in range(len(metrics.blocks))], [str(b) for b in metrics.blocks], fontsize=6)

@@ -25,7 +25,7 @@ LORA_ADAPTER = "default"
 
 
 def _is_router(name: str) -> bool:
-    return f"{ROUTER_ATTR}." in name or name.startswith(f"{ROUTER_ATTR}.")
+    return f"{ROUTER_ATTR}." in name
 
 
 def _norm_parameters(model: nn.Module) -> set[int]:
