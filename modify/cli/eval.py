@@ -9,12 +9,8 @@ predicted token (see :mod:`modify.train.evaluate`).
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-
-import torch
 
 from modify.cli.common import Progress, add_common_flags, emit_json, quiet_libraries
 from modify.errors import ModifyError, UnsupportedModelError, UsageError
@@ -74,19 +70,6 @@ def _check_args(args: argparse.Namespace) -> None:
         )
 
 
-def _batches(sequences: Iterable[torch.Tensor], batch_size: int, limit: int | None) -> Iterator[torch.Tensor]:
-    """[B, T] batches of the sequences, at most ``limit`` sequences in all; a short last batch is kept, so
-    that every sequence of the data counts (``PackedStream.batches`` drops it, as training wants)."""
-    batch: list[torch.Tensor] = []
-    for seq in itertools.islice(sequences, limit):
-        batch.append(seq)
-        if len(batch) == batch_size:
-            yield torch.stack(batch)
-            batch = []
-    if batch:
-        yield torch.stack(batch)
-
-
 def run(args: argparse.Namespace) -> int:
     import modify
     from modify.checkpoint import load_any
@@ -110,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         stream = PackedStream(files, tokenizer, args.seq_len, loop=False, shuffle=False)
     sequences = args.max_tokens // args.seq_len if args.max_tokens is not None else None
     with progress.step(f"evaluating on {len(files)} file(s)"):
-        result = evaluate(model, _batches(stream, args.batch_size, sequences))
+        result = evaluate(model, stream.batches(args.batch_size, drop_last=False, limit=sequences))
     if result.tokens == 0:
         raise ModifyError(
             f"--data holds fewer than {args.seq_len} tokens: not one sequence to evaluate; "

@@ -11,6 +11,7 @@ epoch, each rank's share, and the position saved by :meth:`PackedStream.state_di
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -334,16 +335,21 @@ class PackedStream:
                 return
             self._epoch, self._consumed = self._epoch + 1, 0
 
-    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
-        """LongTensor [batch_size, seq_len] batches; a partial last batch is dropped."""
+    def batches(self, batch_size: int, *, drop_last: bool = True, limit: int | None = None) -> Iterator[torch.Tensor]:
+        """LongTensor [batch_size, seq_len] batches of at most ``limit`` sequences in all.
+
+        Training drops a partial last batch (``drop_last``); evaluation keeps it, so every sequence counts.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         batch: list[torch.Tensor] = []
-        for seq in self:
+        for seq in itertools.islice(self, limit):
             batch.append(seq)
             if len(batch) == batch_size:
                 yield torch.stack(batch)
                 batch = []
+        if batch and not drop_last:
+            yield torch.stack(batch)
 
     def state_dict(self) -> dict[str, Any]:
         """The position: epoch, sequences this rank has had in it, plus the data's fingerprint and world size."""
