@@ -52,13 +52,6 @@ class Dist:
         """True on every rank when ``flag`` is True on one (so that all ranks skip a bad step together)."""
         return bool(self.all_sum(torch.tensor([float(flag)], device=self.device)).item() > 0)
 
-    def broadcast_object(self, obj: Any) -> Any:
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def setup() -> Dist:
     """The process group when launched by torchrun (``WORLD_SIZE`` > 1), else a single process."""
