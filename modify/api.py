@@ -19,6 +19,7 @@ from modify.passes.find_block_stack import find_block_stack
 from modify.passes.probe_block_calls import BlockCallSpec, probe_block_calls
 from modify.router import ROUTER_ATTR, MoDRouter
 from modify.routing import STATE_ATTR, RoutingState, install, uninstall
+from modify.skip_path import SKIP_ATTR, make_skip_path, spec_name
 
 __all__ = ["convert", "revert", "find_blocks", "routing_disabled", "BlockInfo", "is_converted", "routed_blocks"]
 
@@ -37,6 +38,7 @@ class BlockInfo:
         routed: whether the block is routed.
         capacity: its capacity when routed, else None.
         reason: why the block can't be routed (form "unroutable"), else "".
+        skip_path: the skip path's spec when routed (see :mod:`modify.skip_path`), else None.
     """
 
     index: int
@@ -46,6 +48,7 @@ class BlockInfo:
     routed: bool
     capacity: float | None
     reason: str = ""
+    skip_path: str | None = None
 
 
 def resolve_layers(layers: Layers, num_blocks: int) -> list[int]:
@@ -82,13 +85,34 @@ def routed_blocks(model: nn.Module) -> list[tuple[nn.Module, RoutingState]]:
     return [(m, getattr(m, STATE_ATTR)) for m in model.modules() if hasattr(m, STATE_ATTR)]
 
 
-def _analyse(block: nn.Module, spec: BlockCallSpec, name: str) -> tuple[str, str]:
-    """Capture the block as the parent calls it, extract Δ, and return (form, delta kind)."""
+def _analyse(block: nn.Module, spec: BlockCallSpec, name: str) -> tuple[str, str, str]:
+    """Capture the block as the parent calls it, extract Δ, and return (form, delta kind, input norm).
+
+    The input norm is the norm module that the block's first branch applies to the hidden states ("" if
+    none: post-norm blocks), which a skip path reads through.
+    """
     gm = capture_block(block, spec.structure, type(block).forward, name)
     extract = ExtractDeltaPass(spec.hidden, name)
     extract(gm)
-    assert extract.analysis is not None
-    return extract.analysis.form, extract.delta_kind
+    analysis = extract.analysis
+    assert analysis is not None
+    norm = ""
+    if analysis.decomposable:
+        norms = [
+            u for u in gm.graph.nodes if u in analysis.hidden.users and u.op == "call_module" and analysis.is_norm(u)
+        ]
+        if norms:
+            module = gm.get_submodule(str(norms[0].target))
+            norm = next(n for n, m in block.named_modules() if m is module)
+    return analysis.form, extract.delta_kind, norm
+
+
+def _skip_specs(skip_path: str | Sequence[str], skip_rank: int, count: int) -> list[str]:
+    """One skip-path spec per routed block from a kind ("linear") or spec ("linear-32"), or one per block."""
+    values = [skip_path] * count if isinstance(skip_path, str) else list(skip_path)
+    if len(values) != count:
+        raise ValueError(f"got {len(values)} skip paths for {count} routed blocks; give one value or one per block")
+    return [v if v == "identity" or "-" in v else spec_name(v, skip_rank) for v in values]
 
 
 def convert(
@@ -99,6 +123,8 @@ def convert(
     example_inputs: Callable[[int], dict[str, Any]] | None = None,
     plan: MoDConfig | None = None,
     keep_first: int = 0,
+    skip_path: str | Sequence[str] = "identity",
+    skip_rank: int = 32,
 ) -> nn.Module:
     """Convert ``model`` to Mixture-of-Depths in place and return it.
 
@@ -111,9 +137,13 @@ def convert(
             by default random token ids.
         keep_first: leading real tokens every routed block always processes (1 keeps a pretrained model's
             attention sink; 0, the default, is the paper's pure top-k).
-        plan: a saved plan to apply instead of ``capacity``, ``layers`` and ``keep_first`` (its source is
-            kept). A block that
-            already carries a router (as when loading a converted checkpoint) keeps it and its weights.
+        skip_path: what routed blocks give the tokens they skip: "identity" (nothing, the paper's rule),
+            "linear" or "mlp" (see :mod:`modify.skip_path`), one kind or one per routed block. A new skip path
+            starts at zero, so it changes nothing until it is fitted (``modify calibrate``) or trained.
+        skip_rank: rank of a "linear" skip path, hidden units of an "mlp" one.
+        plan: a saved plan to apply instead of ``capacity``, ``layers``, ``keep_first`` and the skip paths
+            (its source is kept). A block that already carries a router or skip path (as when loading a
+            converted checkpoint) keeps it and its weights.
 
     Raises:
         UnsupportedModelError: the model has no routable block stack, or a chosen block can't be routed.
@@ -131,7 +161,12 @@ def convert(
     if plan is None:
         routed = resolve_layers(layers, len(stack))
         plan = MoDConfig(
-            len(stack), routed, _capacities(capacity, len(routed)), block_stack=stack_name, keep_first=keep_first
+            len(stack),
+            routed,
+            _capacities(capacity, len(routed)),
+            block_stack=stack_name,
+            keep_first=keep_first,
+            skip_paths=_skip_specs(skip_path, skip_rank, len(routed)),
         )
     elif plan.num_blocks != len(stack):
         raise ValueError(
@@ -142,9 +177,9 @@ def convert(
     blocks = list(stack)
     specs = probe_block_calls(model, blocks, example_inputs)
     states = []
-    for i, cap in zip(plan.routed, plan.capacities):
+    for i, cap, skip in zip(plan.routed, plan.capacities, plan.skip_paths):
         name = f"{stack_name}.{i}"
-        form, delta = _analyse(blocks[i], specs[i], name)
+        form, delta, norm = _analyse(blocks[i], specs[i], name)
         forward_fn = type(blocks[i]).forward
         states.append(
             RoutingState(
@@ -157,13 +192,18 @@ def convert(
                 forward_fn,
                 inspect.signature(forward_fn),
                 keep_first=plan.keep_first,
+                skip_path=skip,
+                input_norm=norm,
             )
         )
-    device = next(model.parameters()).device
+    first = next(model.parameters())
     for state in states:
         block = blocks[state.index]
-        router = getattr(block, ROUTER_ATTR, None) or MoDRouter(state.spec.hidden_size, device=device)
-        install(block, state, router)
+        router = getattr(block, ROUTER_ATTR, None) or MoDRouter(state.spec.hidden_size, device=first.device)
+        path = getattr(block, SKIP_ATTR, None) or make_skip_path(
+            state.skip_path, state.spec.hidden_size, first.device, first.dtype
+        )
+        install(block, state, router, path)
     config = getattr(model, "config", None)
     if config is not None:
         setattr(config, CONFIG_KEY, plan.to_dict())
@@ -212,13 +252,13 @@ def find_blocks(
         name = f"{stack_name}.{i}"
         state = states.get(id(block))
         if state is not None:
-            infos.append(BlockInfo(i, name, state.form, state.delta, True, state.capacity))
+            infos.append(BlockInfo(i, name, state.form, state.delta, True, state.capacity, skip_path=state.skip_path))
             continue
         if specs is None:
             with routing_disabled(model):
                 specs = probe_block_calls(model, blocks, example_inputs)
         try:
-            form, delta = _analyse(block, specs[i], name)
+            form, delta, _ = _analyse(block, specs[i], name)
         except UnsupportedModelError as exc:
             if strict:
                 raise

@@ -266,7 +266,12 @@ def _model_card(model: nn.Module, source: Source, plan: MoDConfig, seq_len: int 
     from modify.flops import flops
 
     count = flops(model, seq_len)
-    routed = ", ".join(f"{i} ({c:g})" for i, c in zip(plan.routed, plan.capacities))
+    routed = ", ".join(
+        f"{i} ({c:g}" + (f", skip path {p})" if p != "identity" else ")")
+        for i, c, p in zip(plan.routed, plan.capacities, plan.skip_paths)
+    )
+    with_path = any(p != "identity" for p in plan.skip_paths)
+    skipped = "their block's skip path, an estimate of its contribution" if with_path else "nothing (pure MoD)"
     return f"""---
 library_name: transformers
 tags: [mixture-of-depths, modify]
@@ -277,7 +282,8 @@ Converted with [modify](https://pypi.org/project/modify/) from `{source.model_id
 
 - Routed blocks (capacity): {routed} of {plan.num_blocks}
 - Router: {plan.router}, gate: {plan.gate} (routers start at zero: every gate is 1)
-- Forward FLOPs per token at {seq_len} tokens: dense {count.dense / seq_len:,.0f}, \
+- Skipped tokens get: {skipped}
+- Forward FLOPs per token at {seq_len} tokens (skip paths included): dense {count.dense / seq_len:,.0f}, \
 routed {count.routed / seq_len:,.0f} ({count.ratio:.1%})
 
 Load with `import modify; modify.from_pretrained(path)`, or with `AutoModelForCausalLM.from_pretrained(path)`

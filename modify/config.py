@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from modify.skip_path import parse_spec
+
 __all__ = ["MoDConfig", "CONFIG_KEY", "ROUTER_KINDS", "GATE_KINDS"]
 
 #: The attribute of a Hugging Face config (and key of config.json) that holds the plan.
@@ -30,6 +32,8 @@ class MoDConfig:
         router: router kind; "linear" is one linear map from the hidden state to a float32 score.
         gate: gate applied to the router score; see ``GATE_KINDS``.
         block_stack: qualified name of the module list holding the blocks (filled in by ``convert``).
+        skip_paths: what each routed block gives the tokens it skips, as a spec: "identity" (nothing: the
+            paper's rule), "linear-R" or "mlp-R" (see :mod:`modify.skip_path`); empty means identity everywhere.
         keep_first: the first ``keep_first`` real tokens of every sequence always go through routed blocks
             (0 is the paper's pure top-k; 1 keeps the attention sink of a pretrained model).
         source: where the converted checkpoint came from (``kind``, ``path``, ``gguf_file``, ``model_id``), as
@@ -46,6 +50,7 @@ class MoDConfig:
     gate: str = field(default="sigmoid", metadata={"help": "gate g(r) scaling the block's contribution"})
     block_stack: str = field(default="", metadata={"help": "qualified name of the block list"})
     keep_first: int = field(default=0, metadata={"help": "leading tokens every routed block always processes"})
+    skip_paths: list[str] = field(default_factory=list, metadata={"help": "skip path of each routed block"})
     source: dict[str, Any] = field(default_factory=dict, metadata={"help": "the checkpoint converted"})
     calibration: dict[str, Any] = field(default_factory=dict, metadata={"help": "how the plan was calibrated"})
     version: int = field(default=_VERSION, metadata={"help": "format version"})
@@ -53,6 +58,7 @@ class MoDConfig:
     def __post_init__(self) -> None:
         self.routed = [int(i) for i in self.routed]
         self.capacities = [float(c) for c in self.capacities]
+        self.skip_paths = [str(s) for s in self.skip_paths] or ["identity"] * len(self.routed)
         if self.version > _VERSION:
             raise ValueError(f"MoDConfig version {self.version} is newer than this modify ({_VERSION}); upgrade modify")
         if self.num_blocks < 1:
@@ -66,6 +72,12 @@ class MoDConfig:
         for i in self.routed:
             if not 0 <= i < self.num_blocks:
                 raise ValueError(f"block index {i} is out of range: valid indices are 0..{self.num_blocks - 1}")
+        if len(self.skip_paths) != len(self.routed):
+            raise ValueError(
+                f"got {len(self.skip_paths)} skip paths for {len(self.routed)} routed blocks; give one per routed block"
+            )
+        for spec in self.skip_paths:
+            parse_spec(spec)
         for c in self.capacities:
             if not (math.isfinite(c) and 0.0 < c <= 1.0):
                 raise ValueError(f"capacity {c} is out of range: it must be in (0, 1], e.g. 0.125")
@@ -79,6 +91,10 @@ class MoDConfig:
     def capacity_of(self, index: int) -> float | None:
         """The capacity of block ``index``, or None when it is not routed."""
         return self.capacities[self.routed.index(index)] if index in self.routed else None
+
+    def skip_path_of(self, index: int) -> str | None:
+        """The skip path of block ``index``, or None when it is not routed."""
+        return self.skip_paths[self.routed.index(index)] if index in self.routed else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,7 +3,8 @@
 Counted as ``torch.utils.flop_counter`` counts: matrix products only, a multiply-add is 2 FLOPs.
 Per token, a linear layer costs 2·in·out; per sequence, attention costs 2·Tq·Tk·H·d for the scores and as
 much again for the weighted values (H heads of size d, the full Tq×Tk square, as eager attention computes
-it). A routed block runs its linears and attention on k = ceil(c·T) tokens and its router on all T.
+it). A routed block runs its linears and attention on k = ceil(c·T) tokens, its router on all T, and its
+skip path (if any, :mod:`modify.skip_path`) on the other T - k.
 Embedding lookups, norms and elementwise ops cost nothing here.
 """
 
@@ -17,6 +18,7 @@ from modify.archs import LINEAR_WEIGHT_LAYOUT
 from modify.passes.find_block_stack import find_block_stack
 from modify.router import ROUTER_ATTR
 from modify.routing import STATE_ATTR, capacity_tokens
+from modify.skip_path import SKIP_ATTR, skip_path_flops
 
 __all__ = ["FlopCount", "flops", "block_flops", "routed_block_flops", "attention_width"]
 
@@ -59,15 +61,24 @@ def attention_width(model: nn.Module) -> int:
 
 
 def block_flops(block: nn.Module, attention_width: int, tokens: int) -> int:
-    """FLOPs of one block's forward over one sequence of ``tokens`` tokens (router excluded)."""
-    router = getattr(block, ROUTER_ATTR, None)
-    skip = {id(m) for m in router.modules()} if router is not None else set()
+    """FLOPs of one block's forward over one sequence of ``tokens`` tokens (router and skip path excluded)."""
+    skip = {id(m) for attr in (ROUTER_ATTR, SKIP_ATTR) if hasattr(block, attr) for m in getattr(block, attr).modules()}
     return _linear_flops_per_token(block, skip) * tokens + 4 * tokens * tokens * attention_width
 
 
-def routed_block_flops(block: nn.Module, attention_width: int, capacity: float, seq_len: int, hidden_size: int) -> int:
-    """FLOPs of one routed block over one sequence: the block on k = ceil(c·T) tokens plus its router on all T."""
-    return block_flops(block, attention_width, capacity_tokens(capacity, seq_len)) + 2 * hidden_size * seq_len
+def routed_block_flops(
+    block: nn.Module,
+    attention_width: int,
+    capacity: float,
+    seq_len: int,
+    hidden_size: int,
+    skip_path: str = "identity",
+) -> int:
+    """FLOPs of one routed block over one sequence: the block on k = ceil(c·T) tokens, its router on all T
+    and its skip path on the T - k others."""
+    k = capacity_tokens(capacity, seq_len)
+    skipped = (seq_len - k) * skip_path_flops(skip_path, hidden_size)
+    return block_flops(block, attention_width, k) + 2 * hidden_size * seq_len + skipped
 
 
 def flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> FlopCount:
@@ -95,7 +106,8 @@ def flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> FlopCount:
             per_block.append((full, full))
         else:
             hidden = getattr(block, ROUTER_ATTR).weight.shape[-1]
-            per_block.append((full, routed_block_flops(block, width, state.capacity, seq_len, hidden)))
+            routed = routed_block_flops(block, width, state.capacity, seq_len, hidden, state.skip_path)
+            per_block.append((full, routed))
     dense = outside * seq_len + sum(d for d, _ in per_block)
     routed = outside * seq_len + sum(r for _, r in per_block)
     return FlopCount(

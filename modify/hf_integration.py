@@ -20,6 +20,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from modify.config import CONFIG_KEY, MoDConfig
 from modify.router import ROUTER_ATTR, MoDRouter
+from modify.skip_path import SKIP_ATTR, make_skip_path
 
 __all__ = ["QUANT_METHOD", "ModifyLoadConfig", "ModifyLoader"]
 
@@ -48,10 +49,13 @@ class ModifyLoader(HfQuantizer):
         plan = self._plan(model)
         stack = model.get_submodule(plan.block_stack)
         hidden = model.config.get_text_config().hidden_size
-        for i in plan.routed:
-            # Built on the meta device like the rest of the skeleton; the checkpoint's router weights fill it.
+        for i, skip in zip(plan.routed, plan.skip_paths):
+            # Built on the meta device like the rest of the skeleton; the checkpoint's weights fill them.
             with torch.device("meta"):
                 stack[i].add_module(ROUTER_ATTR, MoDRouter(hidden))
+                path = make_skip_path(skip, hidden, dtype=next(stack[i].parameters()).dtype)
+                if path is not None:
+                    stack[i].add_module(SKIP_ATTR, path)
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:

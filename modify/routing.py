@@ -4,7 +4,8 @@ Per sequence it scores every token, keeps the k = ceil(c·T) best in positional 
 every per-token argument of the call (rotary tables, position ids, the 4-D mask on both token axes),
 runs the block's Δ graph on those k tokens only, and adds ``g(r)·Δ`` back into the residual stream, part
 by part in the block's own order of additions (see :mod:`modify.passes.extract_delta`).
-Skipped tokens leave the block unchanged and cost nothing inside it. Shapes depend only on B, T and c.
+Skipped tokens leave the block unchanged and cost nothing inside it, unless the block has a skip path
+(:mod:`modify.skip_path`): then they get its cheap estimate of Δ instead. Shapes depend only on B, T and c.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from modify.passes.capture_block import CallStructure, call_structure, capture_b
 from modify.passes.extract_delta import ExtractDeltaPass
 from modify.passes.probe_block_calls import BlockCallSpec, Path, bind_call
 from modify.router import ROUTER_ATTR
+from modify.skip_path import SKIP_ATTR
 
 __all__ = [
     "RoutingState",
     "STATE_ATTR",
     "capacity_tokens",
     "select_tokens",
+    "skipped_tokens",
     "padding_from_mask",
     "install",
     "uninstall",
@@ -77,6 +80,13 @@ def select_tokens(
     # choice on every device and run; topk's tie order is unspecified.
     order = torch.argsort(scores, dim=-1, descending=True, stable=True)
     return order[:, :k].sort(dim=-1).values
+
+
+def skipped_tokens(idx: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, T - k] int64: the positions ``idx`` [B, k] leaves out, ascending (a static shape, no sync)."""
+    routed = torch.zeros(idx.shape[0], length, dtype=torch.int8, device=idx.device).scatter_(1, idx, 1)
+    # A stable ascending sort puts the 0s (skipped) first, in positional order.
+    return torch.argsort(routed, dim=-1, stable=True)[:, : length - idx.shape[1]]
 
 
 def padding_from_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
@@ -133,6 +143,9 @@ class RoutingState:
         delta: "exact" or "difference" (see :mod:`modify.passes.extract_delta`).
         enabled: False inside ``modify.routing_disabled``: the block runs densely.
         keep_first: leading real tokens always routed (see :func:`select_tokens`).
+        skip_path: the spec of the block's skip path ("identity": skipped tokens get nothing).
+        input_norm: name of the block's input norm (its first norm on the hidden states), which the skip
+            path reads through; "" when the block has none (post-norm blocks).
         observer: called as ``observer(scores, idx, gate)`` (detached) on every routed call; training uses
             it for per-block selection statistics.
     """
@@ -147,6 +160,8 @@ class RoutingState:
     signature: inspect.Signature
     enabled: bool = True
     keep_first: int = 0
+    skip_path: str = "identity"
+    input_norm: str = ""
     observer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     graphs: dict[CallStructure, fx.GraphModule] = field(default_factory=dict)
 
@@ -193,13 +208,23 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
         # Under autocast Δ comes out in the compute dtype while the stream keeps its own; x + Δ promotes.
         dtype = torch.promote_types(y.dtype, part.dtype)
         y = gated_scatter_add(y.to(dtype), idx, part.to(dtype), gate)
+    skip = getattr(block, SKIP_ATTR, None)
+    if skip is not None and idx.shape[1] < length:
+        rest = skipped_tokens(idx, length)
+        xs = gather_tokens(x, rest)
+        estimate = skip(block.get_submodule(state.input_norm)(xs) if state.input_norm else xs)
+        # Disjoint from the routed tokens, so the order of the additions doesn't matter; no gate: the
+        # router's score says nothing about how well the path estimates a token it rated low.
+        y = gated_scatter_add(y, rest, estimate.to(y.dtype), torch.ones(rest.shape, dtype=gate.dtype, device=y.device))
     return (y, *out[1:]) if spec.output_is_tuple else y
 
 
-def install(block: nn.Module, state: RoutingState, router: nn.Module) -> None:
-    """Route ``block``: add its router and replace its forward on this instance only."""
+def install(block: nn.Module, state: RoutingState, router: nn.Module, skip: nn.Module | None = None) -> None:
+    """Route ``block``: add its router (and skip path) and replace its forward on this instance only."""
     if getattr(block, ROUTER_ATTR, None) is not router:
         block.add_module(ROUTER_ATTR, router)
+    if skip is not None and getattr(block, SKIP_ATTR, None) is not skip:
+        block.add_module(SKIP_ATTR, skip)
     setattr(block, STATE_ATTR, state)
     block.forward = types.MethodType(routed_forward, block)  # type: ignore[method-assign]
 
@@ -208,4 +233,6 @@ def uninstall(block: nn.Module) -> None:
     """Undo :func:`install`; the block's own parameters were never touched."""
     del block.forward
     delattr(block, ROUTER_ATTR)
+    if hasattr(block, SKIP_ATTR):
+        delattr(block, SKIP_ATTR)
     delattr(block, STATE_ATTR)

@@ -41,3 +41,19 @@ def test_unconverted_model_routed_equals_dense() -> None:
 def test_flops_reject_bad_sizes() -> None:
     with pytest.raises(ValueError, match="seq_len"):
         modify.flops(tiny_model("gpt2"), 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("skip_path", ["linear", "mlp"])
+def test_analytic_flops_count_skip_paths(family: str, skip_path: str) -> None:
+    model = tiny_model(family)
+    batch, length = 2, 64
+    modify.convert(model, capacity=[0.25, 0.5], layers=[0, 1], skip_path=skip_path, skip_rank=8)
+    count = modify.flops(model, length, batch)
+    assert count.routed == _measured(model, batch, length)
+    hidden = model.config.hidden_size
+    pure = tiny_model(family)
+    modify.convert(pure, capacity=[0.25, 0.5], layers=[0, 1])
+    # The paths run on the 48 + 32 skipped tokens of each sequence, 4·D·r FLOPs each.
+    extra = batch * (48 + 32) * 4 * hidden * 8
+    assert count.routed - modify.flops(pure, length, batch).routed == extra

@@ -14,7 +14,11 @@ initialise the routers, all from text run through the dense model.
    compound instead. Each optional refinement round measures every block's tables again with the other blocks
    routed as planned (fitted routers) and plans again on them, keeping the new plan only if it measures
    better. The report gives each round's predicted and measured increase.
-5. **Routers**: each routed block's router is fitted by ridge regression from x (float64 normal equations,
+5. **Skip paths** (optional, :mod:`modify.skip_path`): with candidates besides ``identity``, a second pass
+   fits each block's skip paths for every grid capacity on the tokens the fitted router skips there
+   (:mod:`modify.calibrate.skip_fit`); the sensitivity is measured for each (capacity, skip path) option and
+   the planner chooses among them with each path's FLOPs counted.
+6. **Routers**: each routed block's router is fitted by ridge regression from x (float64 normal equations,
    accumulated over the dense pass) to the importance, so its top-k picks the tokens that matter to that
    block. Its gate scale starts at 0, so every gate is exactly 1 and capacity 1.0 still reproduces the
    model. The report gives, per block, how many of the router's top-k tokens are the oracle's.
@@ -24,13 +28,11 @@ Everything is deterministic for a seed.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
 import random
-import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,13 +41,23 @@ import torch
 from torch import nn
 
 from modify.api import convert, routed_blocks
-from modify.calibrate.planning import DEFAULT_GRID, plan_under_budget
+from modify.calibrate.measure import (
+    load_router,
+    measure_loss,
+    option_key,
+    plan_loss,
+    refined_tables,
+    sensitivity_tables,
+    set_plan,
+)
+from modify.calibrate.planning import DEFAULT_GRID, Option, plan_under_budget
+from modify.calibrate.skip_fit import NormalSums, attach_skip, block_hidden, features, fit_skip_paths, normed
 from modify.config import MoDConfig
 from modify.flops import attention_width, block_flops, routed_block_flops
 from modify.passes.find_block_stack import find_block_stack
-from modify.passes.probe_block_calls import bind_call
 from modify.router import ROUTER_ATTR
-from modify.routing import STATE_ATTR, capacity_tokens, routed_forward, select_tokens
+from modify.routing import STATE_ATTR, capacity_tokens, select_tokens
+from modify.skip_path import SKIP_ATTR, parse_spec
 
 __all__ = [
     "CalibrationSettings",
@@ -55,7 +67,9 @@ __all__ = [
     "apply_calibration",
     "fit_router",
     "grid_costs",
+    "option_costs",
     "load_router",
+    "option_key",
 ]
 
 _CHUNK_CHARS = 1 << 20
@@ -77,6 +91,8 @@ class CalibrationSettings:
         refine_rounds: after the first plan, measure every block's loss increase again with the other blocks
             routed as planned (fitted routers), and plan again on those tables; keeps the better plan. Off by
             default: on SmolLM2-135M one round cost 137 s and its plan measured worse (+0.819 vs +0.809 nats).
+        skip_paths: skip paths the planner may give a routed block, as specs ("identity", "linear-32",
+            "mlp-64"; see :mod:`modify.skip_path`); "identity" (pure Mixture-of-Depths) is always one of them.
         dtype: dtype of the copy of the model that calibration runs ("bfloat16": about 3.7x faster than
             float32 on CPUs with AMX, as measured on SmolLM2-135M here; the model passed in is not touched).
     """
@@ -90,6 +106,7 @@ class CalibrationSettings:
     seed: int = 0
     keep_first: int = 1
     refine_rounds: int = 0
+    skip_paths: tuple[str, ...] = ("identity",)
     dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
@@ -99,13 +116,18 @@ class CalibrationSettings:
             raise ValueError(f"need seq_len >= 2 and tokens >= seq_len, got {self.seq_len} and {self.tokens}")
         if 1.0 not in self.grid or any(not 0 < c <= 1 for c in self.grid):
             raise ValueError(f"the grid {self.grid} must hold capacities in (0, 1], 1.0 (not routed) included")
+        for spec in self.skip_paths:
+            parse_spec(spec)
+        object.__setattr__(self, "skip_paths", tuple(dict.fromkeys(("identity", *self.skip_paths))))
 
 
 @dataclass
 class Calibration:
     """The result: the plan and everything needed to reproduce and judge it.
 
-    ``routers`` maps block index -> {"weight", "bias", "scale"} tensors; the rest is JSON-serialisable.
+    ``routers`` maps block index -> {"weight", "bias", "scale"} tensors and ``skips`` block index -> the
+    weights of its fitted skip path; the rest is JSON-serialisable. ``skip_paths`` holds each block's skip
+    path spec ("identity" where it has none) and ``skip_fit`` each fitted path's R² on the tokens it skips.
     """
 
     settings: dict[str, Any]
@@ -120,7 +142,13 @@ class Calibration:
     measured_loss_untrained_routers: float
     router_overlap: dict[str, float]
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    skip_paths: list[str] = field(default_factory=list)
+    skip_fit: dict[str, float] = field(default_factory=dict)
     routers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    skips: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    #: In memory only: every block's fitted router ("routers": index -> values) and every candidate skip path
+    #: ("skips": (index, capacity, spec) -> weights), to plan again with fewer candidates without measuring again.
+    candidates: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def routed(self) -> list[int]:
@@ -132,13 +160,13 @@ class Calibration:
             self.routed,
             [self.capacities[i] for i in self.routed],
             keep_first=self.settings["keep_first"],
+            skip_paths=[self.skip_paths[i] if self.skip_paths else "identity" for i in self.routed],
             calibration=self.to_dict(),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("routers")
-        return out
+        tensors = ("routers", "skips", "candidates")
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in tensors}
 
 
 def token_windows(
@@ -179,27 +207,6 @@ def token_windows(
     return ids, record
 
 
-def _hidden(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    state = getattr(block, STATE_ATTR)
-    return bind_call(state.signature, block, args, kwargs)[state.spec.hidden]
-
-
-def _loss(model: nn.Module, ids: torch.Tensor) -> float:
-    return float(model(input_ids=ids, labels=ids, use_cache=False).loss)
-
-
-@contextlib.contextmanager
-def _replay(blocks: Sequence[nn.Module], cached: Sequence[Any]) -> Iterator[None]:
-    """Blocks return their cached dense outputs instead of computing them."""
-    for block, out in zip(blocks, cached):
-        block.forward = types.MethodType(lambda self, *a, _out=out, **k: _out, block)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for block in blocks:
-            block.forward = types.MethodType(routed_forward, block)  # type: ignore[method-assign]
-
-
 def calibrate(
     model: nn.Module,
     windows: torch.Tensor,
@@ -235,7 +242,9 @@ def _dense_pass(
     other_batches: list[list[int]],
     dim: int,
     report: Callable,
+    extra: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> _DensePass:
+    """One pass over every window; ``extra(i, x, y)`` also sees each block's input and output hidden states."""
     n = len(blocks)
     dense = _DensePass(
         torch.zeros(n, dim + 1, dim + 1, dtype=torch.float64),
@@ -248,13 +257,15 @@ def _dense_pass(
 
     def hook(i: int) -> Callable:
         def fn(block: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
-            x = _hidden(block, args, kwargs)
+            x = block_hidden(block, args, kwargs)
             y = out[0] if isinstance(out, tuple) else out
             importance = (y - x).float().norm(dim=-1).clamp_min(1e-12).log()  # [B, T]
             # float32 products per batch (a few thousand rows), summed across batches in float64.
             feats = torch.cat([x.float().reshape(-1, dim), torch.ones(x.shape[0] * x.shape[1], 1)], dim=1)
             dense.gram[i] += (feats.T @ feats).double()
             dense.moment[i] += (feats.T @ importance.reshape(-1, 1)).squeeze(-1).double()
+            if extra is not None:
+                extra(i, x, y)
             if keep["sens"]:
                 dense.importance[i].append(importance)
                 dense.inputs[i].append(x)
@@ -269,7 +280,7 @@ def _dense_pass(
         with torch.no_grad():
             for done, batch in enumerate(batches):
                 keep["sens"] = done < len(sens_batches)
-                loss = _loss(model, windows[batch])
+                loss = measure_loss(model, windows[batch])
                 if keep["sens"]:
                     losses.append(loss)
                 report("dense pass", done + 1, len(batches))
@@ -293,6 +304,25 @@ def grid_costs(model: nn.Module, grid: Sequence[float], seq_len: int) -> list[di
     ]
 
 
+def option_costs(
+    model: nn.Module, grid: Sequence[float], seq_len: int, specs: Sequence[str]
+) -> list[dict[Option, float]]:
+    """Per block, (capacity, skip path) -> forward FLOPs at ``seq_len``, skip path included: the planner's costs
+    when it chooses skip paths too. Capacity 1.0 appears once, as (1.0, "identity")."""
+    _, stack = find_block_stack(model)
+    width, dim = attention_width(model), model.config.hidden_size
+    return [
+        {
+            (c, spec): float(
+                routed_block_flops(b, width, c, seq_len, dim, spec) if c < 1 else block_flops(b, width, seq_len)
+            )
+            for c in grid
+            for spec in (specs if c < 1 else ("identity",))
+        }
+        for b in stack
+    ]
+
+
 def fit_router(gram: torch.Tensor, moment: torch.Tensor) -> dict[str, torch.Tensor]:
     """Ridge regression from [x, 1] to a per-token target, from Σ [x,1]ᵀ[x,1] and Σ [x,1]ᵀ target.
 
@@ -303,101 +333,6 @@ def fit_router(gram: torch.Tensor, moment: torch.Tensor) -> dict[str, torch.Tens
     ridge[dim, dim] = 0
     solution = torch.linalg.solve(gram + ridge, moment)
     return {"weight": solution[:dim].float().unsqueeze(0), "bias": solution[dim:].float(), "scale": torch.zeros(1)}
-
-
-def _sensitivity(
-    model: nn.Module,
-    blocks: list[nn.Module],
-    states: list[Any],
-    windows: torch.Tensor,
-    sens_batches: list[list[int]],
-    dense: _DensePass,
-    grid: Sequence[float],
-    report: Callable,
-) -> dict[str, dict[str, float]]:
-    """Loss increase per block: skipped ("0"), and routing its most important tokens at each capacity."""
-    variants = [0.0] + sorted((c for c in grid if c < 1.0), reverse=True)
-    table: dict[str, dict[str, float]] = {}
-    with torch.no_grad():
-        for i, block in enumerate(blocks):
-            router = getattr(block, ROUTER_ATTR)
-            row = {}
-            for c in variants:
-                losses = []
-                for b, batch in enumerate(sens_batches):
-                    oracle = dense.importance[i][b]
-                    handle = router.register_forward_hook(lambda m, a, out, _o=oracle: _o)
-                    with (
-                        _replay(blocks[:i], [dense.outputs[j][b] for j in range(i)]),
-                        _variant(block, states[i], c, router),
-                    ):
-                        losses.append(_loss(model, windows[batch]))
-                    handle.remove()
-                row[f"{c:g}"] = sum(losses) / len(losses) - dense.loss
-            row["1"] = 0.0
-            table[str(i)] = row
-            report("sensitivity", i + 1, len(blocks))
-    return table
-
-
-def _set_plan(
-    blocks: list[nn.Module],
-    states: list[Any],
-    capacities: Sequence[float],
-    routers: dict[int, dict[str, torch.Tensor]] | None,
-) -> None:
-    """Route every block as planned, with the fitted routers (or zero routers when ``routers`` is None)."""
-    for i, block in enumerate(blocks):
-        states[i].capacity, states[i].enabled = capacities[i], capacities[i] < 1.0
-        load_router(getattr(block, ROUTER_ATTR), routers[i] if routers is not None else None)
-
-
-def _plan_loss(model: nn.Module, windows: torch.Tensor, sens_batches: list[list[int]]) -> float:
-    with torch.no_grad():
-        return sum(_loss(model, windows[b]) for b in sens_batches) / len(sens_batches)
-
-
-def _refined_tables(
-    model: nn.Module,
-    blocks: list[nn.Module],
-    states: list[Any],
-    windows: torch.Tensor,
-    sens_batches: list[list[int]],
-    routers: dict[int, dict[str, torch.Tensor]],
-    capacities: Sequence[float],
-    grid: Sequence[float],
-    report: Callable,
-) -> list[dict[float, float]]:
-    """Each block's loss increase at each grid capacity, with every other block routed as planned.
-
-    The additive prediction measures blocks one at a time on the dense model; effects compound, so the
-    tables are measured again around the plan, the way the first round measures them around dense.
-    """
-    _set_plan(blocks, states, capacities, routers)
-    outputs: list[list[Any]] = [[] for _ in blocks]
-    handles = [b.register_forward_hook(lambda m, a, out, _i=i: outputs[_i].append(out)) for i, b in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            for batch in sens_batches:
-                _loss(model, windows[batch])
-    finally:
-        for h in handles:
-            h.remove()
-    tables = []
-    with torch.no_grad():
-        for i in range(len(blocks)):
-            losses = {}
-            for c in sorted(grid, reverse=True):
-                states[i].capacity, states[i].enabled = c, c < 1.0
-                total = 0.0
-                for b, batch in enumerate(sens_batches):
-                    with _replay(blocks[:i], [outputs[j][b] for j in range(i)]):
-                        total += _loss(model, windows[batch])
-                losses[c] = total / len(sens_batches)
-            states[i].capacity, states[i].enabled = capacities[i], capacities[i] < 1.0
-            tables.append({c: losses[c] - losses[1.0] for c in losses})
-            report("refining", i + 1, len(blocks))
-    return tables
 
 
 def _overlap(
@@ -437,47 +372,82 @@ def _calibrate(
     other_batches = [other[i : i + s.batch_size] for i in range(0, len(other), s.batch_size)]
 
     grid = sorted(set(s.grid), reverse=True)
-    costs = grid_costs(model, grid, s.seq_len)
+    costs = option_costs(model, grid, s.seq_len, s.skip_paths)
+    options = list(costs[0])
     # A budget no plan can meet (or one that routes nothing) fails here, before minutes of measurement.
-    plan_under_budget([{c: 0.0 for c in grid} for _ in blocks], costs, s.budget)
-    dense = _dense_pass(model, blocks, windows, sens_batches, other_batches, dim, report)
-    routers = {i: fit_router(dense.gram[i], dense.moment[i]) for i in range(n)}
-    sensitivity = _sensitivity(model, blocks, states, windows, sens_batches, dense, s.grid, report)
+    plan_under_budget([{o: 0.0 for o in table} for table in costs], costs, s.budget)
+    with_mlp = any(parse_spec(spec)[0] == "mlp" for spec in s.skip_paths)
+    all_tokens = [NormalSums.zeros(1, dim + 1, dim) for _ in blocks] if with_mlp else []
 
-    loss_tables = [{c: sensitivity[str(i)][f"{c:g}"] for c in grid} for i in range(n)]
+    def normed_sums(i: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        n = normed(blocks[i], states[i], x).float().reshape(-1, dim)
+        all_tokens[i].add(0, features(n), (y.float() - x.float()).reshape(-1, dim))
+
+    dense = _dense_pass(
+        model, blocks, windows, sens_batches, other_batches, dim, report, normed_sums if with_mlp else None
+    )
+    routers = {i: fit_router(dense.gram[i], dense.moment[i]) for i in range(n)}
+    fits: dict[tuple[int, float, str], dict[str, torch.Tensor]] = {}
+    r2: dict[tuple[int, float, str], float] = {}
+    if len(s.skip_paths) > 1:
+        fits, r2 = fit_skip_paths(
+            model,
+            blocks,
+            states,
+            windows,
+            sens_batches + other_batches,
+            routers,
+            all_tokens,
+            s.skip_paths,
+            s.grid,
+            s.keep_first,
+            report,
+        )
+    sensitivity = sensitivity_tables(
+        model, blocks, states, windows, sens_batches, dense, s.grid, s.skip_paths, fits, report
+    )
+
+    loss_tables = [{o: sensitivity[str(i)][option_key(*o)] if o[0] < 1 else 0.0 for o in options} for i in range(n)]
     chosen = plan_under_budget(loss_tables, costs, s.budget)
-    _set_plan(blocks, states, chosen.capacities, routers)
-    measured = _plan_loss(model, windows, sens_batches)
-    rounds: list[dict[str, Any]] = [
-        {
-            "capacities": list(chosen.capacities),
-            "predicted": chosen.predicted_loss_increase,
-            "measured": measured - dense.loss,
+    set_plan(blocks, states, chosen.capacities, routers, fits)
+    measured = plan_loss(model, windows, sens_batches)
+
+    def record(plan: Sequence[Option], predicted: float, loss: float) -> dict[str, Any]:
+        return {
+            "capacities": [o[0] for o in plan],
+            "skip_paths": [o[1] for o in plan],
+            "predicted": predicted,
+            "measured": loss - dense.loss,
         }
-    ]
+
+    rounds = [record(chosen.capacities, chosen.predicted_loss_increase, measured)]
     for _ in range(s.refine_rounds):
-        tables = _refined_tables(model, blocks, states, windows, sens_batches, routers, chosen.capacities, grid, report)
+        tables = refined_tables(
+            model, blocks, states, windows, sens_batches, routers, fits, chosen.capacities, options, report
+        )
         candidate = plan_under_budget(tables, costs, s.budget)
         # Linearised around the current plan: its measured increase plus the change of the refined terms.
         predicted = (
             measured - dense.loss + sum(t[c] - t[p] for t, c, p in zip(tables, candidate.capacities, chosen.capacities))
         )
-        _set_plan(blocks, states, candidate.capacities, routers)
-        candidate_loss = _plan_loss(model, windows, sens_batches)
-        rounds.append(
-            {"capacities": list(candidate.capacities), "predicted": predicted, "measured": candidate_loss - dense.loss}
-        )
+        set_plan(blocks, states, candidate.capacities, routers, fits)
+        candidate_loss = plan_loss(model, windows, sens_batches)
+        rounds.append(record(candidate.capacities, predicted, candidate_loss))
         if candidate_loss >= measured:
             break
         chosen = dataclasses.replace(candidate, predicted_loss_increase=predicted)
         measured = candidate_loss
-    _set_plan(blocks, states, chosen.capacities, None)
-    untrained = _plan_loss(model, windows, sens_batches)
+    set_plan(blocks, states, chosen.capacities, None, fits)
+    untrained = plan_loss(model, windows, sens_batches)
+    capacities = [c for c, _ in chosen.capacities]
+    paths = [spec for _, spec in chosen.capacities]
+    for block, state in zip(blocks, states):
+        attach_skip(block, state, "identity", None)
     return Calibration(
-        settings={**asdict(s), "grid": list(s.grid)},
+        settings={**asdict(s), "grid": list(s.grid), "skip_paths": list(s.skip_paths)},
         data=data,
         num_blocks=n,
-        capacities=list(chosen.capacities),
+        capacities=capacities,
         sensitivity=sensitivity,
         cost_ratio=chosen.cost_ratio,
         predicted_loss_increase=chosen.predicted_loss_increase,
@@ -485,50 +455,25 @@ def _calibrate(
         measured_loss=measured,
         measured_loss_untrained_routers=untrained,
         rounds=rounds,
-        router_overlap=_overlap(dense, routers, chosen.capacities, s.keep_first),
-        routers={i: routers[i] for i, c in enumerate(chosen.capacities) if c < 1.0},
+        router_overlap=_overlap(dense, routers, capacities, s.keep_first),
+        skip_paths=paths,
+        skip_fit={str(i): round(r2[i, c, p], 4) for i, (c, p) in enumerate(chosen.capacities) if p != "identity"},
+        routers={i: routers[i] for i, c in enumerate(capacities) if c < 1.0},
+        skips={i: fits[i, c, p] for i, (c, p) in enumerate(chosen.capacities) if p != "identity"},
+        candidates={"routers": routers, "skips": fits, "r2": r2},
     )
 
 
-def load_router(router: nn.Module, values: dict[str, torch.Tensor] | None) -> None:
-    """Load fitted router ``values`` (from :func:`fit_router`) into ``router``, or reset it to a fresh zero
-    router when ``values`` is None."""
-    with torch.no_grad():
-        for name, param in router.named_parameters():
-            if values is None:
-                param.fill_(1.0 if name == "scale" else 0.0)
-            else:
-                param.copy_(values[name].to(param.device, param.dtype))
-
-
-@contextlib.contextmanager
-def _variant(block: nn.Module, state: Any, capacity: float, router: nn.Module) -> Iterator[None]:
-    """Block skipped (capacity 0) or routed at ``capacity`` with its gate held at exactly 1."""
-    saved_scale = router.scale.detach().clone()
-    if capacity == 0.0:
-        spec = state.spec
-
-        def identity(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            x = bind_call(state.signature, self, args, kwargs)[spec.hidden]
-            return (x,) if spec.output_is_tuple else x
-
-        block.forward = types.MethodType(identity, block)  # type: ignore[method-assign]
-    else:
-        state.enabled, state.capacity = True, capacity
-        with torch.no_grad():
-            router.scale.zero_()
-    try:
-        yield
-    finally:
-        block.forward = types.MethodType(routed_forward, block)  # type: ignore[method-assign]
-        state.enabled, state.capacity = False, 1.0
-        with torch.no_grad():
-            router.scale.copy_(saved_scale)
-
-
 def apply_calibration(model: nn.Module, calibration: Calibration) -> nn.Module:
-    """Convert ``model`` with the calibrated plan and load the fitted routers (gate scale 0: gates are 1)."""
+    """Convert ``model`` with the calibrated plan and load the fitted routers (gate scale 0: gates are 1) and
+    skip paths."""
     convert(model, plan=calibration.plan())
     for block, state in routed_blocks(model):
         load_router(getattr(block, ROUTER_ATTR), calibration.routers[state.index])
+        if state.index in calibration.skips:
+            path = getattr(block, SKIP_ATTR)
+            first = next(path.parameters())
+            path.load_state_dict(
+                {k: v.to(first.device, first.dtype) for k, v in calibration.skips[state.index].items()}
+            )
     return model

@@ -2,7 +2,8 @@
 
 ``PLAN.json`` holds the calibration record (settings, data fingerprint, per-block sensitivity, the chosen
 capacities, predicted and measured loss, router fit) and the source it was calibrated on;
-``PLAN.safetensors`` holds the fitted routers; ``PLAN.png`` charts each block's sensitivity and capacity.
+``PLAN.safetensors`` holds the fitted routers (``<block>.<name>``) and skip paths (``skip.<block>.<name>``);
+``PLAN.png`` charts each block's sensitivity and capacity.
 The JSON is written last, each file atomically, so a plan that is there is complete.
 """
 
@@ -47,7 +48,8 @@ def plot_plan(calibration: Calibration, path: Path) -> None:
 
     blocks = list(range(calibration.num_blocks))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.3 * len(blocks) + 2), 6), sharex=True)
-    keys = [k for k in next(iter(calibration.sensitivity.values())) if k != "1"]
+    # Pure MoD's columns ("0.5"); a skip path's ("0.5 linear-32") would crowd the chart.
+    keys = [k for k in next(iter(calibration.sensitivity.values())) if k != "1" and " " not in k]
     for key in sorted(keys, key=float):
         values = [max(calibration.sensitivity[str(i)][key], 1e-4) for i in blocks]
         top.plot(blocks, values, marker="o", ms=3, label="skipped" if key == "0" else f"capacity {key}")
@@ -58,6 +60,9 @@ def plot_plan(calibration: Calibration, path: Path) -> None:
     bottom.bar(
         blocks, calibration.capacities, color=["tab:blue" if c < 1 else "lightgray" for c in calibration.capacities]
     )
+    for i, (c, spec) in enumerate(zip(calibration.capacities, calibration.skip_paths)):
+        if c < 1 and spec != "identity":
+            bottom.text(i, c + 0.02, spec, rotation=90, ha="center", va="bottom", fontsize=6)
     bottom.set_ylim(0, 1.05)
     bottom.set_ylabel("capacity")
     bottom.set_xlabel("block")
@@ -79,6 +84,9 @@ def save_plan(calibration: Calibration, path: Path, source: dict[str, Any]) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     routers_path, chart_path = path.with_suffix(".safetensors"), path.with_suffix(".png")
     tensors = {f"{i}.{name}": t.contiguous() for i, values in calibration.routers.items() for name, t in values.items()}
+    tensors.update(
+        {f"skip.{i}.{name}": t.contiguous() for i, values in calibration.skips.items() for name, t in values.items()}
+    )
     _atomic(routers_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     plot_plan(calibration, chart_path)
     record = {
@@ -114,7 +122,9 @@ def load_plan(path: Path) -> tuple[Calibration, dict[str, Any]]:
     for key in ("format", "version"):
         record.pop(key)
     routers: dict[int, dict[str, torch.Tensor]] = {}
+    skips: dict[int, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        index, name = key.split(".", 1)
-        routers.setdefault(int(index), {})[name] = tensor
-    return Calibration(**record, routers=routers), source
+        target = skips if key.startswith("skip.") else routers
+        index, name = key.removeprefix("skip.").split(".", 1)
+        target.setdefault(int(index), {})[name] = tensor
+    return Calibration(**record, routers=routers, skips=skips), source

@@ -10,6 +10,10 @@ routers included. The prediction assumes the blocks' effects add up (measured on
 :mod:`modify.calibrate.calibration`). The optimisation is a multiple-choice knapsack solved exactly by dynamic
 programming over blocks, keeping only the Pareto frontier of (cost, loss) partial plans; it agrees with
 brute force on small cases (tests/test_planning.py).
+
+A block's options are its grid capacities, or (capacity, skip path) pairs when skip paths are candidates
+(:mod:`modify.skip_path`): the planner then chooses both under the same budget, a skip path's FLOPs on the
+skipped tokens counted in the option's cost. Exactly one option per block has capacity 1.0: dense.
 """
 
 from __future__ import annotations
@@ -18,6 +22,10 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+#: A block's option: a capacity, or a (capacity, skip-path spec) pair.
+Option = Any
 
 __all__ = [
     "DEFAULT_GRID",
@@ -28,6 +36,7 @@ __all__ = [
     "cosine_depth",
     "plan_under_budget",
     "brute_force_plan",
+    "option_capacity",
 ]
 
 #: Capacities the planner may choose; 1.0 leaves a block dense.
@@ -69,11 +78,25 @@ def cosine_depth(
     return caps
 
 
+def option_capacity(option: Option) -> float:
+    """The capacity of an option: the option itself, or the first item of a (capacity, skip path) pair."""
+    return float(option[0] if isinstance(option, tuple) else option)
+
+
+def _order(option: Option) -> tuple[float, str]:
+    return option_capacity(option), str(option[1]) if isinstance(option, tuple) else ""
+
+
+def _dense(table: dict[Option, float]) -> Option:
+    return next(o for o in table if option_capacity(o) == 1.0)
+
+
 @dataclass(frozen=True)
 class BudgetPlan:
-    """The planner's answer: one capacity per block, and what it costs and is predicted to lose."""
+    """The planner's answer: one option (capacity or (capacity, skip path)) per block, and what it costs and
+    is predicted to lose."""
 
-    capacities: tuple[float, ...]
+    capacities: tuple[Option, ...]
     cost: float
     dense_cost: float
     predicted_loss_increase: float
@@ -87,15 +110,16 @@ def _check(loss: Sequence[dict[float, float]], cost: Sequence[dict[float, float]
     if len(loss) != len(cost) or not loss:
         raise ValueError("give one loss table and one cost table per block")
     for i, (l_i, c_i) in enumerate(zip(loss, cost)):
-        if 1.0 not in c_i or set(l_i) != set(c_i):
-            raise ValueError(f"block {i}: the loss and cost tables need the same capacities, 1.0 included")
+        dense = [o for o in c_i if option_capacity(o) == 1.0]
+        if len(dense) != 1 or set(l_i) != set(c_i):
+            raise ValueError(f"block {i}: the loss and cost tables need the same capacities, 1.0 included once")
     if not (math.isfinite(budget) and budget > 0):
         raise ValueError(f"FLOP budget {budget} must be a number in (0, 1), e.g. 0.75")
     if budget >= 1.0:
         raise ValueError(
             f"FLOP budget {budget} leaves the dense cost: nothing needs routing; use a budget below 1, e.g. 0.75"
         )
-    dense = sum(c[1.0] for c in cost)
+    dense = sum(c[_dense(c)] for c in cost)
     cheapest = sum(min(c.values()) for c in cost)
     if cheapest > budget * dense:
         raise ValueError(
@@ -110,15 +134,15 @@ def plan_under_budget(
     """The grid plan with the least predicted loss increase whose cost is within ``budget`` of dense.
 
     Args:
-        loss: per block, capacity -> predicted loss increase (0 at 1.0).
-        cost: per block, capacity -> forward FLOPs of the block (1.0: dense).
+        loss: per block, option -> predicted loss increase (0 at capacity 1.0).
+        cost: per block, option -> forward FLOPs of the block (capacity 1.0: dense).
         budget: F in (0, 1): the blocks may cost at most F times their dense cost.
 
     Raises:
         ValueError: a budget of 1 or more (nothing to route), or below the cheapest plan on the grid.
     """
     _check(loss, cost, budget)
-    dense = sum(c[1.0] for c in cost)
+    dense = sum(c[_dense(c)] for c in cost)
     limit = budget * dense
     # frontier: cost -> (loss, capacities), kept Pareto-optimal (no other state is cheaper and no worse).
     frontier: list[tuple[float, float, tuple[float, ...]]] = [(0.0, 0.0, ())]
@@ -127,10 +151,10 @@ def plan_under_budget(
         candidates = [
             (f_cost + c_i[cap], f_loss + l_i[cap], caps + (cap,))
             for f_cost, f_loss, caps in frontier
-            for cap in sorted(c_i, reverse=True)
+            for cap in sorted(c_i, key=_order, reverse=True)
             if f_cost + c_i[cap] + remaining_min[i + 1] <= limit * (1 + 1e-12)
         ]
-        candidates.sort(key=lambda s: (s[0], s[1], tuple(-c for c in s[2])))
+        candidates.sort(key=lambda s: (s[0], s[1], tuple(-option_capacity(c) for c in s[2])))
         frontier, best = [], math.inf
         for state in candidates:
             if state[1] < best:
@@ -145,9 +169,9 @@ def brute_force_plan(
 ) -> BudgetPlan:
     """Every combination of the grid; for testing the dynamic program on small cases."""
     _check(loss, cost, budget)
-    dense = sum(c[1.0] for c in cost)
+    dense = sum(c[_dense(c)] for c in cost)
     best: BudgetPlan | None = None
-    for caps in itertools.product(*[sorted(c, reverse=True) for c in cost]):
+    for caps in itertools.product(*[sorted(c, key=_order, reverse=True) for c in cost]):
         total = sum(c[cap] for c, cap in zip(cost, caps))
         if total > budget * dense * (1 + 1e-12):
             continue

@@ -10,12 +10,14 @@ from typing import Any
 
 from modify.cli.common import Progress, add_common_flags, emit_json, quiet_libraries
 from modify.errors import ModifyError, UsageError
+from modify.skip_path import SKIP_KINDS
 
 EXAMPLES = """examples:
   modify calibrate smollm2 --data plays/*.txt --flops-budget 0.75 --out plan.json
   modify calibrate ./my-llama --data corpus.txt --tokens 131072 --seq-len 1024 --flops-budget 0.6 --out plan.json
   modify convert ./my-llama out/llama-mod --plan plan.json        # apply a saved plan
   modify convert smollm2 out/mod --calibrate plays/*.txt --flops-budget 0.75   # calibrate and convert at once
+  modify calibrate smollm2 --data plays/*.txt --flops-budget 0.75 --skip-path linear --skip-rank 128 --out plan.json
 
 Writes PLAN.json, the fitted routers as PLAN.safetensors and a chart as PLAN.png beside it."""
 
@@ -40,6 +42,37 @@ def grid_type(text: str) -> tuple[float, ...]:
     if any(not 0 < v <= 1 for v in values):
         raise argparse.ArgumentTypeError(f"grid {text} holds a capacity outside (0, 1]")
     return tuple(sorted(set(values) | {1.0}, reverse=True))
+
+
+def add_skip_flags(p: argparse.ArgumentParser, fitted: bool) -> None:
+    """--skip-path and --skip-rank, shared by calibrate and convert."""
+    p.add_argument(
+        "--skip-path",
+        choices=list(SKIP_KINDS),
+        default="identity",
+        help=(
+            "what routed blocks give the tokens they skip: nothing (identity, the default, the paper's rule), "
+            "a low-rank linear estimate of the block's contribution, or a small MLP"
+            + (
+                "; fitted here, and the planner chooses per block between it and identity under the budget"
+                if fitted
+                else "; starts at zero (fit it with --calibrate, or train it)"
+            )
+        ),
+    )
+    p.add_argument(
+        "--skip-rank", type=int, default=32, help="rank of a linear skip path, hidden units of an mlp (default 32)"
+    )
+
+
+def skip_spec(args: argparse.Namespace) -> str:
+    """The skip-path spec the flags ask for ("identity", "linear-32", ...); a bad rank is a one-line error."""
+    from modify.skip_path import spec_name
+
+    try:
+        return spec_name(args.skip_path, args.skip_rank)
+    except ValueError as exc:
+        raise UsageError(f"--skip-rank {args.skip_rank}: {exc}") from None
 
 
 def add_calibration_flags(p: argparse.ArgumentParser, required: bool) -> None:
@@ -103,6 +136,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, required=True, metavar="PLAN.json", help="where to write the plan")
     add_calibration_flags(p, required=True)
+    add_skip_flags(p, fitted=True)
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_common_flags(p)
     p.set_defaults(run=run)
@@ -128,6 +162,7 @@ def run_calibration(args: argparse.Namespace, model: Any, tokenizer: Any, progre
             keep_first=args.keep_first,
             dtype=args.calibration_dtype,
             refine_rounds=args.refine_rounds,
+            skip_paths=(skip_spec(args),),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -162,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         "plan": str(path),
         "routed": calibration.routed,
         "capacities": [calibration.capacities[i] for i in calibration.routed],
+        "skip_paths": [calibration.skip_paths[i] for i in calibration.routed],
         "cost_ratio": calibration.cost_ratio,
         "predicted_loss_increase": calibration.predicted_loss_increase,
         "measured_loss_increase": calibration.measured_loss - calibration.dense_loss,
@@ -170,7 +206,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(summary)
     elif not args.quiet:
-        routed = ", ".join(f"{i}:{c:g}" for i, c in zip(summary["routed"], summary["capacities"]))
+        routed = ", ".join(
+            f"{i}:{c:g}" + (f" ({p})" if p != "identity" else "")
+            for i, c, p in zip(summary["routed"], summary["capacities"], summary["skip_paths"])
+        )
         print(
             f"wrote {path} (+ .safetensors, .png): blocks {routed}; {calibration.cost_ratio:.3f} of dense block FLOPs; "
             f"loss {summary['predicted_loss_increase']:+.3f} predicted, "

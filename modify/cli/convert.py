@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from modify.cli.calibrate import add_calibration_flags, run_calibration
+from modify.cli.calibrate import add_calibration_flags, add_skip_flags, run_calibration, skip_spec
 from modify.cli.common import Progress, add_common_flags, capacity_type, emit_json, parse_layers, quiet_libraries
 from modify.errors import ModifyError, UsageError
 
@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   modify convert ./my-llama out/llama-mod --force --json     # replace OUT; print a JSON summary
   modify convert smollm2 out/mod --calibrate plays/*.txt --flops-budget 0.75   # plan and routers from data
   modify convert smollm2 out/mod --plan plan.json             # a plan written by 'modify calibrate'
+  modify convert smollm2 out/mod --calibrate plays/*.txt --flops-budget 0.75 --skip-path linear --skip-rank 128
 
 SRC is a Hugging Face model directory (safetensors, sharded or not, or .bin), a .gguf file, a model id in the
 local Hugging Face cache (nothing is downloaded) or 'smollm2'. SRC is never modified; OUT is written into a
@@ -48,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--calibrate", dest="data", nargs="+", type=Path, metavar="FILE", help="calibrate on these text files first"
     )
     add_calibration_flags(p, required=False)
+    add_skip_flags(p, fitted=False)
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_common_flags(p)
     p.set_defaults(run=run)
@@ -58,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     from modify.checkpoint import check_output, is_converted_directory, load_source, resolve_source, save_converted
 
     layers = parse_layers(args.layers)
+    skip = skip_spec(args)
+    if args.plan and skip != "identity":
+        raise UsageError("--skip-path comes from the plan with --plan; calibrate with --skip-path instead")
     if args.data and args.flops_budget is None:
         raise UsageError("--calibrate needs --flops-budget F, e.g. --flops-budget 0.75")
     progress = Progress(args.quiet or args.json, args.debug)
@@ -86,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
                 apply_calibration(model, calibration)
             else:
-                modify.convert(model, capacity=args.capacity, layers=layers)
+                modify.convert(model, capacity=args.capacity, layers=layers, skip_path=skip)
         except ValueError as exc:
             if isinstance(exc, modify.UnsupportedModelError):
                 raise
@@ -103,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
                 "source": plan["source"],
                 "routed": plan["routed"],
                 "capacities": plan["capacities"],
+                "skip_paths": plan["skip_paths"],
                 "flops": {"seq_len": 2048, "dense": count.dense, "routed": count.routed},
                 "seconds": round(seconds, 2),
             }

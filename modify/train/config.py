@@ -17,7 +17,7 @@ from modify.errors import UsageError
 
 __all__ = ["TrainConfig", "TRAIN_MODES", "SCHEDULES", "STRATEGIES", "load_config_file", "RUN_KEYS"]
 
-TRAIN_MODES = ("full", "lora", "routers", "routers+norms")
+TRAIN_MODES = ("full", "lora", "routers", "routers+norms", "routers+skip")
 SCHEDULES = ("cosine", "linear", "constant")
 STRATEGIES = ("auto", "fsdp", "ddp")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -51,7 +51,7 @@ class TrainConfig:
         capacity_anneal: steps over which every routed block's capacity goes from 1.0 to the plan's.
         aux_weight: coefficient of any auxiliary loss the model returns (``outputs.aux_loss``).
         train: what learns: ``full``, ``lora`` (LoRA on the blocks' linears plus the routers, with peft),
-            ``routers``, or ``routers+norms``.
+            ``routers``, ``routers+norms`` or ``routers+skip``.
         lora_rank, lora_alpha: LoRA's rank and scale.
         eval_data: held-out text; without it, ``eval_fraction`` of the documents of ``data`` are held out.
         eval_every, eval_tokens: evaluate every that many steps (0: only at the end) on at most that many
@@ -83,7 +83,7 @@ class TrainConfig:
     clip: float = field(default=1.0, metadata=_help("gradient-norm clipping; 0 turns it off"))
     capacity_anneal: int = field(default=0, metadata=_help("steps to anneal capacity from 1.0 to the plan's"))
     aux_weight: float = field(default=0.01, metadata=_help("coefficient of the model's auxiliary loss"))
-    train: str = field(default="full", metadata=_help("full, lora, routers or routers+norms"))
+    train: str = field(default="full", metadata=_help("full, lora, routers, routers+norms or routers+skip"))
     lora_rank: int = field(default=16, metadata=_help("LoRA rank"))
     lora_alpha: float = field(default=32.0, metadata=_help("LoRA alpha"))
     eval_data: list[str] = field(default_factory=list, metadata=_help("held-out text"))

@@ -3,9 +3,10 @@
 - ``full``: every weight; routers at ``--router-lr``.
 - ``routers``: the routers alone (the model frozen).
 - ``routers+norms``: the routers and every normalisation layer's weights.
-- ``lora``: LoRA (peft) on every linear layer of the blocks, plus the routers trained in full. Checkpoints and
-  the final model hold the merged weights W + B·A, computed out of place so that the weights being trained
-  are never rounded by a merge and unmerge; the adapters are saved beside them.
+- ``routers+skip``: the routers and the skip paths (:mod:`modify.skip_path`).
+- ``lora``: LoRA (peft) on every linear layer of the blocks, plus the routers and skip paths trained in full.
+  Checkpoints and the final model hold the merged weights W + B·A, computed out of place so that the weights
+  being trained are never rounded by a merge and unmerge; the adapters are saved beside them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 
 from modify.errors import ModifyError
 from modify.router import ROUTER_ATTR
+from modify.skip_path import SKIP_ATTR
 
 __all__ = ["prepare_trainable", "param_groups", "merged_state_dict", "base_model", "LORA_ADAPTER"]
 
@@ -26,6 +28,10 @@ LORA_ADAPTER = "default"
 
 def _is_router(name: str) -> bool:
     return f"{ROUTER_ATTR}." in name
+
+
+def _is_skip_path(name: str) -> bool:
+    return f"{SKIP_ATTR}." in name
 
 
 def _norm_parameters(model: nn.Module) -> set[int]:
@@ -43,7 +49,7 @@ def _block_linears(model: nn.Module) -> list[str]:
     names = []
     for i, block in enumerate(stack):
         for name, module in block.named_modules():
-            if isinstance(module, nn.Linear) and ROUTER_ATTR not in name:
+            if isinstance(module, nn.Linear) and ROUTER_ATTR not in name and SKIP_ATTR not in name:
                 names.append(f"{stack_name}.{i}.{name}")
     return names
 
@@ -57,7 +63,7 @@ def prepare_trainable(model: nn.Module, mode: str, rank: int = 16, alpha: float 
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none")
         model = get_peft_model(model, config)
         for name, p in model.named_parameters():  # peft froze everything but the adapters
-            if _is_router(name):
+            if _is_router(name) or _is_skip_path(name):
                 p.requires_grad_(True)
         return model
     norms = _norm_parameters(model)
@@ -66,6 +72,8 @@ def prepare_trainable(model: nn.Module, mode: str, rank: int = 16, alpha: float 
             p.requires_grad_(True)
         elif mode == "routers":
             p.requires_grad_(_is_router(name))
+        elif mode == "routers+skip":
+            p.requires_grad_(_is_router(name) or _is_skip_path(name))
         else:  # routers+norms
             p.requires_grad_(_is_router(name) or id(p) in norms)
     if not any(p.requires_grad for p in model.parameters()):

@@ -119,6 +119,13 @@ ARG_CASES = {
     "layer out of range": (["--layers", "1,9"], 2, "block index 9 is out of range: valid indices are 0..3"),
     "malformed layers": (["--layers", "1,,x"], 2, "malformed --layers"),
     "backwards range": (["--layers", "5-2"], 2, "malformed --layers"),
+    "skip rank zero": (["--skip-path", "linear", "--skip-rank", "0"], 2, "skip rank 0 must be a positive integer"),
+    "unknown skip path": (["--skip-path", "conv"], 2, "invalid choice: 'conv'"),
+    "skip path with a plan": (
+        ["--plan", "plan.json", "--skip-path", "mlp"],
+        2,
+        "--skip-path comes from the plan with --plan; calibrate with --skip-path instead",
+    ),
 }
 
 
