@@ -1,11 +1,13 @@
 """Heal a retrofitted SmolLM2-135M with continued pretraining, against the dense model trained the same way.
 
     python examples/train_smollm2.py [--tokens 262144] [--sweep-tokens 32768] [--extra-budgets 0.9] [--ablations]
+                                     [--skip-paths linear-128 mlp-96]
 
 One command, CPU-sized, every step through the `modify` command line as a user would run it:
 
 1. convert SmolLM2-135M-Instruct three ways: a plan calibrated at FLOP budget 0.75 (calibrated routers), one
-   calibrated at 0.5, and the paper's plan (capacity 0.125 on every other block, fresh routers);
+   calibrated at 0.5, and the paper's plan (capacity 0.125 on every other block, fresh routers); with
+   --skip-paths, also plans calibrated at 0.75 with each skip path as a candidate (``--skip-path``);
 2. sweep --train modes and learning rates with short runs of the 0.75 plan, and keep the best by held-out
    perplexity (skip with --sweep-tokens 0 and give --train / --lr);
 3. train each converted model and the dense model (``modify train smollm2 --dense``) on the same tokens of
@@ -123,6 +125,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4, help="learning rate when there is no sweep")
     parser.add_argument("--extra-budgets", type=float, nargs="*", default=[0.9], help="more calibrated plans to train")
     parser.add_argument(
+        "--skip-paths", nargs="*", default=[], help="skip paths (linear-128, mlp-96) to calibrate and train at 0.75"
+    )
+    parser.add_argument(
         "--ablations", action="store_true", help="short runs of the 0.75 plan beyond the sweep: lr, anneal, router lr"
     )
     args = parser.parse_args()
@@ -140,6 +145,11 @@ def main() -> None:
     for budget in args.extra_budgets:
         name = f"convert-cal{round(budget * 100):03d}"
         plans[f"calibrated {budget:g}"] = convert(work, name, data, "--flops-budget", str(budget))
+    for spec in args.skip_paths:
+        kind, rank = spec.split("-")
+        name = f"convert-cal075-{kind}{rank}"
+        options = ("--flops-budget", "0.75", "--skip-path", kind, "--skip-rank", rank)
+        plans[f"calibrated 0.75, {spec} skip paths"] = convert(work, name, data, *options)
     results: dict[str, Any] = {"tokens": args.tokens, "seq_len": SEQ_LEN, "batch_size": BATCH, "sweep": []}
 
     mode, lr = args.train, args.lr

@@ -51,7 +51,7 @@ def test_skipped_tokens_get_the_path_and_routed_tokens_the_block(family: str) ->
     reference.load_state_dict(model.state_dict(), strict=False)
     ids = _ids(model)
     seen: list[tuple] = []
-    for (block, state), (ref_block, _) in zip(routed_blocks(model), routed_blocks(reference)):
+    for block, state in routed_blocks(model):
         block.register_forward_hook(lambda m, a, k, out, _s=state: seen.append((m, _s, a, k, out)), with_kwargs=True)
     with torch.no_grad():
         model(ids, use_cache=False)  # the reference block is called again with the same arguments
@@ -60,7 +60,7 @@ def test_skipped_tokens_get_the_path_and_routed_tokens_the_block(family: str) ->
             y = out[0] if isinstance(out, tuple) else out
             ref = reference.get_submodule(state.name)(*args, **kwargs)
             ref = ref[0] if isinstance(ref, tuple) else ref
-            scores = getattr(block, "mod_router")(x)
+            scores = block.mod_router(x)
             idx = select_tokens(scores, capacity_tokens(0.5, x.shape[1]))
             rest = skipped_tokens(idx, x.shape[1])
             take = lambda t, i: torch.gather(t, 1, i.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # noqa: E731

@@ -20,15 +20,6 @@ SETTINGS = CalibrationSettings(
 
 
 @pytest.fixture(scope="module")
-def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from modify.assets import shakespeare_split
-
-    path = tmp_path_factory.mktemp("data") / "plays.txt"
-    path.write_text("".join(p.read_text(errors="replace")[20000:60000] for p in shakespeare_split()[0][:3]))
-    return path
-
-
-@pytest.fixture(scope="module")
 def calibrated(text: Path):
     model = tiny_model("llama", num_hidden_layers=6)
     windows, data = token_windows(tiny_tokenizer(), [text], SETTINGS.seq_len, SETTINGS.tokens)

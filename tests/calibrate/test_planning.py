@@ -86,3 +86,44 @@ def test_schedules() -> None:
     assert caps[0] == caps[-1] == 1.0
     assert caps[1] == pytest.approx(1.0) and caps[-2] == pytest.approx(0.125)
     assert all(a >= b for a, b in zip(caps[1:-1], caps[2:-1]))
+
+
+def _option_tables(n: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Options (capacity, skip path): a path costs FLOPs on the skipped tokens and may lower the loss."""
+    rng = random.Random(seed)
+    loss, cost = [], []
+    for _ in range(n):
+        scale, helps = rng.uniform(0.001, 3.0), rng.uniform(0.0, 1.0)
+        routed = [c for c in DEFAULT_GRID if c < 1]
+        lose = {(1.0, "identity"): 0.0}
+        pay = {(1.0, "identity"): 1.0}
+        for c in routed:
+            lose[c, "identity"] = scale * (1 - c)
+            pay[c, "identity"] = c + 0.01
+            lose[c, "linear-8"] = scale * (1 - c) * helps
+            pay[c, "linear-8"] = c + 0.01 + 0.2 * (1 - c)
+        loss.append(lose)
+        cost.append(pay)
+    return loss, cost
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("budget", [0.4, 0.6, 0.8])
+def test_skip_path_options_match_brute_force_and_meet_the_budget(seed: int, budget: float) -> None:
+    loss, cost = _option_tables(4, seed)
+    expected = brute_force_plan(loss, cost, budget)
+    plan = plan_under_budget(loss, cost, budget)
+    assert plan.predicted_loss_increase == pytest.approx(expected.predicted_loss_increase, abs=1e-12)
+    assert sum(c[o] for c, o in zip(cost, plan.capacities)) <= budget * plan.dense_cost * (1 + 1e-12)
+    assert all(isinstance(o, tuple) and o in c for c, o in zip(cost, plan.capacities))
+
+
+def test_a_skip_path_is_chosen_only_where_it_pays_for_its_flops() -> None:
+    loss, cost = _option_tables(2, seed=0)
+    for table in loss:  # the path removes almost all of the loss in block 0, none of it in block 1
+        for option in table:
+            if option[1] == "linear-8":
+                table[option] = table[option[0], "identity"] * (0.01 if table is loss[0] else 1.0)
+    plan = plan_under_budget(loss, cost, 0.7)
+    assert plan.capacities[0][1] == "linear-8"
+    assert plan.capacities[1][1] == "identity"

@@ -216,3 +216,19 @@ def test_non_finite_steps_are_skipped_and_a_streak_stops_the_run(
     assert code == 1
     assert err[-1].startswith("modify train: error: 3 steps in a row had a non-finite loss")
     assert "Traceback" not in "\n".join(err)
+
+
+def test_routers_and_skip_paths_train_alone(tiny_run: dict[str, Path], tmp_path: Path) -> None:
+    converted = tmp_path / "skip"
+    flags = ["--capacity", "0.5", "--skip-path", "linear", "--skip-rank", "4", "-q"]
+    assert main(["convert", str(tiny_run["src"]), str(converted), *flags]) == 0
+    inputs = {**tiny_run, "skip": converted}
+    argv = train_args(inputs, tmp_path / "run", "--train", "routers+skip", "--lr", "1e-2", model="skip")
+    assert main(argv) == 0
+    before, after = _weights(converted), _weights(tmp_path / "run")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    paths = {k for k in before if "mod_skip_path" in k}
+    assert paths and {k for k in paths if k.endswith("up.weight")} <= changed  # the zero output layer moved
+    assert changed <= paths | {k for k in before if "mod_router" in k}
+    loaded = modify.from_pretrained(tmp_path / "run")
+    assert loaded.config.mixture_of_depths["skip_paths"] == ["linear-4", "linear-4"]
