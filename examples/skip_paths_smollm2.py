@@ -7,8 +7,9 @@ an MLP with 96 hidden units, 1/16 of the block's): once on the plays titled A–
 and Python's reference documentation (``pydoc_data.topics``, shipped with CPython; topics A–H). For each
 variant the planner chooses blocks, capacities and where to use the path under the same budget (identity
 always allowed), from the same measurements: re-planning with fewer candidates is what calibrating with fewer
-candidates computes. Each plan is evaluated zero-shot on held-out plays (titled M–Z) and held-out
-documentation (topics I–Z). Writes RESULTS.json.
+candidates computes. Each plan is evaluated zero-shot on held-out plays (titled M–Z), held-out documentation
+(topics I–Z) and a third kind in neither calibration set: the project descriptions (READMEs) of some installed
+packages. Writes RESULTS.json; each calibration is kept in OUT and reused when run again.
 """
 
 from __future__ import annotations
@@ -58,6 +59,29 @@ def docs_files(out: Path) -> tuple[Path, Path]:
     first.write_text("\n\n".join(topics[n] for n in names if n < "i"))
     second.write_text("\n\n".join(topics[n] for n in names if n >= "i"))
     return first, second
+
+
+#: Packages whose long descriptions (READMEs, in their installed METADATA) make the third held-out text.
+README_PACKAGES = ("transformers", "torch", "numpy", "networkx", "peft", "accelerate", "rich", "matplotlib",
+                   "huggingface_hub", "pytest", "safetensors", "tokenizers")  # fmt: skip
+
+
+def readme_file(out: Path) -> tuple[Path, dict[str, str]]:
+    """The installed READMEs of ``README_PACKAGES`` (those present) as one text file, and their versions."""
+    import importlib.metadata as md
+
+    texts, versions = [], {}
+    for name in README_PACKAGES:
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        body = dist.read_text("METADATA") or ""
+        texts.append(body.split("\n\n", 1)[1] if "\n\n" in body else "")
+        versions[name] = dist.version
+    path = out / "readmes.txt"
+    path.write_text("\n\n".join(texts))
+    return path, versions
 
 
 def plan_for(cal: Calibration, model: torch.nn.Module, variant: str, budget: float, seq_len: int) -> dict:
@@ -112,11 +136,17 @@ def main() -> None:
     model, tokenizer = load_smollm2()
     plays_calib, plays_eval = shakespeare_split()
     docs_calib, docs_eval = docs_files(args.out)
+    readmes, versions = readme_file(args.out)
     held_out = {
         "plays": token_windows(tokenizer, plays_eval, args.seq_len, args.eval_tokens)[0],
         "docs": token_windows(tokenizer, [docs_eval], args.seq_len, args.eval_tokens)[0],
+        "readmes": token_windows(tokenizer, [readmes], args.seq_len, args.eval_tokens)[0],
     }
-    results: dict = {"dense": {k: perplexity(model, w) for k, w in held_out.items()}, "calibrations": {}}
+    results: dict = {
+        "dense": {k: perplexity(model, w) for k, w in held_out.items()},
+        "readme_packages": versions,
+        "calibrations": {},
+    }
     print("dense", results["dense"], flush=True)
 
     plays, plays_data = token_windows(tokenizer, plays_calib, args.seq_len, args.tokens)
@@ -138,15 +168,20 @@ def main() -> None:
         skip_paths=VARIANTS,
     )
     for name, (windows, data) in sources.items():
-        start = time.perf_counter()
-        cal = calibrate(
-            model,
-            windows,
-            data,
-            settings,
-            progress=lambda stage, done, total: print(f"\r{stage} {done}/{total}   ", end="", flush=True),
-        )
-        seconds = time.perf_counter() - start
+        cached = args.out / f"calibration-{name}.pt"
+        if cached.is_file():
+            cal, seconds = torch.load(cached, weights_only=False)
+        else:
+            start = time.perf_counter()
+            cal = calibrate(
+                model,
+                windows,
+                data,
+                settings,
+                progress=lambda stage, done, total: print(f"\r{stage} {done}/{total}   ", end="", flush=True),
+            )
+            seconds = time.perf_counter() - start
+            torch.save((cal, seconds), cached)
         print(f"\ncalibrated on {name} in {seconds:.0f} s", flush=True)
         rows = {}
         for variant in VARIANTS:
