@@ -88,8 +88,8 @@ def routed_blocks(model: nn.Module) -> list[tuple[nn.Module, RoutingState]]:
 def _analyse(block: nn.Module, spec: BlockCallSpec, name: str) -> tuple[str, str, str]:
     """Capture the block as the parent calls it, extract Δ, and return (form, delta kind, input norm).
 
-    The input norm is the norm module that the block's first branch applies to the hidden states ("" if
-    none: post-norm blocks), which a skip path reads through.
+    The input norm is the first norm module the graph applies to the hidden states themselves ("" if none,
+    as in post-norm blocks); a skip path reads the skipped tokens through it.
     """
     gm = capture_block(block, spec.structure, type(block).forward, name)
     extract = ExtractDeltaPass(spec.hidden, name)

@@ -293,15 +293,7 @@ def _dense_pass(
 
 def grid_costs(model: nn.Module, grid: Sequence[float], seq_len: int) -> list[dict[float, float]]:
     """Per block, capacity -> forward FLOPs at ``seq_len`` (routers included below 1.0): the planner's costs."""
-    _, stack = find_block_stack(model)
-    width, dim = attention_width(model), model.config.hidden_size
-    return [
-        {
-            c: float(routed_block_flops(b, width, c, seq_len, dim) if c < 1 else block_flops(b, width, seq_len))
-            for c in grid
-        }
-        for b in stack
-    ]
+    return [{c: table[c, "identity"] for c, _ in table} for table in option_costs(model, grid, seq_len, ("identity",))]
 
 
 def option_costs(
