@@ -9,7 +9,9 @@ variant the planner chooses blocks, capacities and where to use the path under t
 always allowed), from the same measurements: re-planning with fewer candidates is what calibrating with fewer
 candidates computes. Each plan is evaluated zero-shot on held-out plays (titled M–Z), held-out documentation
 (topics I–Z) and a third kind in neither calibration set: the project descriptions (READMEs) of some installed
-packages. Writes RESULTS.json; each calibration is kept in OUT and reused when run again.
+packages. Two ablations per calibration tell the plan's part from the path's: the linear-128 plan with its
+paths removed, and the pure-MoD plan with linear-128 paths added on its blocks (over budget by their FLOPs).
+Writes RESULTS.json; each calibration is kept in OUT and reused when run again.
 """
 
 from __future__ import annotations
@@ -100,6 +102,30 @@ def plan_for(cal: Calibration, model: torch.nn.Module, variant: str, budget: flo
         "cost_ratio": chosen.cost_ratio,
         "predicted": chosen.predicted_loss_increase,
     }
+
+
+def ablations(model: torch.nn.Module, cal: Calibration, held_out: dict, dense: dict, args: argparse.Namespace) -> dict:
+    """Is it the plan or the path? Held-out perplexity over dense for two mixtures of the two."""
+    linear = plan_for(cal, model, "linear-128", args.budget, args.seq_len)
+    pure = plan_for(cal, model, "identity", args.budget, args.seq_len)
+    pure_with_paths = dict(pure, skip_paths=["linear-128" if c < 1 else "identity" for c in pure["capacities"]])
+    rows = {}
+    for name, plan, strip in [
+        ("linear-128 plan, paths removed", linear, True),
+        ("pure-MoD plan, linear-128 paths added", pure_with_paths, False),
+    ]:
+        apply_plan(model, cal, plan)
+        if strip:
+            for block in model.model.layers:
+                if hasattr(block, SKIP_ATTR):
+                    delattr(block, SKIP_ATTR)
+        flops = modify.flops(model, args.seq_len)
+        blocks = sum(r for _, r in flops.blocks) / sum(d for d, _ in flops.blocks)
+        rows[name] = {"block_flops": blocks, **{k: perplexity(model, w) / dense[k] for k, w in held_out.items()}}
+        modify.revert(model)
+        print(f"  ablation: {name:<40} block FLOPs {blocks:.3f} "
+              + "  ".join(f"{k} {rows[name][k]:.2f}x" for k in held_out), flush=True)  # fmt: skip
+    return rows
 
 
 def apply_plan(model: torch.nn.Module, cal: Calibration, plan: dict) -> None:
@@ -211,7 +237,12 @@ def main() -> None:
                 + "  ".join(f"{k} {row['ppl'][k]:8.2f} ({row['vs_dense'][k]:.2f}x)" for k in held_out),
                 flush=True,
             )
-        results["calibrations"][name] = {"seconds": seconds, "rows": rows, "sensitivity": cal.sensitivity}
+        results["calibrations"][name] = {
+            "seconds": seconds,
+            "rows": rows,
+            "ablations": ablations(model, cal, held_out, results["dense"], args),
+            "sensitivity": cal.sensitivity,
+        }
         (args.out / "RESULTS.json").write_text(json.dumps(results, indent=2))
 
 
