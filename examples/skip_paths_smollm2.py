@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import modify
+from modify.api import routed_blocks
 from modify.assets import load_smollm2, shakespeare_split
 from modify.calibrate.calibration import (
     Calibration,
@@ -116,9 +117,10 @@ def ablations(model: torch.nn.Module, cal: Calibration, held_out: dict, dense: d
     ]:
         apply_plan(model, cal, plan)
         if strip:
-            for block in model.model.layers:
+            for block, state in routed_blocks(model):
                 if hasattr(block, SKIP_ATTR):
                     delattr(block, SKIP_ATTR)
+                state.skip_path = "identity"  # so that modify.flops no longer counts it
         flops = modify.flops(model, args.seq_len)
         blocks = sum(r for _, r in flops.blocks) / sum(d for d, _ in flops.blocks)
         rows[name] = {"block_flops": blocks, **{k: perplexity(model, w) / dense[k] for k, w in held_out.items()}}
