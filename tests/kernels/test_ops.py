@@ -162,6 +162,31 @@ def test_routed_model_through_the_triton_kernels() -> None:
     torch.testing.assert_close(grads["triton"][1], grads["reference"][1], atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+def test_skip_paths_through_the_triton_kernels() -> None:
+    """Skipped tokens gathered and scattered by the fused kernels: the loss and the path's gradient equal the
+    reference path's."""
+    import modify
+    from modify.testing import tiny_model
+
+    ids = torch.randint(3, 97, (2, 12)).to(DEVICE)
+    model = tiny_model("llama").to(DEVICE)
+    modify.convert(model, capacity=0.25, skip_path="linear", skip_rank=4)
+    with torch.no_grad():
+        for p in (p for n, p in model.named_parameters() if "router" in n or "skip_path" in n):
+            p.normal_(0, 0.3)
+    results = {}
+    for name in ("reference", "triton"):
+        model.zero_grad()
+        with use_backend(name):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+        results[name] = (loss.detach(), model.model.layers[1].mod_skip_path.down.weight.grad.clone())
+    assert results["reference"][1].abs().sum() > 0
+    torch.testing.assert_close(results["triton"][0], results["reference"][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(results["triton"][1], results["reference"][1], atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.skipif(DEVICE != "cuda" or not HAS_TRITON, reason="needs a GPU with over 9 GB free")
 def test_int64_offsets_past_two_to_the_31() -> None:
     dim = 4096
