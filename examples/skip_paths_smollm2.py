@@ -32,8 +32,8 @@ from modify.calibrate.calibration import (
     CalibrationSettings,
     calibrate,
     load_router,
+    loss_tables,
     option_costs,
-    option_key,
     token_windows,
 )
 from modify.calibrate.planning import plan_under_budget
@@ -92,11 +92,7 @@ def plan_for(cal: Calibration, model: torch.nn.Module, variant: str, budget: flo
     specs = ("identity",) if variant == "identity" else ("identity", variant)
     grid = sorted(set(cal.settings["grid"]), reverse=True)
     costs = option_costs(model, grid, seq_len, specs)
-    loss = [
-        {o: cal.sensitivity[str(i)][option_key(*o)] if o[0] < 1 else 0.0 for o in table}
-        for i, table in enumerate(costs)
-    ]
-    chosen = plan_under_budget(loss, costs, budget)
+    chosen = plan_under_budget(loss_tables(cal.sensitivity, costs), costs, budget)
     return {
         "capacities": [c for c, _ in chosen.capacities],
         "skip_paths": [s for _, s in chosen.capacities],

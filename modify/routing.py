@@ -165,6 +165,10 @@ class RoutingState:
     observer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     graphs: dict[CallStructure, fx.GraphModule] = field(default_factory=dict)
 
+    def skip_input(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What the block's skip path reads: ``x`` after the block's input norm, if it has one."""
+        return block.get_submodule(self.input_norm)(x) if self.input_norm else x
+
     def graph(self, block: nn.Module, structure: CallStructure) -> fx.GraphModule:
         """The Δ graph for calls of this structure, captured on first use."""
         gm = self.graphs.get(structure)
@@ -212,7 +216,7 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if skip is not None and idx.shape[1] < length:
         rest = skipped_tokens(idx, length)
         xs = gather_tokens(x, rest)
-        estimate = skip(block.get_submodule(state.input_norm)(xs) if state.input_norm else xs)
+        estimate = skip(state.skip_input(block, xs))
         # Disjoint from the routed tokens, so the order of the additions doesn't matter; no gate: the
         # router's score says nothing about how well the path estimates a token it rated low.
         y = gated_scatter_add(y, rest, estimate.to(y.dtype), torch.ones(rest.shape, dtype=gate.dtype, device=y.device))

@@ -51,7 +51,7 @@ from modify.calibrate.measure import (
     set_plan,
 )
 from modify.calibrate.planning import DEFAULT_GRID, Option, plan_under_budget
-from modify.calibrate.skip_fit import NormalSums, attach_skip, block_hidden, features, fit_skip_paths, normed
+from modify.calibrate.skip_fit import NormalSums, attach_skip, block_hidden, features, fit_skip_paths
 from modify.config import MoDConfig
 from modify.flops import attention_width, block_flops, routed_block_flops
 from modify.passes.find_block_stack import find_block_stack
@@ -68,6 +68,7 @@ __all__ = [
     "fit_router",
     "grid_costs",
     "option_costs",
+    "loss_tables",
     "load_router",
     "option_key",
 ]
@@ -315,6 +316,15 @@ def option_costs(
     ]
 
 
+def loss_tables(
+    sensitivity: dict[str, dict[str, float]], costs: list[dict[Option, float]]
+) -> list[dict[Option, float]]:
+    """The planner's loss tables: each block's measured loss increase for each option of ``costs`` (0 when dense)."""
+    return [
+        {o: sensitivity[str(i)][option_key(*o)] if o[0] < 1 else 0.0 for o in table} for i, table in enumerate(costs)
+    ]
+
+
 def fit_router(gram: torch.Tensor, moment: torch.Tensor) -> dict[str, torch.Tensor]:
     """Ridge regression from [x, 1] to a per-token target, from Σ [x,1]ᵀ[x,1] and Σ [x,1]ᵀ target.
 
@@ -372,7 +382,7 @@ def _calibrate(
     all_tokens = [NormalSums.zeros(1, dim + 1, dim) for _ in blocks] if with_mlp else []
 
     def normed_sums(i: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        n = normed(blocks[i], states[i], x).float().reshape(-1, dim)
+        n = states[i].skip_input(blocks[i], x).float().reshape(-1, dim)
         all_tokens[i].add(0, features(n), (y.float() - x.float()).reshape(-1, dim))
 
     dense = _dense_pass(
@@ -399,8 +409,7 @@ def _calibrate(
         model, blocks, states, windows, sens_batches, dense, s.grid, s.skip_paths, fits, report
     )
 
-    loss_tables = [{o: sensitivity[str(i)][option_key(*o)] if o[0] < 1 else 0.0 for o in options} for i in range(n)]
-    chosen = plan_under_budget(loss_tables, costs, s.budget)
+    chosen = plan_under_budget(loss_tables(sensitivity, costs), costs, s.budget)
     set_plan(blocks, states, chosen.capacities, routers, fits)
     measured = plan_loss(model, windows, sens_batches)
 
@@ -462,10 +471,6 @@ def apply_calibration(model: nn.Module, calibration: Calibration) -> nn.Module:
     convert(model, plan=calibration.plan())
     for block, state in routed_blocks(model):
         load_router(getattr(block, ROUTER_ATTR), calibration.routers[state.index])
-        if state.index in calibration.skips:
-            path = getattr(block, SKIP_ATTR)
-            first = next(path.parameters())
-            path.load_state_dict(
-                {k: v.to(first.device, first.dtype) for k, v in calibration.skips[state.index].items()}
-            )
+        if state.index in calibration.skips:  # load_state_dict copies into the path's own device and dtype
+            getattr(block, SKIP_ATTR).load_state_dict(calibration.skips[state.index])
     return model

@@ -38,7 +38,6 @@ __all__ = [
     "mlp_first_layer",
     "ridge_solve",
     "block_hidden",
-    "normed",
     "attach_skip",
     "fit_skip_paths",
 ]
@@ -206,11 +205,6 @@ def block_hidden(block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     return bind_call(state.signature, block, args, kwargs)[state.spec.hidden]
 
 
-def normed(block: nn.Module, state: Any, x: torch.Tensor) -> torch.Tensor:
-    """What the block's skip path reads: x after the block's input norm, if it has one."""
-    return block.get_submodule(state.input_norm)(x) if state.input_norm else x
-
-
 def attach_skip(block: nn.Module, state: Any, spec: str, weights: dict[str, torch.Tensor] | None) -> None:
     """Give ``block`` the skip path ``spec`` with ``weights`` (none for identity), replacing any it has."""
     if hasattr(block, SKIP_ATTR):
@@ -220,7 +214,7 @@ def attach_skip(block: nn.Module, state: Any, spec: str, weights: dict[str, torc
     path = make_skip_path(spec, state.spec.hidden_size, first.device, first.dtype)
     if path is not None:
         assert weights is not None, f"no fitted weights for skip path {spec} of block {state.index}"
-        path.load_state_dict({k: v.to(first.dtype) for k, v in weights.items()})
+        path.load_state_dict(weights)  # copied into the block's dtype
         block.add_module(SKIP_ATTR, path)
 
 
@@ -241,7 +235,7 @@ def _skip_pass(
             x = block_hidden(block, args, kwargs)
             y = out[0] if isinstance(out, tuple) else out
             scores = torch.nn.functional.linear(x.float(), routers[i]["weight"], routers[i]["bias"]).squeeze(-1)
-            stats.add(i, normed(block, states[i], x), y.float() - x.float(), scores)
+            stats.add(i, states[i].skip_input(block, x), y.float() - x.float(), scores)
 
         return fn
 

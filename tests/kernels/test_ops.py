@@ -132,6 +132,20 @@ def test_bad_inputs_get_clear_errors(backend: str, monkeypatch: pytest.MonkeyPat
         gated_scatter_add(x, bad, delta, gate)
 
 
+def _backends_agree(model: torch.nn.Module, ids: torch.Tensor, param: torch.nn.Parameter) -> None:
+    """The loss, and ``param``'s gradient (which must not be zero), through the kernels equal the reference's."""
+    results = {}
+    for name in ("reference", "triton"):
+        model.zero_grad()
+        with use_backend(name):
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+        results[name] = (loss.detach(), param.grad.clone())
+    assert results["reference"][1].abs().sum() > 0
+    torch.testing.assert_close(results["triton"][0], results["reference"][0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(results["triton"][1], results["reference"][1], atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
 def test_routed_model_through_the_triton_kernels() -> None:
     """A tiny Llama routed through the fused kernels: exact at capacity 1.0, and equal to the reference path."""
@@ -151,15 +165,7 @@ def test_routed_model_through_the_triton_kernels() -> None:
     with torch.no_grad():
         for p in (p for n, p in model.named_parameters() if "router" in n):
             p.normal_(0, 0.3)
-    grads = {}
-    for name in ("reference", "triton"):
-        model.zero_grad()
-        with use_backend(name):
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-        grads[name] = (loss.detach(), model.model.layers[1].mod_router.weight.grad.clone())
-    torch.testing.assert_close(grads["triton"][0], grads["reference"][0], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(grads["triton"][1], grads["reference"][1], atol=1e-6, rtol=1e-4)
+    _backends_agree(model, ids, model.model.layers[1].mod_router.weight)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
@@ -175,16 +181,7 @@ def test_skip_paths_through_the_triton_kernels() -> None:
     with torch.no_grad():
         for p in (p for n, p in model.named_parameters() if "router" in n or "skip_path" in n):
             p.normal_(0, 0.3)
-    results = {}
-    for name in ("reference", "triton"):
-        model.zero_grad()
-        with use_backend(name):
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-        results[name] = (loss.detach(), model.model.layers[1].mod_skip_path.down.weight.grad.clone())
-    assert results["reference"][1].abs().sum() > 0
-    torch.testing.assert_close(results["triton"][0], results["reference"][0], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(results["triton"][1], results["reference"][1], atol=1e-6, rtol=1e-4)
+    _backends_agree(model, ids, model.model.layers[1].mod_skip_path.down.weight)
 
 
 @pytest.mark.skipif(DEVICE != "cuda" or not HAS_TRITON, reason="needs a GPU with over 9 GB free")
