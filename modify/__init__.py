@@ -11,6 +11,7 @@ from modify.checkpoint import from_pretrained, save_converted
 from modify.config import MoDConfig
 from modify.errors import UnsupportedModelError
 from modify.flops import FlopCount, flops
+from modify.generate import fit_thresholds, measure_agreement, routing_mode, set_routing
 
 __version__ = "0.1.0"
 
@@ -27,9 +28,13 @@ __all__ = [
     "__version__",
     "convert",
     "find_blocks",
+    "fit_thresholds",
     "flops",
     "from_pretrained",
+    "measure_agreement",
     "revert",
     "routing_disabled",
+    "routing_mode",
     "save_converted",
+    "set_routing",
 ]

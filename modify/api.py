@@ -17,7 +17,8 @@ from modify.passes.capture_block import capture_block
 from modify.passes.extract_delta import ExtractDeltaPass
 from modify.passes.find_block_stack import find_block_stack
 from modify.passes.probe_block_calls import BlockCallSpec, probe_block_calls
-from modify.router import ROUTER_ATTR, MoDRouter
+from modify.generate.causal import install_model_hooks, remove_model_hooks
+from modify.router import PREDICTOR_ATTR, ROUTER_ATTR, MoDPredictor, MoDRouter
 from modify.routing import STATE_ATTR, RoutingState, install, uninstall
 from modify.skip_path import SKIP_ATTR, make_skip_path, spec_name
 
@@ -107,6 +108,12 @@ def _analyse(block: nn.Module, spec: BlockCallSpec, name: str) -> tuple[str, str
     return analysis.form, extract.delta_kind, norm
 
 
+def _cache_layer(block: nn.Module, index: int) -> int:
+    """The block's layer in a Hugging Face cache: its attention's ``layer_idx``, else its stack index."""
+    found = next((m.layer_idx for m in block.modules() if isinstance(getattr(m, "layer_idx", None), int)), None)
+    return index if found is None else found
+
+
 def _skip_specs(skip_path: str | Sequence[str], skip_rank: int, count: int) -> list[str]:
     """One skip-path spec per routed block from a kind ("linear") or spec ("linear-32"), or one per block."""
     values = [skip_path] * count if isinstance(skip_path, str) else list(skip_path)
@@ -125,6 +132,7 @@ def convert(
     keep_first: int = 0,
     skip_path: str | Sequence[str] = "identity",
     skip_rank: int = 32,
+    causal: str | None = None,
 ) -> nn.Module:
     """Convert ``model`` to Mixture-of-Depths in place and return it.
 
@@ -141,6 +149,8 @@ def convert(
             "linear" or "mlp" (see :mod:`modify.skip_path`), one kind or one per routed block. A new skip path
             starts at zero, so it changes nothing until it is fitted (``modify calibrate``) or trained.
         skip_rank: rank of a "linear" skip path, hidden units of an "mlp" one.
+        causal: how tokens decide alone when sampling: "threshold", "aux" or "predictor" (see
+            :mod:`modify.generate.causal`); by default the plan's rule, else "threshold".
         plan: a saved plan to apply instead of ``capacity``, ``layers``, ``keep_first`` and the skip paths
             (its source is kept). A block that already carries a router or skip path (as when loading a
             converted checkpoint) keeps it and its weights.
@@ -167,17 +177,18 @@ def convert(
             block_stack=stack_name,
             keep_first=keep_first,
             skip_paths=_skip_specs(skip_path, skip_rank, len(routed)),
+            causal=causal or "threshold",
         )
     elif plan.num_blocks != len(stack):
         raise ValueError(
             f"the plan is for {plan.num_blocks} blocks but the model has {len(stack)}; use the plan's model"
         )
     else:
-        plan = MoDConfig.from_dict({**plan.to_dict(), "block_stack": stack_name})
+        plan = MoDConfig.from_dict({**plan.to_dict(), "block_stack": stack_name, "causal": causal or plan.causal})
     blocks = list(stack)
     specs = probe_block_calls(model, blocks, example_inputs)
     states = []
-    for i, cap, skip in zip(plan.routed, plan.capacities, plan.skip_paths):
+    for i, cap, skip, threshold in zip(plan.routed, plan.capacities, plan.skip_paths, plan.thresholds):
         name = f"{stack_name}.{i}"
         form, delta, norm = _analyse(blocks[i], specs[i], name)
         forward_fn = type(blocks[i]).forward
@@ -194,6 +205,9 @@ def convert(
                 keep_first=plan.keep_first,
                 skip_path=skip,
                 input_norm=norm,
+                causal=plan.causal,
+                threshold=threshold,
+                cache_layer=_cache_layer(blocks[i], i),
             )
         )
     first = next(model.parameters())
@@ -203,15 +217,22 @@ def convert(
         path = getattr(block, SKIP_ATTR, None) or make_skip_path(
             state.skip_path, state.spec.hidden_size, first.device, first.dtype
         )
-        install(block, state, router, path)
+        predictor = None
+        if plan.causal == "predictor":
+            predictor = getattr(block, PREDICTOR_ATTR, None) or MoDPredictor(
+                state.spec.hidden_size, plan.predictor_size, device=first.device
+            )
+        install(block, state, router, path, predictor)
     config = getattr(model, "config", None)
     if config is not None:
         setattr(config, CONFIG_KEY, plan.to_dict())
+    install_model_hooks(model, plan.aux_loss_coef)
     return model
 
 
 def revert(model: nn.Module) -> nn.Module:
     """Undo :func:`convert` in place: routers removed, original forwards back, weights untouched."""
+    remove_model_hooks(model)
     for block, _ in routed_blocks(model):
         uninstall(block)
     config = getattr(model, "config", None)

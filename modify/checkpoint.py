@@ -305,8 +305,10 @@ def write_converted(
     converted from); ``state_dict`` replaces the model's own (a sharded model's gathered weights); ``trained``
     says in the card how the model was trained.
     """
+    from modify.generate.causal import sync_plan
     from modify.hf_integration import QUANT_METHOD
 
+    sync_plan(model)  # thresholds that training's running statistics moved
     plan = MoDConfig.from_dict(getattr(model.config, CONFIG_KEY))
     if source is not None:
         plan.source = source.to_dict()

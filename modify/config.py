@@ -8,7 +8,7 @@ from typing import Any
 
 from modify.skip_path import parse_spec
 
-__all__ = ["MoDConfig", "CONFIG_KEY", "ROUTER_KINDS", "GATE_KINDS"]
+__all__ = ["MoDConfig", "CONFIG_KEY", "ROUTER_KINDS", "GATE_KINDS", "CAUSAL_RULES"]
 
 #: The attribute of a Hugging Face config (and key of config.json) that holds the plan.
 CONFIG_KEY = "mixture_of_depths"
@@ -18,6 +18,11 @@ ROUTER_KINDS = ("linear",)
 #: (0, 2), so a router that drifts can neither blow up a block's contribution nor flip its sign (the
 #: instability reported by users of unbounded routers).
 GATE_KINDS = ("sigmoid",)
+#: How a token decides alone whether a routed block processes it when sampling (top-k over a sequence is not
+#: causal): "threshold": router score > the block's threshold (the score quantile that routes the block's
+#: capacity); "aux": router score > 0, the router trained with an auxiliary BCE on top-k membership;
+#: "predictor": a small MLP on the stop-gradient block input, trained on the same targets, logit > 0.
+CAUSAL_RULES = ("threshold", "aux", "predictor")
 _VERSION = 1
 
 
@@ -38,6 +43,11 @@ class MoDConfig:
             (0 is the paper's pure top-k; 1 keeps the attention sink of a pretrained model).
         source: where the converted checkpoint came from (``kind``, ``path``, ``gguf_file``, ``model_id``), as
             recorded by ``modify convert``; ``modify verify`` reloads it.
+        causal: how a token decides alone when sampling; see ``CAUSAL_RULES``.
+        thresholds: per routed block, the decision threshold of the "threshold" rule (router scores above it
+            are processed); empty means 0.0 everywhere. "aux" and "predictor" decide at 0.
+        aux_loss_coef: coefficient of the "aux" / "predictor" loss added to ``outputs.loss``.
+        predictor_size: hidden units of each block's predictor MLP ("predictor" rule).
         calibration: for a calibrated plan, everything needed to reproduce and judge it (data fingerprint,
             token count, sequence length, grid, budget, per-block sensitivity, predicted and measured loss).
         version: format version, for migrating configs saved by older releases.
@@ -51,6 +61,10 @@ class MoDConfig:
     block_stack: str = field(default="", metadata={"help": "qualified name of the block list"})
     keep_first: int = field(default=0, metadata={"help": "leading tokens every routed block always processes"})
     skip_paths: list[str] = field(default_factory=list, metadata={"help": "skip path of each routed block"})
+    causal: str = field(default="threshold", metadata={"help": "causal decision rule for sampling"})
+    thresholds: list[float] = field(default_factory=list, metadata={"help": "threshold of each routed block"})
+    aux_loss_coef: float = field(default=0.01, metadata={"help": "coefficient of the causal routing loss"})
+    predictor_size: int = field(default=128, metadata={"help": "hidden units of the predictor MLP"})
     source: dict[str, Any] = field(default_factory=dict, metadata={"help": "the checkpoint converted"})
     calibration: dict[str, Any] = field(default_factory=dict, metadata={"help": "how the plan was calibrated"})
     version: int = field(default=_VERSION, metadata={"help": "format version"})
@@ -59,6 +73,7 @@ class MoDConfig:
         self.routed = [int(i) for i in self.routed]
         self.capacities = [float(c) for c in self.capacities]
         self.skip_paths = [str(s) for s in self.skip_paths] or ["identity"] * len(self.routed)
+        self.thresholds = [float(t) for t in self.thresholds] or [0.0] * len(self.routed)
         if self.version > _VERSION:
             raise ValueError(f"MoDConfig version {self.version} is newer than this modify ({_VERSION}); upgrade modify")
         if self.num_blocks < 1:
@@ -81,6 +96,18 @@ class MoDConfig:
         for c in self.capacities:
             if not (math.isfinite(c) and 0.0 < c <= 1.0):
                 raise ValueError(f"capacity {c} is out of range: it must be in (0, 1], e.g. 0.125")
+        if len(self.thresholds) != len(self.routed):
+            raise ValueError(
+                f"got {len(self.thresholds)} thresholds for {len(self.routed)} routed blocks; give one per routed block"
+            )
+        if not all(math.isfinite(t) for t in self.thresholds):
+            raise ValueError(f"thresholds must be finite numbers, got {self.thresholds}")
+        if self.causal not in CAUSAL_RULES:
+            raise ValueError(f"unknown causal routing rule {self.causal!r}; choose one of {CAUSAL_RULES}")
+        if not (math.isfinite(self.aux_loss_coef) and self.aux_loss_coef >= 0):
+            raise ValueError(f"aux_loss_coef must be a finite number >= 0, got {self.aux_loss_coef}")
+        if self.predictor_size < 1:
+            raise ValueError(f"predictor_size must be >= 1, got {self.predictor_size}")
         if self.keep_first < 0:
             raise ValueError(f"keep_first must be >= 0, got {self.keep_first}")
         if self.router not in ROUTER_KINDS:

@@ -16,7 +16,7 @@ from torch import nn
 
 from modify.archs import LINEAR_WEIGHT_LAYOUT
 from modify.passes.find_block_stack import find_block_stack
-from modify.router import ROUTER_ATTR
+from modify.router import PREDICTOR_ATTR, ROUTER_ATTR
 from modify.routing import STATE_ATTR, capacity_tokens
 from modify.skip_path import SKIP_ATTR, skip_path_flops
 
@@ -62,7 +62,12 @@ def attention_width(model: nn.Module) -> int:
 
 def block_flops(block: nn.Module, attention_width: int, tokens: int) -> int:
     """FLOPs of one block's forward over one sequence of ``tokens`` tokens (router and skip path excluded)."""
-    skip = {id(m) for attr in (ROUTER_ATTR, SKIP_ATTR) if hasattr(block, attr) for m in getattr(block, attr).modules()}
+    skip = {
+        id(m)
+        for attr in (ROUTER_ATTR, SKIP_ATTR, PREDICTOR_ATTR)
+        if hasattr(block, attr)
+        for m in getattr(block, attr).modules()
+    }
     return _linear_flops_per_token(block, skip) * tokens + 4 * tokens * tokens * attention_width
 
 
@@ -107,6 +112,9 @@ def flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> FlopCount:
         else:
             hidden = getattr(block, ROUTER_ATTR).weight.shape[-1]
             routed = routed_block_flops(block, width, state.capacity, seq_len, hidden, state.skip_path)
+            predictor = getattr(block, PREDICTOR_ATTR, None)  # the causal predictor reads every token
+            if predictor is not None:
+                routed += seq_len * sum(2 * m.weight.numel() for m in predictor.modules() if isinstance(m, nn.Linear))
             per_block.append((full, routed))
     dense = outside * seq_len + sum(d for d, _ in per_block)
     routed = outside * seq_len + sum(r for _, r in per_block)

@@ -19,7 +19,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from modify.config import CONFIG_KEY, MoDConfig
-from modify.router import ROUTER_ATTR, MoDRouter
+from modify.router import PREDICTOR_ATTR, ROUTER_ATTR, MoDPredictor, MoDRouter
 from modify.skip_path import SKIP_ATTR, make_skip_path
 
 __all__ = ["QUANT_METHOD", "ModifyLoadConfig", "ModifyLoader"]
@@ -56,6 +56,8 @@ class ModifyLoader(HfQuantizer):
                 path = make_skip_path(skip, hidden, dtype=next(stack[i].parameters()).dtype)
                 if path is not None:
                     stack[i].add_module(SKIP_ATTR, path)
+                if plan.causal == "predictor":
+                    stack[i].add_module(PREDICTOR_ATTR, MoDPredictor(hidden, plan.predictor_size))
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:

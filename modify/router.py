@@ -9,13 +9,44 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MoDRouter", "ROUTER_ATTR"]
+__all__ = ["MoDRouter", "MoDPredictor", "ROUTER_ATTR", "PREDICTOR_ATTR"]
 
 #: Name of the router submodule on a routed block; its parameters are "<block>.mod_router.weight/bias".
 ROUTER_ATTR = "mod_router"
+#: Name of the causal predictor submodule on a routed block (the "predictor" causal rule).
+PREDICTOR_ATTR = "mod_predictor"
 
 
-class MoDRouter(nn.Module):
+class _Float32(nn.Module):
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> _Float32:
+        """Apply ``fn`` as ``nn.Module`` does, but keep floating-point tensors float32.
+
+        Why: ``model.to(torch.bfloat16)``, ``.half()`` and ``.bfloat16()`` all reach the parameters through
+        ``_apply``; a bfloat16 router ties scores (top-k becomes arbitrary) and its small updates round away.
+        Like Hugging Face's ``_keep_in_fp32_modules``, the router stays float32. A conversion that would change
+        the dtype keeps the original float32 values (not a float32 copy of the rounded ones); device moves and
+        everything else ``fn`` does still apply, to parameters, buffers and gradients alike.
+        """
+
+        def keep_float32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if t.dtype == torch.float32 and out.is_floating_point() and out.dtype != torch.float32:
+                return t.to(out.device)
+            if out.is_floating_point() and out.dtype != torch.float32:
+                return out.float()
+            return out
+
+        return super()._apply(keep_float32, *args, **kwargs)
+
+
+def _float32_input(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    # float32 whatever the model's dtype, autocast included: bfloat16 scores tie often and make top-k
+    # arbitrary. (Only CPU and CUDA-like devices have autocast; meta tensors have none to leave.)
+    autocast = x.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(x.device.type)
+    return torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext()
+
+
+class MoDRouter(_Float32):
     """r = w·x + b in float32 picks the tokens; the gate g(r) = 2·sigmoid(s·r) scales their contribution.
 
     By default the weights start at zero and the gate scale s at 1: every score is 0, so every gate is
@@ -38,33 +69,31 @@ class MoDRouter(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, dtype=torch.float32, device=device))
         self.scale = nn.Parameter(torch.ones(1, dtype=torch.float32, device=device))
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> MoDRouter:
-        """Apply ``fn`` as ``nn.Module`` does, but keep floating-point tensors float32.
-
-        Why: ``model.to(torch.bfloat16)``, ``.half()`` and ``.bfloat16()`` all reach the parameters through
-        ``_apply``; a bfloat16 router ties scores (top-k becomes arbitrary) and its small updates round away.
-        Like Hugging Face's ``_keep_in_fp32_modules``, the router stays float32. A conversion that would change
-        the dtype keeps the original float32 values (not a float32 copy of the rounded ones); device moves and
-        everything else ``fn`` does still apply, to parameters, buffers and gradients alike.
-        """
-
-        def keep_float32(t: torch.Tensor) -> torch.Tensor:
-            out = fn(t)
-            if t.dtype == torch.float32 and out.is_floating_point() and out.dtype != torch.float32:
-                return t.to(out.device)
-            if out.is_floating_point() and out.dtype != torch.float32:
-                return out.float()
-            return out
-
-        return super()._apply(keep_float32, *args, **kwargs)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, D] hidden states -> [B, T] float32 scores."""
-        # float32 whatever the model's dtype, autocast included: bfloat16 scores tie often and make top-k
-        # arbitrary. (Only CPU and CUDA-like devices have autocast; meta tensors have none to leave.)
-        autocast = x.device.type in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(x.device.type)
-        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        with _float32_input(x):
             return torch.nn.functional.linear(x.float(), self.weight.float(), self.bias.float()).squeeze(-1)
 
     def gate(self, scores: torch.Tensor) -> torch.Tensor:
         return 2.0 * torch.sigmoid(self.scale.float() * scores)
+
+
+class MoDPredictor(_Float32):
+    """The paper's causal predictor: a small MLP that guesses, from a token's block input alone, whether top-k
+    would route it; logit > 0 means "process". It reads the input through a stop-gradient, so training it
+    (a BCE on top-k membership, :mod:`modify.generate.causal`) leaves the language model untouched.
+
+    Args:
+        hidden_size: size of the hidden states read.
+        size: hidden units.
+    """
+
+    def __init__(self, hidden_size: int, size: int = 128, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, size, device=device, dtype=torch.float32)
+        self.fc2 = nn.Linear(size, 1, device=device, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] hidden states -> [B, T] float32 logits."""
+        with _float32_input(x):
+            return self.fc2(torch.nn.functional.silu(self.fc1(x.detach().float()))).squeeze(-1)

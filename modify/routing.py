@@ -20,11 +20,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from modify.generate.causal import causal_process, observe_topk
+from modify.generate.selective import history_of, cached_length, find_cache, selective_forward
 from modify.kernels import gated_scatter_add, gather_token_dim, gather_tokens
 from modify.passes.capture_block import CallStructure, call_structure, capture_block
 from modify.passes.extract_delta import ExtractDeltaPass
 from modify.passes.probe_block_calls import BlockCallSpec, Path, bind_call
-from modify.router import ROUTER_ATTR
+from modify.router import PREDICTOR_ATTR, ROUTER_ATTR
 from modify.skip_path import SKIP_ATTR
 
 __all__ = [
@@ -90,13 +92,13 @@ def skipped_tokens(idx: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def padding_from_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
-    """[B, T] bool, True where a token is padding, read from a [B|1, H|1, T, T] attention mask.
+    """[B, T] bool, True where a token is padding, read from a [B|1, H|1, T, T + P] attention mask.
 
     A real token always attends to itself; Hugging Face masks a padding key in every row, its own
     included. So the diagonal tells padding apart whatever causal, sliding-window or chunked pattern the
-    mask also carries.
+    mask also carries. With P cached positions before the T tokens, their own keys are the last T columns.
     """
-    diag = mask.diagonal(dim1=-2, dim2=-1)[:, 0]
+    diag = mask.diagonal(offset=mask.shape[-1] - mask.shape[-2], dim1=-2, dim2=-1)[:, 0]
     pad = ~diag if mask.dtype == torch.bool else diag < torch.finfo(mask.dtype).min / 2
     return pad.expand(batch, pad.shape[-1])
 
@@ -146,8 +148,15 @@ class RoutingState:
         skip_path: the spec of the block's skip path ("identity": skipped tokens get nothing).
         input_norm: name of the block's input norm (its first norm on the hidden states), which the skip
             path reads through; "" when the block has none (post-norm blocks).
-        observer: called as ``observer(scores, idx, gate)`` (detached) on every routed call; training uses
+        observer: called as ``observer(scores, idx, gate)`` (detached) on every top-k call; training uses
             it for per-block selection statistics.
+        causal: how a token decides alone when sampling (see :mod:`modify.generate.causal`).
+        threshold: the block's decision threshold for the "threshold" rule.
+        mode: "auto" (causal inside ``generate()``, else top-k), "topk" or "causal"; see ``modify.set_routing``.
+        cache_layer: index of the block's layer in a Hugging Face cache (its attention's ``layer_idx``).
+        generating: True while ``generate()`` runs.
+        aux_losses: the causal rule's losses of the current forward, collected by the model's output hook.
+        agreement: accumulators of ``modify.measure_agreement`` while it runs, else None.
     """
 
     index: int
@@ -163,6 +172,13 @@ class RoutingState:
     skip_path: str = "identity"
     input_norm: str = ""
     observer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    causal: str = "threshold"
+    threshold: float = 0.0
+    mode: str = "auto"
+    cache_layer: int = 0
+    generating: bool = False
+    aux_losses: list[torch.Tensor] = field(default_factory=list)
+    agreement: torch.Tensor | None = None
     graphs: dict[CallStructure, fx.GraphModule] = field(default_factory=dict)
 
     def skip_input(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +212,12 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
             mask = mask[i] if mask is not None else None
         if torch.is_tensor(mask) and mask.dim() == 4:
             padding = padding_from_mask(mask, batch)
+    causal = state.mode == "causal" or (state.mode == "auto" and state.generating)
+    cache_arg = find_cache(named)
+    if causal or (cache_arg is not None and cached_length(cache_arg[1], state.cache_layer) > 0):
+        return _per_token(block, state, named, x, scores, padding, cache_arg, causal)
     idx = select_tokens(scores, capacity_tokens(state.capacity, length), padding, state.keep_first)
+    observe_topk(state, block, x, scores, idx, padding)
     gathered = {
         key: gather_tokens(value, idx) if key == spec.hidden else _gather_value(value, (key,), spec, idx, length)
         for key, value in named.items()
@@ -223,12 +244,32 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return (y, *out[1:]) if spec.output_is_tuple else y
 
 
-def install(block: nn.Module, state: RoutingState, router: nn.Module, skip: nn.Module | None = None) -> None:
-    """Route ``block``: add its router (and skip path) and replace its forward on this instance only."""
-    if getattr(block, ROUTER_ATTR, None) is not router:
-        block.add_module(ROUTER_ATTR, router)
-    if skip is not None and getattr(block, SKIP_ATTR, None) is not skip:
-        block.add_module(SKIP_ATTR, skip)
+def _per_token(
+    block: nn.Module, state: RoutingState, named: dict[str, Any], x: torch.Tensor, scores: torch.Tensor,
+    padding: torch.Tensor | None, cache_arg: tuple[str, Any] | None, causal: bool,
+) -> Any:  # fmt: skip
+    """A call whose tokens decide one by one (causal routing), or that extends a cache; see
+    :mod:`modify.generate.selective`. Top-k with a cache picks the best of this call's tokens."""
+    batch, length, _ = x.shape
+    history = history_of(cache_arg[1], state.cache_layer, batch, x.device) if cache_arg is not None else None
+    real = ~padding if padding is not None else torch.ones(batch, length, dtype=torch.bool, device=x.device)
+    if causal:
+        seen = history.real if history is not None else torch.zeros(batch, dtype=torch.int64, device=x.device)
+        process = causal_process(state, block, x, scores, real, seen)
+    else:
+        idx = select_tokens(scores, capacity_tokens(state.capacity, length), padding, state.keep_first)
+        process = torch.zeros_like(real).scatter_(1, idx, True) & real
+    return selective_forward(block, state, named, x, scores, process, padding, cache_arg, history)
+
+
+def install(
+    block: nn.Module, state: RoutingState, router: nn.Module, skip: nn.Module | None = None,
+    predictor: nn.Module | None = None,
+) -> None:  # fmt: skip
+    """Route ``block``: add its router (skip path, predictor) and replace its forward on this instance only."""
+    for attr, module in ((ROUTER_ATTR, router), (SKIP_ATTR, skip), (PREDICTOR_ATTR, predictor)):
+        if module is not None and getattr(block, attr, None) is not module:
+            block.add_module(attr, module)
     setattr(block, STATE_ATTR, state)
     block.forward = types.MethodType(routed_forward, block)  # type: ignore[method-assign]
 
@@ -237,6 +278,7 @@ def uninstall(block: nn.Module) -> None:
     """Undo :func:`install`; the block's own parameters were never touched."""
     del block.forward
     delattr(block, ROUTER_ATTR)
-    if hasattr(block, SKIP_ATTR):
-        delattr(block, SKIP_ATTR)
+    for attr in (SKIP_ATTR, PREDICTOR_ATTR):
+        if hasattr(block, attr):
+            delattr(block, attr)
     delattr(block, STATE_ATTR)

@@ -54,6 +54,7 @@ from modify.calibrate.planning import DEFAULT_GRID, Option, plan_under_budget
 from modify.calibrate.skip_fit import NormalSums, attach_skip, block_hidden, features, fit_skip_paths
 from modify.config import MoDConfig
 from modify.flops import attention_width, block_flops, routed_block_flops
+from modify.generate.causal import fit_thresholds
 from modify.passes.find_block_stack import find_block_stack
 from modify.router import ROUTER_ATTR
 from modify.routing import STATE_ATTR, capacity_tokens, select_tokens
@@ -145,6 +146,8 @@ class Calibration:
     rounds: list[dict[str, Any]] = field(default_factory=list)
     skip_paths: list[str] = field(default_factory=list)
     skip_fit: dict[str, float] = field(default_factory=dict)
+    #: block index -> the "threshold" causal rule's threshold: the (1 - c) quantile of its router's scores
+    thresholds: dict[str, float] = field(default_factory=dict)
     routers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     skips: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
     #: In memory only: every block's fitted router ("routers": index -> values) and every candidate skip path
@@ -162,6 +165,7 @@ class Calibration:
             [self.capacities[i] for i in self.routed],
             keep_first=self.settings["keep_first"],
             skip_paths=[self.skip_paths[i] if self.skip_paths else "identity" for i in self.routed],
+            thresholds=[self.thresholds.get(str(i), 0.0) for i in self.routed],
             calibration=self.to_dict(),
         )
 
@@ -438,6 +442,10 @@ def _calibrate(
             break
         chosen = dataclasses.replace(candidate, predicted_loss_increase=predicted)
         measured = candidate_loss
+    # The causal rule's thresholds, on the text the routers were fitted to, in the routed model (top-k).
+    set_plan(blocks, states, chosen.capacities, routers, fits)
+    fitted = fit_thresholds(model, (windows[b] for b in sens_batches + other_batches))
+    thresholds = {str(i): round(t, 6) for i, (t, (c, _)) in enumerate(zip(fitted, chosen.capacities)) if c < 1.0}
     set_plan(blocks, states, chosen.capacities, None, fits)
     untrained = plan_loss(model, windows, sens_batches)
     capacities = [c for c, _ in chosen.capacities]
@@ -459,16 +467,17 @@ def _calibrate(
         router_overlap=_overlap(dense, routers, capacities, s.keep_first),
         skip_paths=paths,
         skip_fit={str(i): round(r2[i, c, p], 4) for i, (c, p) in enumerate(chosen.capacities) if p != "identity"},
+        thresholds=thresholds,
         routers={i: routers[i] for i, c in enumerate(capacities) if c < 1.0},
         skips={i: fits[i, c, p] for i, (c, p) in enumerate(chosen.capacities) if p != "identity"},
         candidates={"routers": routers, "skips": fits, "r2": r2},
     )
 
 
-def apply_calibration(model: nn.Module, calibration: Calibration) -> nn.Module:
+def apply_calibration(model: nn.Module, calibration: Calibration, causal: str | None = None) -> nn.Module:
     """Convert ``model`` with the calibrated plan and load the fitted routers (gate scale 0: gates are 1) and
-    skip paths."""
-    convert(model, plan=calibration.plan())
+    skip paths; ``causal`` chooses the causal routing rule (by default the plan's thresholds)."""
+    convert(model, plan=calibration.plan(), causal=causal)
     for block, state in routed_blocks(model):
         load_router(getattr(block, ROUTER_ATTR), calibration.routers[state.index])
         if state.index in calibration.skips:  # load_state_dict copies into the path's own device and dtype

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from modify.cli.calibrate import add_calibration_flags, add_skip_flags, run_calibration, skip_spec
 from modify.cli.common import Progress, add_common_flags, capacity_type, emit_json, parse_layers, quiet_libraries
+from modify.config import CAUSAL_RULES
 from modify.errors import ModifyError, UsageError
 
 EXAMPLES = """examples:
@@ -19,6 +20,7 @@ EXAMPLES = """examples:
   modify convert smollm2 out/mod --calibrate plays/*.txt --flops-budget 0.75   # plan and routers from data
   modify convert smollm2 out/mod --plan plan.json             # a plan written by 'modify calibrate'
   modify convert smollm2 out/mod --calibrate plays/*.txt --flops-budget 0.75 --skip-path linear --skip-rank 128
+  modify convert smollm2 out/mod --plan plan.json --causal predictor   # sample with a trained predictor
 
 SRC is a Hugging Face model directory (safetensors, sharded or not, or .bin), a .gguf file, a model id in the
 local Hugging Face cache (nothing is downloaded) or 'smollm2'. SRC is never modified; OUT is written into a
@@ -50,6 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_calibration_flags(p, required=False)
     add_skip_flags(p, fitted=False)
+    p.add_argument(
+        "--causal",
+        choices=CAUSAL_RULES,
+        help="how each token decides alone when sampling: the router score against a threshold fitted by "
+        "calibration (threshold, the default), the router trained with an auxiliary loss (aux), or a small "
+        "trained predictor (predictor); aux and predictor need training ('modify train')",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_common_flags(p)
     p.set_defaults(run=run)
@@ -89,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
             if calibration is not None:
                 from modify.calibrate.calibration import apply_calibration
 
-                apply_calibration(model, calibration)
+                apply_calibration(model, calibration, causal=args.causal)
             else:
-                modify.convert(model, capacity=args.capacity, layers=layers, skip_path=skip)
+                modify.convert(model, capacity=args.capacity, layers=layers, skip_path=skip, causal=args.causal)
         except ValueError as exc:
             if isinstance(exc, modify.UnsupportedModelError):
                 raise

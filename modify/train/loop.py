@@ -13,6 +13,7 @@ position and the random state of the checkpoint, so the resumed run's losses equ
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import math
 import sys
@@ -155,12 +156,15 @@ class Trainer:
             plan = self.plan_capacities[state.index]
             state.capacity = 1.0 - (1.0 - plan) * share
 
-    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(language-model loss, auxiliary loss or None) of one micro-batch."""
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(language-model loss, auxiliary loss or None, the loss to train on) of one micro-batch."""
         with torch.autocast(self.d.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
             out = self.model(input_ids=batch, labels=batch)
         aux = getattr(out, "aux_loss", None)
-        return out.loss, aux
+        lm = getattr(out, "lm_loss", None)
+        if lm is not None:  # the model added its auxiliary loss itself (causal routing, modify.generate.causal)
+            return lm, aux, out.loss
+        return out.loss, aux, out.loss if aux is None else out.loss + self.config.aux_weight * aux
 
     def train_step(self, batches: Iterator[torch.Tensor]) -> dict[str, float]:
         c, d = self.config, self.d
@@ -179,8 +183,7 @@ class Trainer:
                     "entries; use the model's own tokenizer"
                 )
             with distributed.no_sync(self.model, micro < c.grad_accum - 1):
-                lm, aux = self._forward(batch)
-                loss = lm if aux is None else lm + c.aux_weight * aux
+                lm, aux, loss = self._forward(batch)
                 (loss / c.grad_accum).backward()
             lm_total += lm.detach().float() / c.grad_accum
             if aux is not None:
@@ -277,6 +280,11 @@ class Trainer:
         finally:
             if self.monitor is not None:
                 self.monitor.close()
+            # DDP's reducer holds the process group: freed after the group is destroyed, its gloo destructor
+            # joins a worker thread that waits for the GIL the freeing thread holds (a hang, or an abort, in
+            # about one run of 25). Drop the wrapper first, so the group goes down inside destroy_process_group.
+            self.model = getattr(self, "inner", None)
+            gc.collect()
             distributed.teardown(d)
 
     def finish(self, metrics: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from modify.errors import ModifyError
-from modify.router import ROUTER_ATTR
+from modify.router import PREDICTOR_ATTR, ROUTER_ATTR
 from modify.skip_path import SKIP_ATTR
 
 __all__ = ["prepare_trainable", "param_groups", "merged_state_dict", "base_model", "LORA_ADAPTER"]
@@ -27,7 +27,8 @@ LORA_ADAPTER = "default"
 
 
 def _is_router(name: str) -> bool:
-    return f"{ROUTER_ATTR}." in name
+    """The router, or the causal predictor that learns its decisions (trained with it, at its rate)."""
+    return f"{ROUTER_ATTR}." in name or f"{PREDICTOR_ATTR}." in name
 
 
 def _is_skip_path(name: str) -> bool:
