@@ -1,0 +1,146 @@
+"""generate() on converted models: exact at capacity 1.0, causal routing with a cache equal to recomputing the
+prefix, left-padded batches equal to each prompt alone, skipped tokens that cost nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import modify
+from modify.api import routed_blocks
+from modify.generate.selective import HISTORY_ATTR
+from modify.testing import FAMILIES, tiny_model
+
+GREEDY = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False, "pad_token_id": 0}
+
+
+def routed_model(family: str, capacity: float = 0.5, layers: str | list[int] = "all", keep_first: int = 1,
+                 **kwargs) -> nn.Module:  # fmt: skip
+    """A converted tiny model with random routers and thresholds fitted on random text: tokens decide unlike."""
+    model = tiny_model(family)
+    modify.convert(model, capacity, layers, keep_first=keep_first, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for block, _ in routed_blocks(model):
+        block.mod_router.weight.data = torch.randn(block.mod_router.weight.shape, generator=gen) * 0.5
+    modify.fit_thresholds(model, [torch.randint(3, 90, (4, 24), generator=gen)])
+    return model
+
+
+def left_padded(lengths: list[int]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    prompts = [torch.randint(3, 90, (1, n)) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - p.shape[1] :] = p
+        mask[i, width - p.shape[1] :] = 1
+    return prompts, ids, mask
+
+
+def processed_share(cache) -> float:  # type: ignore[no-untyped-def]
+    history = getattr(cache, HISTORY_ATTR)
+    return sum(h.valid.float().mean().item() for h in history.values()) / len(history)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_capacity_one_generates_the_original_tokens(family: str) -> None:
+    reference = tiny_model(family)
+    model = tiny_model(family)
+    modify.convert(model, capacity=1.0, layers="all")
+    _, ids, mask = left_padded([7, 4])
+    assert torch.equal(model.generate(ids[:1], **GREEDY), reference.generate(ids[:1], **GREEDY))
+    expected = reference.generate(ids, attention_mask=mask, **GREEDY)
+    assert torch.equal(model.generate(ids, attention_mask=mask, **GREEDY), expected)
+    torch.manual_seed(3)
+    sampled = reference.generate(ids[:1], do_sample=True, max_new_tokens=8, pad_token_id=0)
+    torch.manual_seed(3)
+    assert torch.equal(model.generate(ids[:1], do_sample=True, max_new_tokens=8, pad_token_id=0), sampled)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_cached_generation_equals_recomputing_the_prefix(family: str) -> None:
+    model = routed_model(family)
+    _, ids, mask = left_padded([9, 6, 4])
+    out = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **GREEDY)
+    # the routers really decide: some positions skip a block, some don't
+    assert 0.15 < processed_share(out.past_key_values) < 0.75
+    uncached = model.generate(ids, attention_mask=mask, use_cache=False, **GREEDY)
+    assert torch.equal(out.sequences, uncached)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "opt"])
+def test_left_padded_batch_equals_each_prompt_alone(family: str) -> None:
+    model = routed_model(family)
+    prompts, ids, mask = left_padded([9, 5, 7, 3])
+    batch = model.generate(ids, attention_mask=mask, **GREEDY)
+    for i, prompt in enumerate(prompts):
+        alone = model.generate(prompt, **GREEDY)
+        assert torch.equal(batch[i, ids.shape[1] :], alone[0, prompt.shape[1] :]), i
+
+
+def test_a_skipped_token_does_not_touch_the_block() -> None:
+    model = routed_model("llama", layers=[1])
+    block, state = routed_blocks(model)[0]
+    calls: list[tuple[int, int]] = []
+    block.self_attn.q_proj.register_forward_hook(lambda m, a, out: calls.append(tuple(a[0].shape[:2])))
+    block.mlp.register_forward_hook(lambda m, a, out: calls.append(tuple(a[0].shape[:2])))
+    state.threshold = 1e9  # only the always-processed first token goes through
+    prompt = torch.randint(3, 90, (1, 6))
+    out = model.generate(prompt, return_dict_in_generate=True, **GREEDY)
+    assert calls == [(1, 1), (1, 1)]  # the prefill's first token; no decode step ran the block
+    valid = getattr(out.past_key_values, HISTORY_ATTR)[state.cache_layer].valid
+    assert valid.shape == (1, 6 + 9) and valid[0].tolist() == [True] + [False] * 14
+
+
+def test_rows_that_skip_leave_the_call() -> None:
+    model = routed_model("llama", layers=[1], keep_first=0)
+    block, state = routed_blocks(model)[0]
+    rows: list[int] = []
+    block.mlp.register_forward_hook(lambda m, a, out: rows.append(a[0].shape[0]))
+    # a threshold between the two rows' scores: one row's token runs the block, the other's skips it
+    modify.set_routing(model, "causal")
+    x = torch.randint(3, 90, (2, 1))
+    scores = {}
+    block.mod_router.register_forward_hook(lambda m, a, out: scores.setdefault("s", out.detach()))
+    with torch.no_grad():
+        model(x)
+    state.threshold = float(scores["s"].mean())
+    rows.clear()
+    with torch.no_grad():
+        model(x)
+    above = int((scores["s"] > state.threshold).sum())
+    assert above == 1 and rows == [1]
+
+
+def test_routing_modes() -> None:
+    model = routed_model("llama")
+    ids = torch.randint(3, 90, (2, 16))
+    assert modify.set_routing(model, "causal") == "auto"
+    with torch.no_grad():
+        causal = model(ids).logits
+        with modify.routing_mode(model, "topk"):
+            topk = model(ids).logits
+        assert torch.equal(model(ids).logits, causal)
+    modify.set_routing(model, "auto")  # outside generate(): top-k
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, topk)
+    assert not torch.equal(causal, topk)
+    with pytest.raises(ValueError, match="unknown routing mode"):
+        modify.set_routing(model, "sometimes")
+
+
+def test_causal_forward_equals_token_by_token_decoding() -> None:
+    """Prefill and decode apply one rule: the logits of a full causal forward are those of feeding the
+    tokens one at a time through the cache."""
+    model = routed_model("llama")
+    modify.set_routing(model, "causal")
+    ids = torch.randint(3, 90, (2, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache, steps = None, []
+        for t in range(ids.shape[1]):
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
