@@ -9,6 +9,7 @@ predicted token (see :mod:`modify.train.evaluate`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 from pathlib import Path
 
@@ -20,6 +21,7 @@ EXAMPLES = """examples:
   modify eval smollm2 --data plays/m*.txt --max-tokens 8192     # the dense source on the same text
   modify eval out/smollm2-mod --data heldout/ --seq-len 1024 --batch-size 2 --dtype bfloat16
   modify eval out/smollm2-mod --data heldout.txt --json | jq .ppl
+  modify eval out/smollm2-mod --data plays/m*.txt --routing causal   # each token decides alone, as when sampling
 
 --data takes text files or directories of them. The sequences are read once, in order."""
 
@@ -45,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--routing",
         choices=["topk", "causal"],
         default="topk",
-        help="routing rule of the routed blocks (default topk; causal is not implemented yet)",
+        help="how routed blocks choose tokens: topk over each sequence (the training rule, default) or causal, "
+        "each token deciding alone as when sampling (the plan's causal rule)",
     )
     p.add_argument(
         "--dtype",
@@ -58,8 +61,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.routing == "causal":
-        raise UsageError("--routing causal is not implemented yet; topk is the available rule (--routing topk)")
     if args.seq_len < 2:
         raise UsageError(f"--seq-len {args.seq_len} must be at least 2 (each token predicts the next)")
     if args.batch_size < 1:
@@ -92,7 +93,10 @@ def run(args: argparse.Namespace) -> int:
     with progress.step("reading --data"):
         stream = PackedStream(files, tokenizer, args.seq_len, loop=False, shuffle=False)
     sequences = args.max_tokens // args.seq_len if args.max_tokens is not None else None
-    with progress.step(f"evaluating on {len(files)} file(s)"):
+    if args.routing == "causal" and not converted:
+        raise UsageError(f"--routing causal needs a converted model; {source.path} is dense (drop --routing)")
+    rule = modify.routing_mode(model, args.routing) if converted else contextlib.nullcontext()
+    with progress.step(f"evaluating on {len(files)} file(s)"), rule:
         result = evaluate(model, stream.batches(args.batch_size, drop_last=False, limit=sequences))
     if result.tokens == 0:
         raise ModifyError(

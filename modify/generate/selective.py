@@ -42,7 +42,10 @@ class _History:
 
 def find_cache(named: dict[str, Any]) -> tuple[str, Any] | None:
     """The (argument name, cache) of a block call that carries a Hugging Face cache, else None."""
-    from transformers.cache_utils import Cache
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # plain torch models: no cache to follow
+        return None
 
     return next(((k, v) for k, v in named.items() if isinstance(v, Cache)), None)
 

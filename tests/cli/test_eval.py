@@ -126,7 +126,7 @@ def test_help_has_examples(capsys) -> None:
         ("seq-len beyond positions", 2, "positions"),
         ("batch-size 0", 2, "at least 1"),
         ("max-tokens below seq-len", 2, "less than one sequence"),
-        ("routing causal", 2, "not implemented yet; topk is the available rule"),
+        ("routing causal on a dense model", 2, "needs a converted model"),
     ],
 )
 def test_bad_inputs_get_one_line(
@@ -155,8 +155,9 @@ def test_bad_inputs_get_one_line(
             "seq-len beyond positions": ("--seq-len", "4096"),
             "batch-size 0": ("--batch-size", "0"),
             "max-tokens below seq-len": ("--max-tokens", "8"),
-            "routing causal": ("--routing", "causal"),
-        }[case]
+        }.get(case, ("--routing", "causal"))
+        if case == "routing causal on a dense model":
+            model = str(models["dense"])
         extra = [flag, value]
     result = main(["eval", model, "--data", data, "--seq-len", str(SEQ_LEN), *extra])
     captured = capsys.readouterr()
@@ -164,6 +165,18 @@ def test_bad_inputs_get_one_line(
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
     assert captured.err.startswith("modify eval: error: ") and message in captured.err
     assert "Traceback" not in captured.err
+
+
+def test_causal_routing_is_what_sampling_runs(models: dict, text: Path, capsys) -> None:
+    ppl = {}
+    for rule in ("topk", "causal"):
+        assert main(["eval", str(models["converted"]), "--data", str(text), "--seq-len", str(SEQ_LEN),
+                     "--routing", rule, "--json"]) == 0  # fmt: skip
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["routing"] == rule
+        ppl[rule] = summary["ppl"]
+    # fresh routers score 0, not above the threshold 0: causally the routed blocks skip every token
+    assert ppl["causal"] != ppl["topk"]
 
 
 # -- the library function -----------------------------------------------------------------------------------

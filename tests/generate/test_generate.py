@@ -16,9 +16,9 @@ GREEDY = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False, "pad_t
 
 
 def routed_model(family: str, capacity: float = 0.5, layers: str | list[int] = "all", keep_first: int = 1,
-                 **kwargs) -> nn.Module:  # fmt: skip
+                 attn: str = "eager", **kwargs) -> nn.Module:  # fmt: skip
     """A converted tiny model with random routers and thresholds fitted on random text: tokens decide unlike."""
-    model = tiny_model(family)
+    model = tiny_model(family, attn_implementation=attn)
     modify.convert(model, capacity, layers, keep_first=keep_first, **kwargs)
     gen = torch.Generator().manual_seed(1)
     for block, _ in routed_blocks(model):
@@ -43,10 +43,14 @@ def processed_share(cache) -> float:  # type: ignore[no-untyped-def]
     return sum(h.valid.float().mean().item() for h in history.values()) / len(history)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_capacity_one_generates_the_original_tokens(family: str) -> None:
-    reference = tiny_model(family)
-    model = tiny_model(family)
+# SDPA masks differ from eager ones (boolean, and none at all when the model can skip it)
+CASES = [(f, "eager") for f in sorted(FAMILIES)] + [(f, "sdpa") for f in ("llama", "qwen2", "gpt2", "opt")]
+
+
+@pytest.mark.parametrize(("family", "attn"), CASES)
+def test_capacity_one_generates_the_original_tokens(family: str, attn: str) -> None:
+    reference = tiny_model(family, attn_implementation=attn)
+    model = tiny_model(family, attn_implementation=attn)
     modify.convert(model, capacity=1.0, layers="all")
     _, ids, mask = left_padded([7, 4])
     assert torch.equal(model.generate(ids[:1], **GREEDY), reference.generate(ids[:1], **GREEDY))
@@ -58,9 +62,9 @@ def test_capacity_one_generates_the_original_tokens(family: str) -> None:
     assert torch.equal(model.generate(ids[:1], do_sample=True, max_new_tokens=8, pad_token_id=0), sampled)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_cached_generation_equals_recomputing_the_prefix(family: str) -> None:
-    model = routed_model(family)
+@pytest.mark.parametrize(("family", "attn"), CASES)
+def test_cached_generation_equals_recomputing_the_prefix(family: str, attn: str) -> None:
+    model = routed_model(family, attn=attn)
     _, ids, mask = left_padded([9, 6, 4])
     out = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **GREEDY)
     # the routers really decide: some positions skip a block, some don't
@@ -69,9 +73,10 @@ def test_cached_generation_equals_recomputing_the_prefix(family: str) -> None:
     assert torch.equal(out.sequences, uncached)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "opt"])
-def test_left_padded_batch_equals_each_prompt_alone(family: str) -> None:
-    model = routed_model(family)
+@pytest.mark.parametrize(("family", "attn"), [("llama", "eager"), ("gpt2", "eager"), ("gemma2", "eager"),
+                                              ("opt", "eager"), ("llama", "sdpa")])  # fmt: skip
+def test_left_padded_batch_equals_each_prompt_alone(family: str, attn: str) -> None:
+    model = routed_model(family, attn=attn)
     prompts, ids, mask = left_padded([9, 5, 7, 3])
     batch = model.generate(ids, attention_mask=mask, **GREEDY)
     for i, prompt in enumerate(prompts):

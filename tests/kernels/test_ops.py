@@ -196,3 +196,26 @@ def test_int64_offsets_past_two_to_the_31() -> None:
         assert torch.equal(rows[0, :, 0].float().cpu(), torch.tensor([1.0, 2.0, 3.0]))
         out = gated_scatter_add(x, idx, torch.ones_like(rows), torch.ones(1, 3, device="cuda"))
     assert torch.equal(out[0, -3:, 5].float().cpu(), torch.tensor([2.0, 3.0, 4.0]))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+def test_causal_generation_through_the_triton_kernels() -> None:
+    """Sampling gathers a varying number of tokens per row (processed first, spare slots after: unsorted
+    indices); the kernels generate the reference path's tokens, left-padded batch included."""
+    import modify
+    from modify.testing import tiny_model
+
+    model = tiny_model("llama").to(DEVICE)
+    modify.convert(model, capacity=0.5, layers="all", keep_first=1)
+    with torch.no_grad():
+        for p in (p for n, p in model.named_parameters() if "router" in n and n.endswith("weight")):
+            p.normal_(0, 0.5)
+    ids = torch.randint(3, 97, (2, 9)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    kwargs = {"attention_mask": mask, "max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    tokens = {}
+    for name in ("reference", "triton"):
+        with use_backend(name):
+            tokens[name] = model.generate(ids, **kwargs)
+    assert torch.equal(tokens["triton"], tokens["reference"])
