@@ -49,3 +49,17 @@ def test_paper_plan_on_smollm2(smollm2, batch) -> None:
     assert routed == list(range(1, 30, 2))
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
     assert 0.5 < count.routed / count.dense < 0.7
+
+
+def test_capacity_one_generates_smollm2s_greedy_tokens(smollm2, batch) -> None:
+    model, _ = smollm2
+    prompt = batch[:2, :48]
+    kwargs = {"max_new_tokens": 16, "min_new_tokens": 16, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        reference = model.generate(prompt, **kwargs)
+        modify.convert(model, capacity=1.0, layers="all")
+        try:
+            converted = model.generate(prompt, **kwargs)
+        finally:
+            modify.revert(model)
+    assert torch.equal(converted, reference)
