@@ -122,3 +122,19 @@ def test_sft_trainer(tmp_path: Path) -> None:
     assert trainer.model is model
     losses = _check_trained(model, before, trainer.state.log_history)
     assert losses[-1] < losses[0] - 0.3  # 4.61 -> 3.61 here
+
+
+def test_trainer_trains_the_causal_predictor(tmp_path: Path) -> None:
+    """The predictor's loss rides in outputs.loss: Trainer trains it with nothing added, and its decisions
+    come to agree with top-k more often."""
+    from transformers import Trainer
+
+    model = modify.convert(tiny_model("llama"), capacity=0.5, layers="every-other", causal="predictor")
+    held_out = [_sequences(8, seed=1)]
+    agreement = sum(b["agreement"] for b in modify.measure_agreement(model, held_out).values())
+    predictors = {n: p.detach().clone() for n, p in model.named_parameters() if "mod_predictor" in n}
+    trainer = Trainer(model=model, args=_training_args(tmp_path / "run"), train_dataset=_Sequences(_sequences(16)))
+    trainer.train()
+    moved = [n for n, p in model.named_parameters() if n in predictors and not torch.equal(p, predictors[n])]
+    assert sorted(moved) == sorted(predictors)
+    assert sum(b["agreement"] for b in modify.measure_agreement(model, held_out).values()) > agreement
