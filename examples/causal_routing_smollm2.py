@@ -70,10 +70,11 @@ def evaluate(model: torch.nn.Module, held_out: torch.Tensor) -> dict:
     return row
 
 
-def train(model: torch.nn.Module, windows: torch.Tensor, steps: int, lr: float, batch: int) -> list[float]:
-    """A minimal loop: AdamW on the routers and predictors, everything else frozen; returns the aux losses."""
+def train(model: torch.nn.Module, windows: torch.Tensor, trains: str, steps: int, lr: float, batch: int) -> list[float]:
+    """A minimal loop: AdamW on the parameters whose names contain ``trains``, everything else frozen; returns
+    the aux losses. The loss is the model's ``outputs.loss`` (language model + aux_loss_coef × aux)."""
     for name, p in model.named_parameters():
-        p.requires_grad_("mod_router" in name or "mod_predictor" in name)
+        p.requires_grad_(trains in name)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(0))
@@ -104,10 +105,10 @@ def identity_plan(cal, model: torch.nn.Module, budget: float, seq_len: int) -> l
     return [c for c, _ in plan_under_budget(loss_tables(cal.sensitivity, costs), costs, budget).capacities]
 
 
-def apply(model: torch.nn.Module, cal, capacities: list[float], rule: str) -> None:  # type: ignore[no-untyped-def]
+def apply(model: torch.nn.Module, cal, capacities: list[float], rule: str, coef: float = 0.01) -> None:  # type: ignore[no-untyped-def]
     routed = [i for i, c in enumerate(capacities) if c < 1]
     plan = MoDConfig(len(capacities), routed, [capacities[i] for i in routed], keep_first=cal.settings["keep_first"],
-                     causal=rule)  # fmt: skip
+                     causal=rule, aux_loss_coef=coef)  # fmt: skip
     modify.convert(model, plan=plan)
     for block, state in routed_blocks(model):
         load_router(block.mod_router, cal.candidates["routers"][state.index])
@@ -119,13 +120,17 @@ def main() -> None:
     parser.add_argument("--calibration", type=Path, help="a calibration saved by this script or skip_paths_smollm2.py")
     parser.add_argument("--budget", type=float, default=0.75)
     parser.add_argument("--tokens", type=int, default=65536, help="calibration tokens")
-    parser.add_argument("--threshold-tokens", type=int, default=32768, help="calibration tokens for the thresholds")
+    parser.add_argument("--threshold-tokens", type=int, default=16384, help="calibration tokens for the thresholds")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--aux-steps", type=int, default=100)
+    parser.add_argument("--predictor-steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--router-lr", type=float, default=1e-4, help="calibrated routers' weights are ~0.05 in norm")
+    parser.add_argument("--predictor-lr", type=float, default=1e-3)
+    parser.add_argument("--aux-coef", type=float, default=0.1, help="aux_loss_coef of the aux run")
     parser.add_argument("--plans", nargs="+", default=["calibrated", "paper"])
+    parser.add_argument("--rules", nargs="+", default=list(RULES))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -145,7 +150,9 @@ def main() -> None:
                         progress=lambda stage, done, total: print(f"\r{stage} {done}/{total}   ", end="", flush=True))  # fmt: skip
         torch.save((cal, time.perf_counter() - start), cached)
     dense = perplexity(model, held_out)
-    results: dict = {"dense_ppl": dense, "steps": args.steps, "lr": args.lr, "batch": args.batch, "plans": {}}
+    path = args.out / "RESULTS.json"
+    results: dict = json.loads(path.read_text()) if path.is_file() else {"plans": {}}
+    results.update(dense_ppl=dense, settings={k: str(v) for k, v in vars(args).items()})
     print(f"dense held-out perplexity {dense:.2f}", flush=True)
     fit_text = batches(windows[: max(1, args.threshold_tokens // args.seq_len)], 4)
     n = cal.num_blocks
@@ -155,22 +162,27 @@ def main() -> None:
     }
     for name in args.plans:
         capacities = plans[name]
-        rows = {}
-        for rule in RULES:
-            apply(model, cal, capacities, rule)
+        rows = results["plans"].get(name, {}).get("rules", {})
+        for rule in args.rules:
+            apply(model, cal, capacities, rule, args.aux_coef if rule == "aux" else 0.01)
             thresholds = modify.fit_thresholds(model, fit_text)
             aux = []
             start = time.perf_counter()
             if rule == "threshold" and name == "paper":
                 save_converted(model, tokenizer, args.out / "paper-threshold", source, force=True)
-            if rule == "aux":  # start from the threshold rule: top-k ignores the bias, aux decides at 0
-                for (block, state), t in zip(routed_blocks(model), thresholds):
+            if rule == "aux":
+                # Start from the threshold rule (top-k ignores the bias, aux decides at 0); then the routers
+                # learn from the language model and the aux loss.
+                for (block, _), t in zip(routed_blocks(model), thresholds):
                     block.mod_router.bias.data -= t
-            if rule != "threshold":
-                print(f"  {name} {rule}: training {args.steps} steps", flush=True)
-                aux = train(model, windows, args.steps, args.lr, args.batch)
+                print(f"  {name} aux: training the routers {args.aux_steps} steps", flush=True)
+                aux = train(model, windows, "mod_router", args.aux_steps, args.router_lr, args.batch)
+            elif rule == "predictor":  # the predictors alone: the language model and the routers stay as calibrated
+                print(f"  {name} predictor: training the predictors {args.predictor_steps} steps", flush=True)
+                aux = train(model, windows, "mod_predictor", args.predictor_steps, args.predictor_lr, args.batch)
+            train_seconds = time.perf_counter() - start
             row = evaluate(model, held_out)
-            row.update(train_seconds=time.perf_counter() - start, aux_losses=aux[:: max(1, len(aux) // 20)])
+            row.update(train_seconds=train_seconds, aux_losses=aux[:: max(1, len(aux) // 20)])
             rows[rule] = row
             print(
                 f"{name:<10} {rule:<9} agreement {row['agreement']:.4f} (min block {row['min_block_agreement']:.4f}) "
@@ -181,9 +193,9 @@ def main() -> None:
             flops = modify.flops(model, args.seq_len)
             row["block_flops_ratio"] = sum(r for _, r in flops.blocks) / sum(d for d, _ in flops.blocks)
             modify.revert(model)  # the runs trained the routers and predictors only, which go with it
-        routed = [i for i, c in enumerate(capacities) if c < 1]
-        results["plans"][name] = {"routed": routed, "capacities": [capacities[i] for i in routed], "rules": rows}
-        (args.out / "RESULTS.json").write_text(json.dumps(results, indent=2))
+            routed = [i for i, c in enumerate(capacities) if c < 1]
+            results["plans"][name] = {"routed": routed, "capacities": [capacities[i] for i in routed], "rules": rows}
+            path.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

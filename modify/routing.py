@@ -6,6 +6,10 @@ runs the block's Δ graph on those k tokens only, and adds ``g(r)·Δ`` back int
 by part in the block's own order of additions (see :mod:`modify.passes.extract_delta`).
 Skipped tokens leave the block unchanged and cost nothing inside it, unless the block has a skip path
 (:mod:`modify.skip_path`): then they get its cheap estimate of Δ instead. Shapes depend only on B, T and c.
+
+That is top-k routing, the training rule. Calls where each token decides alone (causal routing, as when
+sampling) and calls inside ``generate()`` or that continue a cache take the per-token path of
+:mod:`modify.generate.selective` instead.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from modify.generate.causal import causal_process, observe_topk
-from modify.generate.selective import history_of, cached_length, find_cache, selective_forward
+from modify.generate.selective import cached_length, find_cache, history_of, mark_topk_filled, selective_forward
 from modify.kernels import gated_scatter_add, gather_token_dim, gather_tokens
 from modify.passes.capture_block import CallStructure, call_structure, capture_block
 from modify.passes.extract_delta import ExtractDeltaPass
@@ -214,10 +218,12 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
             padding = padding_from_mask(mask, batch)
     causal = state.mode == "causal" or (state.mode == "auto" and state.generating)
     cache_arg = find_cache(named)
-    if causal or (cache_arg is not None and cached_length(cache_arg[1], state.cache_layer) > 0):
+    if causal or (cache_arg is not None and (state.generating or cached_length(cache_arg[1], state.cache_layer) > 0)):
         return _per_token(block, state, named, x, scores, padding, cache_arg, causal)
     idx = select_tokens(scores, capacity_tokens(state.capacity, length), padding, state.keep_first)
     observe_topk(state, block, x, scores, idx, padding)
+    if cache_arg is not None:
+        mark_topk_filled(cache_arg[1], state.cache_layer)
     gathered = {
         key: gather_tokens(value, idx) if key == spec.hidden else _gather_value(value, (key,), spec, idx, length)
         for key, value in named.items()

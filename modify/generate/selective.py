@@ -28,7 +28,7 @@ from torch import nn
 
 from modify.kernels import gated_scatter_add, gather_tokens
 
-__all__ = ["selective_forward", "find_cache", "cached_length", "history_of"]
+__all__ = ["selective_forward", "find_cache", "cached_length", "history_of", "mark_topk_filled"]
 
 #: Attribute of a cache object holding, per cache layer, which positions of the layer are real keys.
 HISTORY_ATTR = "_modify_history"
@@ -38,6 +38,9 @@ HISTORY_ATTR = "_modify_history"
 class _History:
     valid: torch.Tensor  # [B, L] bool: the positions of this layer that hold a processed token's key
     real: torch.Tensor  # [B] int64: real (not padding) tokens seen so far, for keep_first
+
+
+_TOPK_FILLED = "top-k"
 
 
 def find_cache(named: dict[str, Any]) -> tuple[str, Any] | None:
@@ -54,11 +57,21 @@ def cached_length(cache: Any, layer: int) -> int:
     return int(cache.get_seq_length(layer)) if layer < len(cache.layers) else 0
 
 
+def mark_topk_filled(cache: Any, layer: int) -> None:
+    """Note that a top-k forward wrote this layer: only its routed tokens' keys, not one per position."""
+    cache.__dict__.setdefault(HISTORY_ATTR, {})[layer] = _TOPK_FILLED
+
+
 def history_of(cache: Any, layer: int, batch: int, device: torch.device) -> _History:
-    store: dict[int, _History] = cache.__dict__.setdefault(HISTORY_ATTR, {})
+    store: dict[int, Any] = cache.__dict__.setdefault(HISTORY_ATTR, {})
     length = cached_length(cache, layer)
     h = store.get(layer)
-    if h is None or length == 0:
+    if h is _TOPK_FILLED and length > 0:
+        raise ValueError(
+            "this cache was filled by a top-k forward, which keeps only the routed tokens' keys, so it can't be "
+            "continued; call modify.set_routing(model, 'causal') before the first forward, or use generate()"
+        )
+    if not isinstance(h, _History) or length == 0:
         # A fresh cache, or one a dense call filled (routing disabled): every cached position is real.
         h = _History(
             torch.ones(batch, length, dtype=torch.bool, device=device),

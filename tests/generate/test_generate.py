@@ -149,3 +149,15 @@ def test_causal_forward_equals_token_by_token_decoding() -> None:
             cache = out.past_key_values
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_topk_generation_and_a_cache_a_topk_forward_filled() -> None:
+    model = routed_model("llama")
+    ids = torch.randint(3, 90, (2, 8))
+    with modify.routing_mode(model, "topk"):  # per-call top-k inside generate(): prefill k of 8, then 1 of 1
+        out = model.generate(ids, return_dict_in_generate=True, **GREEDY)
+        assert processed_share(out.past_key_values) == pytest.approx((4 + 9) / 17)  # the last token is not fed
+        with torch.no_grad():
+            first = model(ids, use_cache=True)  # outside generate(): the training forward, routed tokens only
+        with pytest.raises(ValueError, match="filled by a top-k forward"), torch.no_grad():
+            model(ids[:, :1], cache=first.past_key_values, use_cache=True)
