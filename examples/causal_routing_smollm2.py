@@ -70,6 +70,42 @@ def evaluate(model: torch.nn.Module, held_out: torch.Tensor) -> dict:
     return row
 
 
+@torch.no_grad()
+def oracle_agreement(model: torch.nn.Module, held_out: torch.Tensor) -> dict[int, float]:
+    """Per block: the agreement of the best fixed threshold on the router's scores, chosen on the held-out text
+    itself. No threshold rule can do better on this text; the gap to 1 is what per-sequence top-k decides
+    that no per-token threshold can (the score distribution shifts from sequence to sequence)."""
+    pairs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    found = routed_blocks(model)
+
+    def observer(state):  # type: ignore[no-untyped-def]
+        def observe(scores: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> None:
+            member = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
+            pairs.setdefault(state.index, []).append((scores[:, state.keep_first :], member[:, state.keep_first :]))
+
+        return observe
+
+    for _, state in found:
+        state.observer = observer(state)
+    try:
+        with modify.routing_mode(model, "topk"):
+            for w in batches(held_out, 4):
+                model(input_ids=w, use_cache=False)
+    finally:
+        for _, state in found:
+            state.observer = None
+    best = {}
+    for index, items in pairs.items():
+        scores = torch.cat([s.flatten() for s, _ in items])
+        member = torch.cat([m.flatten() for _, m in items])[scores.argsort(descending=True)].double()
+        # processing the top j scores: members among them agree, non-members after them agree
+        hits = torch.cat([torch.zeros(1, dtype=torch.float64), member.cumsum(0)])
+        j = torch.arange(len(member) + 1, dtype=torch.float64)
+        agree = hits + (len(member) - j) - (member.sum() - hits)
+        best[index] = float(agree.max() / len(member))
+    return best
+
+
 def train(model: torch.nn.Module, windows: torch.Tensor, trains: str, steps: int, lr: float, batch: int) -> list[float]:
     """A minimal loop: AdamW on the parameters whose names contain ``trains``, everything else frozen; returns
     the aux losses. The loss is the model's ``outputs.loss`` (language model + aux_loss_coef × aux)."""
@@ -183,6 +219,13 @@ def main() -> None:
             train_seconds = time.perf_counter() - start
             row = evaluate(model, held_out)
             row.update(train_seconds=train_seconds, aux_losses=aux[:: max(1, len(aux) // 20)])
+            row["capacity_of_block"] = {s.index: s.capacity for _, s in routed_blocks(model)}
+            if rule == "threshold":
+                oracle = oracle_agreement(model, held_out)
+                row["oracle_threshold_blocks"] = oracle
+                row["oracle_threshold_agreement"] = sum(oracle.values()) / len(oracle)
+                print(f"{name:<10} oracle    best fixed threshold chosen on the held-out text: agreement "
+                      f"{row['oracle_threshold_agreement']:.4f}", flush=True)  # fmt: skip
             rows[rule] = row
             print(
                 f"{name:<10} {rule:<9} agreement {row['agreement']:.4f} (min block {row['min_block_agreement']:.4f}) "

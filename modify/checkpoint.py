@@ -262,6 +262,13 @@ def atomic_directory(out: Path, force: bool = False) -> Iterator[Path]:
                     parent.rmdir()
 
 
+_CAUSAL_CARD = {
+    "threshold": "a token is processed when its router score exceeds the block's threshold",
+    "aux": "a token is processed when its router score is positive",
+    "predictor": "a token is processed when the block's predictor says so",
+}
+
+
 def _model_card(model: nn.Module, source: Source, plan: MoDConfig, seq_len: int = 2048, trained: str = "") -> str:
     from modify.flops import flops
 
@@ -283,6 +290,7 @@ Converted with [modify](https://pypi.org/project/modify/) from `{source.model_id
 - Routed blocks (capacity): {routed} of {plan.num_blocks}
 - Router: {plan.router}, gate: {plan.gate} (routers start at zero: every gate is 1)
 - Skipped tokens get: {skipped}
+- Sampling (`generate()`): causal routing, rule `{plan.causal}` ({_CAUSAL_CARD[plan.causal]})
 - Forward FLOPs per token at {seq_len} tokens (skip paths included): dense {count.dense / seq_len:,.0f}, \
 routed {count.routed / seq_len:,.0f} ({count.ratio:.1%})
 

@@ -80,8 +80,8 @@ class MoDRouter(_Float32):
 
 class MoDPredictor(_Float32):
     """The paper's causal predictor: a small MLP that guesses, from a token's block input alone, whether top-k
-    would route it; logit > 0 means "process". It reads the input through a stop-gradient, so training it
-    (a BCE on top-k membership, :mod:`modify.generate.causal`) leaves the language model untouched.
+    would route it; logit > 0 means "process". It reads the input (RMS-normalised) through a stop-gradient, so
+    training it (a BCE on top-k membership, :mod:`modify.generate.causal`) leaves the language model untouched.
 
     Args:
         hidden_size: size of the hidden states read.
@@ -96,4 +96,8 @@ class MoDPredictor(_Float32):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, D] hidden states -> [B, T] float32 logits."""
         with _float32_input(x):
-            return self.fc2(torch.nn.functional.silu(self.fc1(x.detach().float()))).squeeze(-1)
+            x = x.detach().float()
+            # Scale-free input: the residual stream's norm grows with depth and carries outlier dimensions,
+            # which a small MLP trained for a few hundred steps learns around poorly.
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return self.fc2(torch.nn.functional.silu(self.fc1(x))).squeeze(-1)

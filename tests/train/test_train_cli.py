@@ -196,8 +196,9 @@ def test_non_finite_steps_are_skipped_and_a_streak_stops_the_run(
     forward = loop.Trainer._forward
 
     def poisoned(self: loop.Trainer, batch: torch.Tensor):  # type: ignore[no-untyped-def]
-        loss, aux = forward(self, batch)
-        return (loss * float("nan"), aux) if self.step + 1 in bad_steps else (loss, aux)
+        lm, aux, loss = forward(self, batch)
+        nan = float("nan")
+        return (lm * nan, aux, loss * nan) if self.step + 1 in bad_steps else (lm, aux, loss)
 
     monkeypatch.setattr(loop.Trainer, "_forward", poisoned)
     weights: list[dict[str, torch.Tensor]] = []
