@@ -63,6 +63,37 @@ def flops(model, ids: torch.Tensor, new: int, dense: bool) -> int:  # type: igno
     return counter.get_total_flops()
 
 
+def rows_sweep(model, ids: torch.Tensor, steps: int = 10) -> None:  # type: ignore[no-untyped-def]
+    """Why a batch gains little: the decode step's time when every routed block processes exactly r of the
+    batch's rows (the causal decision forced), against dense. The routed blocks' share of the step falls with
+    r only if a block's cost does; a block's weights are read whole whichever rows run it."""
+    import modify.routing as routing
+
+    batch = ids.shape[0]
+    rule = routing.causal_process
+
+    def step_ms(rows: int | None) -> float:
+        if rows is not None:
+            routing.causal_process = lambda s, b, x, sc, real, seen: real & (torch.arange(x.shape[0])[:, None] < rows)
+        try:
+            with torch.no_grad(), (modify.routing_disabled(model) if rows is None else modify.routing_mode(model, "causal")):
+                out = model(ids, use_cache=True)
+                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    out = model(nxt, cache=cache, use_cache=True)
+                    nxt = out.logits[:, -1:].argmax(-1)
+                return (time.perf_counter() - start) / steps * 1e3
+        finally:
+            routing.causal_process = rule
+
+    dense = step_ms(None)
+    cells = [f"dense {dense:.1f} ms"]
+    for rows in sorted({0, 1, 2, 4, batch // 2, batch}):
+        cells.append(f"{rows} rows {step_ms(rows):.1f} ms")
+    print(f"batch {batch:>3} decode step, every routed block processing r rows: " + ", ".join(cells), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
@@ -71,6 +102,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--rows-sweep", action="store_true", help="also time decode steps with r rows forced to run")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -107,6 +139,8 @@ def main() -> None:
             "decode_processed_share": share,
         }
         rows.append(row)
+        if args.rows_sweep and batch > 1:
+            rows_sweep(model, ids)
         print(
             f"batch {batch:>3}: dense {row['dense_tokens_per_s']:8.1f} tok/s  modify {row['modify_tokens_per_s']:8.1f} tok/s  "
             f"speedup {row['speedup']:.2f}x  decode FLOP ratio {row['decode_flop_ratio']:.2f}x  "
