@@ -240,6 +240,14 @@ class _Hooks:
 
 def _generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     states = getattr(self, _HOOKS_ATTR).states
+    config = kwargs.get("generation_config") or getattr(self, "generation_config", None)
+    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
+    if beams > 1 and any(s.enabled for s in states):
+        # Beam search reorders the cache between steps; which positions each routed layer holds would not follow.
+        raise ValueError(
+            f"beam search (num_beams={beams}) is not supported on a converted model: causal routing keeps per-sequence "
+            "state beside the cache that beam reordering would not follow; use greedy or sampling (num_beams=1)"
+        )
     for s in states:
         s.generating = True
     try:

@@ -62,7 +62,17 @@ def mark_topk_filled(cache: Any, layer: int) -> None:
     cache.__dict__.setdefault(HISTORY_ATTR, {})[layer] = _TOPK_FILLED
 
 
+#: Cache layers whose update appends along the sequence, as the hidden zeros of skipped positions need.
+_APPENDING_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+
 def history_of(cache: Any, layer: int, batch: int, device: torch.device) -> _History:
+    kind = type(cache.layers[layer]).__name__ if layer < len(cache.layers) else "DynamicLayer"
+    if kind not in _APPENDING_LAYERS:
+        raise ValueError(
+            f"a {kind} cache is not supported with causal routing (routed layers keep one appended entry per "
+            "position); use the default dynamic cache (drop cache_implementation)"
+        )
     store: dict[int, Any] = cache.__dict__.setdefault(HISTORY_ATTR, {})
     length = cached_length(cache, layer)
     h = store.get(layer)

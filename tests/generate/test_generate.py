@@ -161,3 +161,17 @@ def test_topk_generation_and_a_cache_a_topk_forward_filled() -> None:
             first = model(ids, use_cache=True)  # outside generate(): the training forward, routed tokens only
         with pytest.raises(ValueError, match="filled by a top-k forward"), torch.no_grad():
             model(ids[:, :1], cache=first.past_key_values, use_cache=True)
+
+
+def test_beam_search_is_refused_with_a_clear_error() -> None:
+    model = routed_model("llama")
+    with pytest.raises(ValueError, match="beam search"):
+        model.generate(torch.randint(3, 90, (1, 5)), num_beams=2, max_new_tokens=3, pad_token_id=0)
+    with modify.routing_disabled(model):  # dense: beams are fine
+        model.generate(torch.randint(3, 90, (1, 5)), num_beams=2, max_new_tokens=3, pad_token_id=0)
+
+
+def test_a_static_cache_is_refused_with_a_clear_error() -> None:
+    model = routed_model("llama")
+    with pytest.raises(ValueError, match="use the default dynamic cache"):
+        model.generate(torch.randint(3, 90, (1, 5)), cache_implementation="static", **GREEDY)
