@@ -83,6 +83,10 @@ class MoDPredictor(_Float32):
     would route it; logit > 0 means "process". It reads the input (RMS-normalised) through a stop-gradient, so
     training it (a BCE on top-k membership, :mod:`modify.generate.causal`) leaves the language model untouched.
 
+    Its logit is ``a·(r - t) + mlp(x)``: the router's score r against the block's threshold t (both held
+    fixed here), scaled by a learnt ``a`` (1 at first), plus the MLP's correction, whose output layer starts
+    at zero. So a new predictor decides exactly as the threshold rule does, and training can only refine it.
+
     Args:
         hidden_size: size of the hidden states read.
         size: hidden units.
@@ -92,12 +96,17 @@ class MoDPredictor(_Float32):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, size, device=device, dtype=torch.float32)
         self.fc2 = nn.Linear(size, 1, device=device, dtype=torch.float32)
+        self.score_scale = nn.Parameter(torch.ones(1, device=device, dtype=torch.float32))
+        with torch.no_grad():
+            self.fc2.weight.zero_()
+            self.fc2.bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, D] hidden states -> [B, T] float32 logits."""
+    def forward(self, x: torch.Tensor, margin: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T, D] hidden states (and the [B, T] router margin r - t) -> [B, T] float32 logits."""
         with _float32_input(x):
             x = x.detach().float()
             # Scale-free input: the residual stream's norm grows with depth and carries outlier dimensions,
             # which a small MLP trained for a few hundred steps learns around poorly.
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
-            return self.fc2(torch.nn.functional.silu(self.fc1(x))).squeeze(-1)
+            logit = self.fc2(torch.nn.functional.silu(self.fc1(x))).squeeze(-1)
+            return logit if margin is None else logit + self.score_scale * margin.detach().float()

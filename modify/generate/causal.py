@@ -10,7 +10,8 @@ names one (see :data:`modify.config.CAUSAL_RULES`):
 - ``aux``: process when the score is > 0, the router trained with a binary cross-entropy on its scores with
   top-k membership as targets;
 - ``predictor``: process when a small MLP on the stop-gradient block input (:class:`modify.router.MoDPredictor`)
-  gives a logit > 0, trained on the same targets; the language-model loss never reaches it.
+  gives a logit > 0, trained on the same targets; the language-model loss never reaches it. Its logit adds
+  the MLP's correction (zero at first) to the threshold rule's margin, so it starts where that rule is.
 
 The two losses are computed in the top-k (training) forward and returned the way Hugging Face MoE models
 return their router loss: ``outputs.loss`` = language-model loss + ``aux_loss_coef`` × ``outputs.aux_loss``
@@ -57,8 +58,11 @@ def _states(model: nn.Module) -> list[Any]:
 
 
 def decision_logits(state: Any, block: nn.Module, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """[B, T] what a token's decision compares with the threshold: the predictor's logit, else the router score."""
-    return getattr(block, PREDICTOR_ATTR)(x) if state.causal == "predictor" else scores
+    """[B, T] what a token's decision compares with the threshold: the predictor's logit (which starts from the
+    threshold rule's margin), else the router score."""
+    if state.causal == "predictor":
+        return getattr(block, PREDICTOR_ATTR)(x, scores - state.threshold)
+    return scores
 
 
 def decision_threshold(state: Any) -> float:

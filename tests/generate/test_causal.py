@@ -47,19 +47,24 @@ def test_aux_losses_join_outputs_loss(rule: str) -> None:
     assert len(state.aux_losses) == 0  # collected and cleared by the model's hook
     out.aux_loss.backward(retain_graph=True)
     if rule == "predictor":  # stop-gradient: only the predictors learn from it
-        assert block.mod_predictor.fc1.weight.grad.abs().sum() > 0
+        assert block.mod_predictor.fc2.weight.grad.abs().sum() > 0
         assert block.mod_router.weight.grad is None and block.mlp.up_proj.weight.grad is None
         model.zero_grad()
         out.lm_loss.backward()
-        assert block.mod_predictor.fc1.weight.grad is None or block.mod_predictor.fc1.weight.grad.abs().sum() == 0
+        assert block.mod_predictor.fc2.weight.grad is None or block.mod_predictor.fc2.weight.grad.abs().sum() == 0
     else:
         assert block.mod_router.weight.grad.abs().sum() > 0
 
 
-def test_aux_loss_trains_the_decisions_towards_topk() -> None:
+def test_predictor_starts_at_the_threshold_rule_and_learns_past_it() -> None:
     model = routed_model("llama", causal="predictor")
     text = torch.randint(3, 90, (8, 24))
-    before = sum(b["agreement"] for b in modify.measure_agreement(model, [text]).values())
+    before = modify.measure_agreement(model, [text])
+    for _, state in routed_blocks(model):
+        state.causal = "threshold"
+    assert modify.measure_agreement(model, [text]) == before  # a new predictor decides as the threshold rule
+    for _, state in routed_blocks(model):
+        state.causal = "predictor"
     params = [p for n, p in model.named_parameters() if "mod_predictor" in n]
     optimizer = torch.optim.Adam(params, lr=3e-2)
     model.train()
@@ -69,8 +74,8 @@ def test_aux_loss_trains_the_decisions_towards_topk() -> None:
         optimizer.step()
         optimizer.zero_grad()
     model.eval()
-    after = sum(b["agreement"] for b in modify.measure_agreement(model, [text]).values())
-    assert after > before + 0.3  # summed over 4 blocks
+    after = modify.measure_agreement(model, [text])
+    assert sum(b["agreement"] for b in after.values()) > sum(b["agreement"] for b in before.values()) + 0.1
 
 
 def test_training_moves_the_threshold_towards_the_batch_quantile() -> None:
