@@ -11,12 +11,13 @@ block) with the calibrated routers. For each plan and each causal rule, on held-
   and pooled; ``causal_share`` and ``topk_share``: the shares each rule processes;
 - perplexity with top-k routing (the training rule) and with causal routing (what ``generate()`` runs).
 
-Rules: ``threshold`` zero-shot (the (1 - c) quantile of each router's scores on calibration text);
-``aux`` and ``predictor`` after a short run of a minimal training loop (AdamW, the routers and predictors
-only, the model frozen; loss = language-model loss + aux_loss_coef × the rule's BCE on top-k membership).
-The aux router starts from the threshold rule (its bias lowered by the threshold, which top-k ignores), the
-predictor from scratch. Writes RESULTS.json and, for ``benchmarks/bench_decode.py``, the paper's plan with
-the threshold rule as a converted model directory.
+Rules: ``threshold`` zero-shot (the (1 - c) quantile of each router's scores on calibration text), with the
+best fixed threshold chosen on the held-out text itself beside it (an oracle: what no threshold rule can
+beat there); ``aux`` and ``predictor`` after a short run of a minimal training loop (AdamW, the model frozen;
+loss = language-model loss + aux_loss_coef × the rule's BCE on top-k membership): for aux the routers train
+(from the threshold rule: their bias lowered by the threshold, which top-k ignores), for predictor the
+predictors alone (which start from the threshold rule's decisions by construction). Writes RESULTS.json and,
+for ``benchmarks/bench_decode.py``, the paper's plan with the threshold rule as a converted model directory.
 """
 
 from __future__ import annotations
