@@ -31,3 +31,9 @@ loss = model(ids, labels=ids).loss
 loss.backward()
 optim.step()
 print(f"loss {loss.item():.3f}; router grad norm {torch.cat([p.grad.flatten() for p in routers]).norm():.2e}")
+
+# Sampling routes causally: each token compares its router score with its block's threshold, fitted on text.
+model.eval()
+print("thresholds", [round(t, 4) for t in modify.fit_thresholds(model, [ids])])
+print("agreement with top-k", {i: round(b["agreement"], 3) for i, b in modify.measure_agreement(model, [ids]).items()})
+print("generated", model.generate(ids[:1, :8], max_new_tokens=8, do_sample=False, pad_token_id=0)[0].tolist())
