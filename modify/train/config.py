@@ -49,7 +49,8 @@ class TrainConfig:
         weight_decay: AdamW's decoupled decay for weight matrices (never for norms, biases or routers).
         clip: gradient-norm clipping (0 turns it off).
         capacity_anneal: steps over which every routed block's capacity goes from 1.0 to the plan's.
-        aux_weight: coefficient of any auxiliary loss the model returns (``outputs.aux_loss``).
+        aux_weight: coefficient of any auxiliary loss the model returns (``outputs.aux_loss``) but does not add
+            to ``outputs.loss`` itself (a converted model's causal-routing loss comes added, with ``lm_loss``).
         train: what learns: ``full``, ``lora`` (LoRA on the blocks' linears plus the routers, with peft),
             ``routers``, ``routers+norms`` or ``routers+skip``.
         lora_rank, lora_alpha: LoRA's rank and scale.
