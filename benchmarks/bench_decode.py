@@ -76,7 +76,10 @@ def rows_sweep(model, ids: torch.Tensor, steps: int = 10) -> None:  # type: igno
         if rows is not None:
             routing.causal_process = lambda s, b, x, sc, real, seen: real & (torch.arange(x.shape[0])[:, None] < rows)
         try:
-            with torch.no_grad(), (modify.routing_disabled(model) if rows is None else modify.routing_mode(model, "causal")):
+            with (
+                torch.no_grad(),
+                modify.routing_disabled(model) if rows is None else modify.routing_mode(model, "causal"),
+            ):
                 out = model(ids, use_cache=True)
                 cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
                 start = time.perf_counter()
@@ -111,7 +114,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     plan = model.config.mixture_of_depths
     print(f"{args.model}: {len(plan['routed'])}/{plan['num_blocks']} blocks routed, rule {plan['causal']}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")  # fmt: skip
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}")  # fmt: skip
     rows = []
     for batch in args.batch:
         ids = prompts(tokenizer, batch, args.prompt)
@@ -142,7 +146,8 @@ def main() -> None:
         if args.rows_sweep and batch > 1:
             rows_sweep(model, ids)
         print(
-            f"batch {batch:>3}: dense {row['dense_tokens_per_s']:8.1f} tok/s  modify {row['modify_tokens_per_s']:8.1f} tok/s  "
+            f"batch {batch:>3}: dense {row['dense_tokens_per_s']:8.1f} tok/s  "
+            f"modify {row['modify_tokens_per_s']:8.1f} tok/s  "
             f"speedup {row['speedup']:.2f}x  decode FLOP ratio {row['decode_flop_ratio']:.2f}x  "
             f"routed positions processed {share:.1%}",
             flush=True,

@@ -34,7 +34,14 @@ import torch
 import modify
 from modify.api import routed_blocks
 from modify.assets import shakespeare_split
-from modify.calibrate.calibration import CalibrationSettings, calibrate, load_router, loss_tables, option_costs, token_windows
+from modify.calibrate.calibration import (
+    CalibrationSettings,
+    calibrate,
+    load_router,
+    loss_tables,
+    option_costs,
+    token_windows,
+)
 from modify.calibrate.planning import plan_under_budget
 from modify.checkpoint import load_source, resolve_source, save_converted
 from modify.config import MoDConfig
@@ -183,8 +190,13 @@ def main() -> None:
     else:
         settings = CalibrationSettings(tokens=args.tokens, seq_len=args.seq_len, budget=args.budget)
         start = time.perf_counter()
-        cal = calibrate(model, windows, data, settings,
-                        progress=lambda stage, done, total: print(f"\r{stage} {done}/{total}   ", end="", flush=True))  # fmt: skip
+        cal = calibrate(
+            model,
+            windows,
+            data,
+            settings,
+            progress=lambda stage, done, total: print(f"\r{stage} {done}/{total} ", end="", flush=True),
+        )
         torch.save((cal, time.perf_counter() - start), cached)
     dense = perplexity(model, held_out)
     path = args.out / "RESULTS.json"

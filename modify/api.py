@@ -13,11 +13,11 @@ from torch import nn
 from modify.archs import UNROUTABLE_ATTENTION
 from modify.config import CONFIG_KEY, MoDConfig
 from modify.errors import UnsupportedModelError
+from modify.generate.causal import install_model_hooks, remove_model_hooks
 from modify.passes.capture_block import capture_block
 from modify.passes.extract_delta import ExtractDeltaPass
 from modify.passes.find_block_stack import find_block_stack
 from modify.passes.probe_block_calls import BlockCallSpec, probe_block_calls
-from modify.generate.causal import install_model_hooks, remove_model_hooks
 from modify.router import PREDICTOR_ATTR, ROUTER_ATTR, MoDPredictor, MoDRouter
 from modify.routing import STATE_ATTR, RoutingState, install, uninstall
 from modify.skip_path import SKIP_ATTR, make_skip_path, spec_name

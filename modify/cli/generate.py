@@ -99,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
         ids = tokenizer(text, return_tensors="pt").input_ids
     if converted:
         modify.set_routing(model, args.routing)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "return_dict_in_generate": True,
-              "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}  # fmt: skip
+              "pad_token_id": pad}  # fmt: skip
     if args.sample:
         kwargs.update(temperature=args.temperature, top_p=args.top_p)
         torch.manual_seed(args.seed)

@@ -104,9 +104,11 @@ def observe_topk(
         state.threshold += THRESHOLD_MOMENTUM * (quantile - state.threshold)
     if state.agreement is not None:
         decide = logits.detach()[decided] > decision_threshold(state)
-        state.agreement += torch.stack(
-            [(decide == member[decided]).sum(), decide.sum(), member[decided].sum(), decided.sum()]
-        ).double().cpu()
+        state.agreement += (
+            torch.stack([(decide == member[decided]).sum(), decide.sum(), member[decided].sum(), decided.sum()])
+            .double()
+            .cpu()
+        )
 
 
 # -- switching, plan, hooks ---------------------------------------------------------------------------------
@@ -206,7 +208,11 @@ def measure_agreement(model: nn.Module, batches: Iterable[Any]) -> dict[int, dic
         for s in found:
             agree, causal, member, total = s.agreement.tolist()
             if total:
-                result[s.index] = {"agreement": agree / total, "causal_share": causal / total, "topk_share": member / total}
+                result[s.index] = {
+                    "agreement": agree / total,
+                    "causal_share": causal / total,
+                    "topk_share": member / total,
+                }
         return result
     finally:
         for s, mode in zip(found, previous):

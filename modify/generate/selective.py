@@ -91,7 +91,8 @@ def history_of(cache: Any, layer: int, batch: int, device: torch.device) -> _His
     if h.valid.shape[0] != batch:
         raise ValueError(
             f"the cache holds {h.valid.shape[0]} sequences but the call has {batch}; causal routing follows each "
-            "sequence's cache, so beam search and batch changes mid-generation are not supported (use greedy or sampling)"
+            "sequence's cache, so beam search and batch changes mid-generation are not supported (use greedy or "
+            "sampling)"
         )
     return h
 
@@ -123,7 +124,9 @@ class _SelectedCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
         if layer_idx != self._layer:
             return self._cache.update(key_states, value_states, layer_idx, *args, **kwargs)
-        keys, values = self._cache.update(self._place(key_states), self._place(value_states), layer_idx, *args, **kwargs)
+        keys, values = self._cache.update(
+            self._place(key_states), self._place(value_states), layer_idx, *args, **kwargs
+        )
         if self._rows is None:
             return keys, values
         return keys.index_select(0, self._rows), values.index_select(0, self._rows)
@@ -185,8 +188,8 @@ def selective_forward(
     history: _History | None,
 ) -> Any:
     """Run ``block`` on the tokens ``process`` [B, q] selects and add ``g(r)·Δ`` back; see the module docstring."""
-    from modify.routing import _gather_value
     from modify.router import ROUTER_ATTR
+    from modify.routing import _gather_value
     from modify.skip_path import SKIP_ATTR
 
     spec = state.spec

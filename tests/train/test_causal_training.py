@@ -17,12 +17,16 @@ from tests.train.conftest import train_args
 
 def test_predictor_trains_with_the_routers_and_its_loss_is_reported(tiny_run: dict[str, Path], tmp_path: Path) -> None:
     converted = tmp_path / "predictor"
-    assert main(["convert", str(tiny_run["src"]), str(converted), "--capacity", "0.5", "--causal", "predictor", "-q"]) == 0
+    assert (
+        main(["convert", str(tiny_run["src"]), str(converted), "--capacity", "0.5", "--causal", "predictor", "-q"]) == 0
+    )
     out = tmp_path / "run"
     inputs = {**tiny_run, "predictor": converted}
     assert main(train_args(inputs, out, "--train", "routers", "--router-lr", "1e-2", model="predictor")) == 0
     before, after = load_file(converted / "model.safetensors"), load_file(out / "model.safetensors")
-    assert not torch.equal(before["model.layers.1.mod_predictor.fc1.weight"], after["model.layers.1.mod_predictor.fc1.weight"])
+    assert not torch.equal(
+        before["model.layers.1.mod_predictor.fc1.weight"], after["model.layers.1.mod_predictor.fc1.weight"]
+    )
     assert torch.equal(before["model.layers.1.mlp.up_proj.weight"], after["model.layers.1.mlp.up_proj.weight"])
     rows = read_metrics(out / "metrics.csv")
     assert all(math.isfinite(r["aux_loss"]) and 0 < r["aux_loss"] < 5 for r in rows)
