@@ -103,8 +103,23 @@ def padding_from_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
     mask also carries. With P cached positions before the T tokens, their own keys are the last T columns.
     """
     diag = mask.diagonal(offset=mask.shape[-1] - mask.shape[-2], dim1=-2, dim2=-1)[:, 0]
-    pad = ~diag if mask.dtype == torch.bool else diag < torch.finfo(mask.dtype).min / 2
-    return pad.expand(batch, pad.shape[-1])
+    return (~mask_allows(diag)).expand(batch, diag.shape[-1])
+
+
+def mask_allows(mask: torch.Tensor) -> torch.Tensor:
+    """A Hugging Face attention mask as bool, True where attention is allowed: a bool mask as it is, an
+    additive one where it is above half its dtype's minimum (what it adds to the scores there is 0)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def pairwise_mask(named: dict[str, Any], spec: BlockCallSpec) -> torch.Tensor | None:
+    """The 4-D attention mask of a block call (the argument the probe found indexed by token pairs), or None."""
+    if spec.pairwise is None:
+        return None
+    mask: Any = named.get(spec.pairwise[0])
+    for i in spec.pairwise[1:]:
+        mask = mask[i] if mask is not None else None
+    return mask if torch.is_tensor(mask) and mask.dim() == 4 else None
 
 
 def _gather_leaf(leaf: Any, path: Path, dims: tuple[int, ...] | None, idx: torch.Tensor, length: int) -> Any:
@@ -209,17 +224,12 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     batch, length, _ = x.shape
     router = getattr(block, ROUTER_ATTR)
     scores = router(x)
-    padding = None
-    if spec.pairwise is not None:
-        mask = named.get(spec.pairwise[0])
-        for i in spec.pairwise[1:]:
-            mask = mask[i] if mask is not None else None
-        if torch.is_tensor(mask) and mask.dim() == 4:
-            padding = padding_from_mask(mask, batch)
+    mask = pairwise_mask(named, spec)
+    padding = padding_from_mask(mask, batch) if mask is not None else None
     causal = state.mode == "causal" or (state.mode == "auto" and state.generating)
     cache_arg = find_cache(named)
     if causal or (cache_arg is not None and (state.generating or cached_length(cache_arg[1], state.cache_layer) > 0)):
-        return _per_token(block, state, named, x, scores, padding, cache_arg, causal)
+        return _per_token(block, state, named, x, scores, mask, padding, cache_arg, causal)
     idx = select_tokens(scores, capacity_tokens(state.capacity, length), padding, state.keep_first)
     observe_topk(state, block, x, scores, idx, padding)
     if cache_arg is not None:
@@ -252,7 +262,7 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 def _per_token(
     block: nn.Module, state: RoutingState, named: dict[str, Any], x: torch.Tensor, scores: torch.Tensor,
-    padding: torch.Tensor | None, cache_arg: tuple[str, Any] | None, causal: bool,
+    mask: torch.Tensor | None, padding: torch.Tensor | None, cache_arg: tuple[str, Any] | None, causal: bool,
 ) -> Any:  # fmt: skip
     """A call whose tokens decide one by one (causal routing), or that extends a cache; see
     :mod:`modify.generate.selective`. Top-k with a cache picks the best of this call's tokens."""
@@ -265,7 +275,7 @@ def _per_token(
     else:
         idx = select_tokens(scores, capacity_tokens(state.capacity, length), padding, state.keep_first)
         process = torch.zeros_like(real).scatter_(1, idx, True) & real
-    return selective_forward(block, state, named, x, scores, process, padding, cache_arg, history)
+    return selective_forward(block, state, named, x, scores, process, mask, padding, cache_arg, history)
 
 
 def install(

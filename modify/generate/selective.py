@@ -140,15 +140,6 @@ def _fill_skipped(cache: Any, layer: int, length: int) -> None:
     cache.update(zk, zv, layer)
 
 
-def _lookup(named: dict[str, Any], path: tuple[Any, ...] | None) -> Any:
-    if path is None:
-        return None
-    value: Any = named.get(path[0])
-    for i in path[1:]:
-        value = value[i] if value is not None else None
-    return value
-
-
 def _replace(value: Any, path: tuple[Any, ...], new: Any) -> Any:
     if not path:
         return new
@@ -183,11 +174,15 @@ def selective_forward(
     x: torch.Tensor,
     scores: torch.Tensor,
     process: torch.Tensor,
+    mask: torch.Tensor | None,
     padding: torch.Tensor | None,
     cache_arg: tuple[str, Any] | None,
     history: _History | None,
 ) -> Any:
-    """Run ``block`` on the tokens ``process`` [B, q] selects and add ``g(r)·Δ`` back; see the module docstring."""
+    """Run ``block`` on the tokens ``process`` [B, q] selects and add ``g(r)·Δ`` back; see the module docstring.
+
+    ``mask`` is the call's 4-D attention mask (None when the model passes none), ``padding`` [B, q] read from it.
+    """
     from modify.router import ROUTER_ATTR
     from modify.routing import _gather_value
     from modify.skip_path import SKIP_ATTR
@@ -219,8 +214,6 @@ def selective_forward(
         sub = None if rows.numel() == batch else rows
         idx, valid = _rows(order, sub, batch), _rows(valid, sub, batch)
         mask_path = spec.pairwise
-        mask = _lookup(named, mask_path)
-        mask = mask if torch.is_tensor(mask) and mask.dim() == 4 else None
         allowed = _allowed(mask, sub, idx, valid, history, past, length, cache is not None)
         new_mask = _as_mask(allowed, mask, x.dtype)
         gathered: dict[str, Any] = {}
@@ -273,15 +266,19 @@ def _allowed(
     positions at or before it that the model's own mask allows (padding, sliding windows); a spare slot sees
     only its own (hidden, unused) key, so that no row of the softmax is empty.
     """
+    from modify.routing import mask_allows
+
     batch = idx.shape[0]
+    base = None  # [b, q, n] what the model's own mask allows, for the rows that run
+    if mask is not None:
+        rows_mask = _rows(mask, sub, mask.shape[0]) if mask.shape[0] > 1 else mask.expand(batch, *mask.shape[1:])
+        base = mask_allows(rows_mask[:, 0])
     if not cached:
         pos = idx
         allowed = (pos[:, None, :] <= pos[:, :, None]) & valid[:, None, :]
-        if mask is not None:
-            m = _rows(mask, sub, mask.shape[0]) if mask.shape[0] > 1 else mask.expand(batch, *mask.shape[1:])
+        if base is not None:
             rows = torch.arange(batch, device=idx.device)[:, None, None]
-            base = m[:, 0][rows, idx[:, :, None], idx[:, None, :]]
-            allowed &= base if base.dtype == torch.bool else base > torch.finfo(base.dtype).min / 2
+            allowed &= base[rows, idx[:, :, None], idx[:, None, :]]
         allowed |= torch.eye(idx.shape[1], dtype=torch.bool, device=idx.device) & ~valid[:, :, None]
         return allowed[:, None]
     assert history is not None
@@ -291,9 +288,7 @@ def _allowed(
     col_valid = _rows(history.valid[:, -width:], sub, history.valid.shape[0])
     here = past + idx
     allowed = (cols[None, None, :] <= here[:, :, None]) & col_valid[:, None, :]
-    if mask is not None:
-        m = _rows(mask, sub, mask.shape[0]) if mask.shape[0] > 1 else mask.expand(batch, *mask.shape[1:])
-        base = torch.gather(m[:, 0], 1, idx[:, :, None].expand(-1, -1, width))
-        allowed &= base if base.dtype == torch.bool else base > torch.finfo(base.dtype).min / 2
+    if base is not None:
+        allowed &= torch.gather(base, 1, idx[:, :, None].expand(-1, -1, width))
     allowed |= (cols[None, None, :] == here[:, :, None]) & ~valid[:, :, None]
     return allowed[:, None]
