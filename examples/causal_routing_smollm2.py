@@ -38,11 +38,9 @@ from modify.calibrate.calibration import (
     CalibrationSettings,
     calibrate,
     load_router,
-    loss_tables,
-    option_costs,
+    replan,
     token_windows,
 )
-from modify.calibrate.planning import plan_under_budget
 from modify.checkpoint import load_source, resolve_source, save_converted
 from modify.config import MoDConfig
 
@@ -142,13 +140,6 @@ def train(model: torch.nn.Module, windows: torch.Tensor, trains: str, steps: int
     return aux
 
 
-def identity_plan(cal, model: torch.nn.Module, budget: float, seq_len: int) -> list[float]:  # type: ignore[no-untyped-def]
-    """The planner's pure Mixture-of-Depths choice (no skip paths) from the calibration's measurements."""
-    grid = sorted(set(cal.settings["grid"]), reverse=True)
-    costs = option_costs(model, grid, seq_len, ("identity",))
-    return [c for c, _ in plan_under_budget(loss_tables(cal.sensitivity, costs), costs, budget).capacities]
-
-
 def apply(model: torch.nn.Module, cal, capacities: list[float], rule: str, coef: float = 0.01) -> None:  # type: ignore[no-untyped-def]
     routed = [i for i, c in enumerate(capacities) if c < 1]
     plan = MoDConfig(len(capacities), routed, [capacities[i] for i in routed], keep_first=cal.settings["keep_first"],
@@ -206,7 +197,8 @@ def main() -> None:
     fit_text = batches(windows[: max(1, args.threshold_tokens // args.seq_len)], 4)
     n = cal.num_blocks
     plans = {
-        "calibrated": identity_plan(cal, model, args.budget, args.seq_len),
+        # the planner's pure Mixture-of-Depths choice (no skip paths) from the calibration's measurements
+        "calibrated": [c for c, _ in replan(cal, model, args.budget, args.seq_len).capacities],
         "paper": [0.125 if i % 2 == 1 else 1.0 for i in range(n)],
     }
     for name in args.plans:

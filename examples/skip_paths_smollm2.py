@@ -32,11 +32,9 @@ from modify.calibrate.calibration import (
     CalibrationSettings,
     calibrate,
     load_router,
-    loss_tables,
-    option_costs,
+    replan,
     token_windows,
 )
-from modify.calibrate.planning import plan_under_budget
 from modify.config import MoDConfig
 from modify.router import ROUTER_ATTR
 from modify.skip_path import SKIP_ATTR
@@ -90,9 +88,7 @@ def readme_file(out: Path) -> tuple[Path, dict[str, str]]:
 def plan_for(cal: Calibration, model: torch.nn.Module, variant: str, budget: float, seq_len: int) -> dict:
     """The planner's choice with identity and ``variant`` as the only skip paths, from ``cal``'s measurements."""
     specs = ("identity",) if variant == "identity" else ("identity", variant)
-    grid = sorted(set(cal.settings["grid"]), reverse=True)
-    costs = option_costs(model, grid, seq_len, specs)
-    chosen = plan_under_budget(loss_tables(cal.sensitivity, costs), costs, budget)
+    chosen = replan(cal, model, budget, seq_len, specs)
     return {
         "capacities": [c for c, _ in chosen.capacities],
         "skip_paths": [s for _, s in chosen.capacities],

@@ -50,7 +50,7 @@ from modify.calibrate.measure import (
     sensitivity_tables,
     set_plan,
 )
-from modify.calibrate.planning import DEFAULT_GRID, Option, plan_under_budget
+from modify.calibrate.planning import DEFAULT_GRID, BudgetPlan, Option, plan_under_budget
 from modify.calibrate.skip_fit import NormalSums, attach_skip, block_hidden, features, fit_skip_paths
 from modify.config import MoDConfig
 from modify.flops import attention_width, block_flops, routed_block_flops
@@ -70,6 +70,7 @@ __all__ = [
     "grid_costs",
     "option_costs",
     "loss_tables",
+    "replan",
     "load_router",
     "option_key",
 ]
@@ -327,6 +328,16 @@ def loss_tables(
     return [
         {o: sensitivity[str(i)][option_key(*o)] if o[0] < 1 else 0.0 for o in table} for i, table in enumerate(costs)
     ]
+
+
+def replan(
+    calibration: Calibration, model: nn.Module, budget: float, seq_len: int, specs: Sequence[str] = ("identity",)
+) -> BudgetPlan:
+    """The planner's choice under ``budget`` from a calibration's measurements, with only the skip paths
+    ``specs`` as candidates (re-planning with fewer candidates is what calibrating with fewer computes)."""
+    grid = sorted(set(calibration.settings["grid"]), reverse=True)
+    costs = option_costs(model, grid, seq_len, specs)
+    return plan_under_budget(loss_tables(calibration.sensitivity, costs), costs, budget)
 
 
 def fit_router(gram: torch.Tensor, moment: torch.Tensor) -> dict[str, torch.Tensor]:
