@@ -188,7 +188,7 @@ def convert(
     blocks = list(stack)
     specs = probe_block_calls(model, blocks, example_inputs)
     states = []
-    for i, cap, skip, threshold in zip(plan.routed, plan.capacities, plan.skip_paths, plan.thresholds):
+    for i, cap, skip in zip(plan.routed, plan.capacities, plan.skip_paths):
         name = f"{stack_name}.{i}"
         form, delta, norm = _analyse(blocks[i], specs[i], name)
         forward_fn = type(blocks[i]).forward
@@ -206,12 +206,11 @@ def convert(
                 skip_path=skip,
                 input_norm=norm,
                 causal=plan.causal,
-                threshold=threshold,
                 cache_layer=_cache_layer(blocks[i], i),
             )
         )
     first = next(model.parameters())
-    for state in states:
+    for state, threshold in zip(states, plan.thresholds):
         block = blocks[state.index]
         router = getattr(block, ROUTER_ATTR, None) or MoDRouter(state.spec.hidden_size, device=first.device)
         path = getattr(block, SKIP_ATTR, None) or make_skip_path(
@@ -223,6 +222,7 @@ def convert(
                 state.spec.hidden_size, plan.predictor_size, device=first.device
             )
         install(block, state, router, path, predictor)
+        state.threshold = threshold
     config = getattr(model, "config", None)
     if config is not None:
         setattr(config, CONFIG_KEY, plan.to_dict())

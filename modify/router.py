@@ -68,6 +68,10 @@ class MoDRouter(_Float32):
         self.weight = nn.Parameter(torch.zeros(1, hidden_size, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(1, dtype=torch.float32, device=device))
         self.scale = nn.Parameter(torch.ones(1, dtype=torch.float32, device=device))
+        # The "threshold" causal rule's threshold (modify.generate.causal). A buffer, so that training moves
+        # it in place without a host sync (torch.compile keeps one graph) and it follows the model's device;
+        # not persistent, since the plan in config.json records it.
+        self.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, D] hidden states -> [B, T] float32 scores."""

@@ -14,6 +14,7 @@ sampling) and calls inside ``generate()`` or that continue a cache take the per-
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import types
@@ -170,12 +171,12 @@ class RoutingState:
         observer: called as ``observer(scores, idx, gate)`` (detached) on every top-k call; training uses
             it for per-block selection statistics.
         causal: how a token decides alone when sampling (see :mod:`modify.generate.causal`).
-        threshold: the block's decision threshold for the "threshold" rule.
         mode: "auto" (causal inside ``generate()``, else top-k), "topk" or "causal"; see ``modify.set_routing``.
         cache_layer: index of the block's layer in a Hugging Face cache (its attention's ``layer_idx``).
         generating: True while ``generate()`` runs.
         aux_losses: the causal rule's losses of the current forward, collected by the model's output hook.
         agreement: accumulators of ``modify.measure_agreement`` while it runs, else None.
+        router: the block's router, set by :func:`install`; ``threshold`` reads and writes its buffer.
     """
 
     index: int
@@ -192,20 +193,42 @@ class RoutingState:
     input_norm: str = ""
     observer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     causal: str = "threshold"
-    threshold: float = 0.0
     mode: str = "auto"
     cache_layer: int = 0
     generating: bool = False
     aux_losses: list[torch.Tensor] = field(default_factory=list)
     agreement: torch.Tensor | None = None
     graphs: dict[CallStructure, fx.GraphModule] = field(default_factory=dict)
+    router: nn.Module | None = None
+
+    @property
+    def threshold(self) -> float:
+        """The block's decision threshold for the "threshold" rule (its router's ``threshold`` buffer)."""
+        assert self.router is not None, "the block is not routed"
+        return float(self.router.threshold)
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        assert self.router is not None, "the block is not routed"
+        self.router.threshold.fill_(value)
 
     def skip_input(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """What the block's skip path reads: ``x`` after the block's input norm, if it has one."""
         return block.get_submodule(self.input_norm)(x) if self.input_norm else x
 
+    def prepare(self, block: nn.Module) -> None:
+        """Capture the Δ graphs of the calls the probe saw, in training and evaluation, before the first call.
+
+        Why: a capture runs Python's ``compile`` and fx tracing, which ``torch.compile`` can't trace; captured
+        lazily inside a compiled model it would break the graph in every routed block.
+        """
+        for structure in self.spec.structures or (self.spec.structure,):
+            if structure is not None:
+                for training in (False, True):
+                    self.graph(block, dataclasses.replace(structure, training=training))
+
     def graph(self, block: nn.Module, structure: CallStructure) -> fx.GraphModule:
-        """The Δ graph for calls of this structure, captured on first use."""
+        """The Δ graph for calls of this structure (captured now if :meth:`prepare` didn't)."""
         gm = self.graphs.get(structure)
         if gm is None:
             gm = capture_block(block, structure, self.forward_fn, self.name)
@@ -286,7 +309,11 @@ def install(
     for attr, module in ((ROUTER_ATTR, router), (SKIP_ATTR, skip), (PREDICTOR_ATTR, predictor)):
         if module is not None and getattr(block, attr, None) is not module:
             block.add_module(attr, module)
+    if router.threshold.is_meta:  # loading builds routers on the meta device; a non-persistent buffer stays
+        router.register_buffer("threshold", torch.zeros((), device=router.weight.device), persistent=False)
+    state.router = router
     setattr(block, STATE_ATTR, state)
+    state.prepare(block)
     block.forward = types.MethodType(routed_forward, block)  # type: ignore[method-assign]
 
 

@@ -1,11 +1,19 @@
-"""torch.compile(fullgraph=True) over a routed block: no graph breaks, same result as eager."""
+"""torch.compile over a routed block and a whole converted model: one graph, no breaks, same result as eager."""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
 import torch
 
 import modify
+from modify.api import routed_blocks
+from modify.checkpoint import Source, save_converted
 from modify.testing import tiny_model
+from tests.helpers import set_router_weights
 
 
 def test_routed_block_compiles_without_graph_breaks() -> None:
@@ -26,3 +34,55 @@ def test_routed_block_compiles_without_graph_breaks() -> None:
     gm, _ = torch._dynamo.export(block)(*seen["args"], **seen["kwargs"])
     targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
     assert "modify.gather_tokens.default" in targets and "modify.gated_scatter_add.default" in targets
+
+
+def _dynamo_graphs(model: torch.nn.Module, ids: torch.Tensor, **kwargs: Any) -> tuple[int, int, list[str]]:
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(ids, **kwargs)
+    return explained.graph_count, explained.graph_break_count, [str(b.reason)[:200] for b in explained.break_reasons]
+
+
+def _fresh(dtype: torch.dtype) -> torch.nn.Module:
+    model = tiny_model("llama").to(dtype)
+    return modify.convert(model, capacity=0.5, layers="all")  # the default threshold rule tracks in training
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("training", [False, True])
+def test_fresh_conversion_compiles_to_one_graph(dtype: torch.dtype, training: bool) -> None:
+    """No eager call first: the Δ graphs were captured at conversion, so dynamo sees one graph and no break,
+    with the cache the plain call builds and without it, with a padding mask and without."""
+    model = _fresh(dtype).train(training)
+    ids = torch.randint(3, 97, (2, 16))
+    padded = torch.ones_like(ids)
+    padded[0, :3] = 0
+    for kwargs in ({}, {"use_cache": False}, {"attention_mask": padded, "labels": ids}):
+        assert _dynamo_graphs(model, ids, **kwargs) == (1, 0, [])
+
+
+def test_loaded_model_compiles_to_one_graph(tmp_path: Path) -> None:
+    out = save_converted(_fresh(torch.float32), None, tmp_path / "out", Source("directory", tmp_path))
+    loaded = modify.from_pretrained(out, attn_implementation="eager")
+    assert _dynamo_graphs(loaded.eval(), torch.randint(3, 97, (2, 16))) == (1, 0, [])
+
+
+def test_compiled_training_step_matches_eager_without_recompiles() -> None:
+    """fullgraph=True raises on any break; a second step at the same shapes must not recompile."""
+    eager = _fresh(torch.float32).train()
+    set_router_weights(eager)
+    compiled = copy.deepcopy(eager)
+    ids = torch.randint(3, 97, (2, 16))
+    eager(ids, labels=ids).loss.backward()
+    torch._dynamo.reset()
+    step = torch.compile(compiled, fullgraph=True, backend="aot_eager")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            step(ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in eager.named_parameters() if p.grad is not None}
+    assert any("mod_router" in n for n in grads)
+    for n, p in compiled.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, 2 * grads[n], atol=1e-5, rtol=1e-4)  # two steps accumulated
+    # the running threshold moved inside the compiled graph, twice from where eager's moved once
+    (_, once), (_, twice) = routed_blocks(eager)[0], routed_blocks(compiled)[0]
+    assert 0.0 != once.threshold != twice.threshold

@@ -61,12 +61,12 @@ def decision_logits(state: Any, block: nn.Module, x: torch.Tensor, scores: torch
     """[B, T] what a token's decision compares with the threshold: the predictor's logit (which starts from the
     threshold rule's margin), else the router score."""
     if state.causal == "predictor":
-        return getattr(block, PREDICTOR_ATTR)(x, scores - state.threshold)
+        return getattr(block, PREDICTOR_ATTR)(x, scores - state.router.threshold)
     return scores
 
 
-def decision_threshold(state: Any) -> float:
-    return state.threshold if state.causal == "threshold" else 0.0
+def decision_threshold(state: Any) -> torch.Tensor | float:
+    return state.router.threshold if state.causal == "threshold" else 0.0
 
 
 def causal_process(
@@ -93,22 +93,22 @@ def observe_topk(
     member = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
     real = ~padding if padding is not None else torch.ones_like(member)
     decided = real & (real.cumsum(-1) > state.keep_first)  # the leading tokens are always processed
-    if not bool(decided.any()):
-        return
+    # Masks and sums rather than boolean indexing and host syncs: static shapes, so torch.compile keeps the
+    # model one graph.
     logits = decision_logits(state, block, x, scores) if learn or state.agreement is not None else scores
     if learn:
-        target = member[decided].to(logits.dtype)
-        state.aux_losses.append(nn.functional.binary_cross_entropy_with_logits(logits[decided], target))
+        weight = decided.to(logits.dtype)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, member.to(logits.dtype), weight, reduction="sum")
+        state.aux_losses.append(loss / weight.sum().clamp(min=1.0))
     if track:
-        quantile = torch.quantile(scores.detach()[decided].double(), 1.0 - state.capacity).item()
-        state.threshold += THRESHOLD_MOMENTUM * (quantile - state.threshold)
+        threshold = state.router.threshold
+        quantile = torch.nanquantile(scores.detach().float().masked_fill(~decided, float("nan")), 1.0 - state.capacity)
+        moved = threshold + THRESHOLD_MOMENTUM * (quantile - threshold)
+        threshold.copy_(torch.where(quantile.isnan(), threshold, moved))  # no token decided: no quantile
     if state.agreement is not None:
-        decide = logits.detach()[decided] > decision_threshold(state)
-        state.agreement += (
-            torch.stack([(decide == member[decided]).sum(), decide.sum(), member[decided].sum(), decided.sum()])
-            .double()
-            .cpu()
-        )
+        decide = logits.detach() > decision_threshold(state)
+        stats = [(decide == member) & decided, decide & decided, member & decided, decided]
+        state.agreement += torch.stack([s.sum() for s in stats]).double().cpu()
 
 
 # -- switching, plan, hooks ---------------------------------------------------------------------------------

@@ -43,6 +43,9 @@ class BlockCallSpec:
         output_is_tuple: the block returns a tuple whose first element is the hidden states.
         hidden_size: last dimension of the hidden states.
         structure: the structure of the probe's call, for capturing the block as its parent calls it.
+        structures: every call structure the probe saw, ``structure`` first: with the default inputs also
+            the plain ``model(input_ids)`` call (a cache, no padding mask), so that a converted model can
+            capture its Δ graphs for both before its first call (``torch.compile`` can't trace a capture).
     """
 
     hidden: str
@@ -50,6 +53,7 @@ class BlockCallSpec:
     output_is_tuple: bool = False
     hidden_size: int = 0
     structure: CallStructure | None = None
+    structures: tuple[CallStructure, ...] = ()
 
     @property
     def pairwise(self) -> Path | None:
@@ -104,7 +108,7 @@ def probe_block_calls(
     blocks: list[nn.Module],
     example_inputs: Callable[[int], dict[str, Any]] | None = None,
 ) -> list[BlockCallSpec]:
-    """Run ``model`` twice and return how each of ``blocks`` is called.
+    """Run ``model`` twice (three times with the default inputs) and return how each of ``blocks`` is called.
 
     Args:
         model: the whole model, called as ``model(**example_inputs(T))``.
@@ -134,12 +138,28 @@ def probe_block_calls(
             for length in PROBE_LENGTHS:
                 inputs = example_inputs(length) if example_inputs else _default_inputs(model, length, generator)
                 model(**inputs)
+            plain: list[CallStructure | None] = [None] * len(blocks)
+            if example_inputs is None:
+                # How most callers call a causal LM: no mask, the config's use_cache. Only its structure is kept.
+                ids = _default_inputs(model, PROBE_LENGTHS[-1], generator)["input_ids"]
+                marks = [len(c) for c in calls]
+                try:
+                    model(input_ids=ids)
+                except Exception:  # an optimisation only: a model that needs more inputs is probed as before
+                    pass
+                plain = [call_structure(c[m][0], False)[0] if len(c) > m else None for c, m in zip(calls, marks)]
+                for c, m in zip(calls, marks):
+                    del c[m:]
     finally:
         for h in handles:
             h.remove()
         for m, flag in flags.items():
             m.training = flag
-    return [_spec_from_calls(type(b).__name__, c) for b, c in zip(blocks, calls)]
+    specs = [_spec_from_calls(type(b).__name__, c) for b, c in zip(blocks, calls)]
+    for spec, extra in zip(specs, plain):
+        assert spec.structure is not None
+        spec.structures = (spec.structure,) + ((extra,) if extra is not None and extra != spec.structure else ())
+    return specs
 
 
 def _spec_from_calls(name: str, calls: list[tuple[dict[str, Any], Any]]) -> BlockCallSpec:
