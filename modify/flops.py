@@ -90,8 +90,8 @@ def flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> FlopCount:
     """Forward FLOPs of ``model`` on ``batch_size`` sequences of ``seq_len`` tokens.
 
     Returns:
-        ``dense``: the model without routing; ``routed``: the model as converted (equal to dense for a
-        model that is not converted).
+        ``dense``: the model without routing; ``routed``: the model as converted and as it runs now (equal
+        to dense for a model that is not converted, or inside ``modify.routing_disabled``).
     """
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
@@ -107,7 +107,7 @@ def flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> FlopCount:
     for block in stack:
         full = block_flops(block, width, seq_len)
         state = getattr(block, STATE_ATTR, None)
-        if state is None:
+        if state is None or not state.enabled:  # disabled (``routing_disabled``): the block runs densely
             per_block.append((full, full))
         else:
             hidden = getattr(block, ROUTER_ATTR).weight.shape[-1]

@@ -1,0 +1,323 @@
+"""Time, count and profile whole-model forwards and training steps, dense against converted and the baselines.
+
+For each (batch size, sequence length) and mode, every implementation (:mod:`modify.bench.baselines`) of every
+plan runs in one process on one model: first a warm-up call under ``torch.utils.flop_counter.FlopCounterMode``
+(the measured FLOPs) with peak memory recorded, then ``repeats`` rounds in which each implementation runs once
+in turn (interleaved, so that drifting clocks and caches hit them alike); the reported time is the median. A
+training step is forward, backward and an AdamW step over all trainable parameters.
+
+The routing share is the converted model's time in routing work (router, top-k, gathers, gated scatter-adds,
+their backward) over its whole step, from one ``torch.profiler`` run: each routed block's time minus its Δ
+graph's, plus the routing ops' backward. Settings run smallest first; one whose projected memory (from the
+bytes per token the smaller ones took) exceeds the budget is skipped and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from modify.api import routed_blocks
+from modify.bench.baselines import IMPLEMENTATIONS, implementation
+from modify.bench.models import BenchPlan, apply_plan
+from modify.flops import flops
+from modify.routing import STATE_ATTR
+
+__all__ = ["BenchSettings", "run_bench", "MODES"]
+
+MODES = ("forward", "train")
+#: The routing ops' backward, which runs outside the routed blocks' forward (see the module docstring).
+_ROUTING_BACKWARD = ("modify::gated_scatter_add_backward", "modify::scatter_tokens")
+
+
+@dataclass
+class BenchSettings:
+    batch_sizes: list[int]
+    seq_lens: list[int]
+    modes: tuple[str, ...] = MODES
+    implementations: tuple[str, ...] = IMPLEMENTATIONS
+    repeats: int = 3
+    compile: bool = False
+    profile: bool = True
+    memory_budget: int = 0  # bytes; 0: no projection check
+    seed: int = 0
+    lr: float = 1e-6
+    on_progress: Callable[[str, int], None] | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Variant:
+    name: str  # "dense", "converted@paper", "masked@all@0.125", "converted+compile@paper", ...
+    implementation: str
+    plan: BenchPlan | None
+    compiled: bool = False
+    times: list[float] = field(default_factory=list)
+    measured_flops: int = 0
+    peak_memory: int = 0
+    first_call_s: float = 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+@contextlib.contextmanager
+def _peak_memory(device: torch.device) -> Iterator[list[int]]:
+    """Yields a one-item list that holds, afterwards, the call's peak memory above its start: allocated bytes on
+    CUDA; on CPU the resident set, sampled every 2 ms (freed heap returned to the system first)."""
+    result = [0]
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield result
+        result[0] = torch.cuda.max_memory_allocated(device) - base
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    base, peak, done = _rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], _rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        thread.join()
+        result[0] = max(peak[0], _rss()) - base
+
+
+def _step(model: nn.Module, ids: torch.Tensor, mode: str, optimizer: torch.optim.Optimizer | None) -> None:
+    if mode == "forward":
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        return
+    assert optimizer is not None
+    optimizer.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    optimizer.step()
+
+
+@contextlib.contextmanager
+def _running(model: nn.Module, variant: _Variant) -> Iterator[None]:
+    if variant.plan is not None:
+        apply_plan(model, variant.plan)
+    with implementation(model, variant.implementation):
+        yield
+
+
+class _Timed:
+    """A Δ graph called inside a profiler range, so that the routed block's own time can be told from it."""
+
+    def __init__(self, gm: Any) -> None:
+        self.gm = gm
+
+    def __call__(self, *args: Any) -> Any:
+        with torch.profiler.record_function("bench::block_compute"):
+            return self.gm(*args)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2: the profiler's C++ side logs its start and stop there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def routing_share(model: nn.Module, call: Callable[[], None], device: torch.device) -> float:
+    """The share of ``call``'s time spent routing in the converted ``model`` (one profiled run)."""
+    blocks = routed_blocks(model)
+    saved = [(block.forward, dict(state.graphs)) for block, state in blocks]
+
+    def ranged(forward: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with torch.profiler.record_function("bench::routed_block"):
+                return forward(*args, **kwargs)
+
+        return run
+
+    for block, state in blocks:
+        if state.enabled:
+            block.forward = ranged(block.forward)  # type: ignore[method-assign]
+            state.graphs = {k: _Timed(gm) for k, gm in state.graphs.items()}  # type: ignore[misc]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    try:
+        with _quiet_stderr(), torch.profiler.profile(activities=activities) as prof:
+            with torch.profiler.record_function("bench::step"):
+                call()
+            _sync(device)
+    finally:
+        for (block, state), (forward, graphs) in zip(blocks, saved):
+            block.forward = forward  # type: ignore[method-assign]
+            state.graphs = graphs
+    attr = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    totals = {e.key: getattr(e, attr) for e in prof.key_averages()}
+    routing = totals.get("bench::routed_block", 0.0) - totals.get("bench::block_compute", 0.0)
+    routing += sum(totals.get(k, 0.0) for k in _ROUTING_BACKWARD)
+    step = totals.get("bench::step", 0.0)
+    return routing / step if step else float("nan")
+
+
+def _variants(plans: list[BenchPlan], settings: BenchSettings) -> list[_Variant]:
+    out = [_Variant("dense", "dense", None)] if "dense" in settings.implementations else []
+    for plan in plans:
+        out += [_Variant(f"{i}@{plan.label}", i, plan) for i in settings.implementations if i != "dense"]
+    if settings.compile:
+        out.append(_Variant("dense+compile", "dense", None, compiled=True))
+        out += [_Variant(f"converted+compile@{p.label}", "converted", p, compiled=True) for p in plans]
+    return out
+
+
+def _analytic(model: nn.Module, plan: BenchPlan | None, seq_len: int, batch: int) -> tuple[int, int]:
+    """(dense, routed) forward FLOPs of the model running ``plan`` (the converted model as configured)."""
+    if plan is None:
+        count = flops(model, seq_len, batch)
+        return count.dense, count.dense
+    apply_plan(model, plan)
+    count = flops(model, seq_len, batch)
+    return count.dense, count.routed
+
+
+def run_bench(model: nn.Module, plans: list[BenchPlan], settings: BenchSettings) -> list[dict[str, Any]]:
+    """Benchmark the converted ``model`` (routed on every block any plan uses); one record per setting×mode."""
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    optimizer = None
+    if "train" in settings.modes:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+    compiled = None
+    if settings.compile:
+        torch._dynamo.config.recompile_limit = 1024  # one graph per shape, mode, plan and implementation
+        torch._dynamo.config.accumulated_recompile_limit = 4096
+        compiled = torch.compile(model, dynamic=False)
+    bytes_per_token: dict[str, float] = {}
+    records = []
+    cases = sorted(((b, t) for b in settings.batch_sizes for t in settings.seq_lens), key=lambda c: (c[0] * c[1], c))
+    gen = torch.Generator().manual_seed(settings.seed)
+    for batch, seq_len in cases:
+        ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(device)
+        for mode in settings.modes:
+            record: dict[str, Any] = {"batch_size": batch, "seq_len": seq_len, "mode": mode}
+            records.append(record)
+            tokens = batch * seq_len
+            projected = bytes_per_token.get(mode, 0.0) * tokens * 1.15
+            if settings.memory_budget and projected > settings.memory_budget:
+                record["skipped"] = (
+                    f"projected {projected / 2**30:.1f} GiB (from smaller settings) exceeds the "
+                    f"{settings.memory_budget / 2**30:.1f} GiB budget"
+                )
+                continue
+            model.train(mode == "train")
+            if mode == "train" and optimizer is not None and not optimizer.state:
+                _step(model, ids, mode, optimizer)  # AdamW makes its state on the first step: not in a measurement
+            variants = _variants(plans, settings)
+            for v in variants:
+                _report(settings, f"{mode} B={batch} T={seq_len} warm-up {v.name}", 1)
+                runner = compiled if v.compiled else model
+                call = _caller(runner, ids, mode, optimizer)
+                with _running(model, v), _peak_memory(device) as peak:
+                    start = time.perf_counter()
+                    if v.compiled:  # the first call compiles; the flop counter would only see dynamo's graph
+                        call()
+                    else:
+                        with FlopCounterMode(display=False) as counter:
+                            call()
+                        v.measured_flops = counter.get_total_flops()
+                    _sync(device)
+                    v.first_call_s = time.perf_counter() - start
+                v.peak_memory = peak[0]
+            bytes_per_token[mode] = max(bytes_per_token.get(mode, 0.0), max(v.peak_memory for v in variants) / tokens)
+            for _ in range(settings.repeats):
+                for v in variants:
+                    _report(settings, f"{mode} B={batch} T={seq_len} {v.name}", 1)
+                    call = _caller(compiled if v.compiled else model, ids, mode, optimizer)
+                    with _running(model, v):
+                        _sync(device)
+                        start = time.perf_counter()
+                        call()
+                        _sync(device)
+                        v.times.append(time.perf_counter() - start)
+            shares = {}
+            if settings.profile and "converted" in settings.implementations:
+                for plan in plans:
+                    _report(settings, f"{mode} B={batch} T={seq_len} profiling {plan.label}", 0)
+                    apply_plan(model, plan)
+                    shares[plan.label] = routing_share(model, _caller(model, ids, mode, optimizer), device)
+            record["results"] = _results(model, variants, shares, seq_len, batch)
+    return records
+
+
+def _caller(model: Any, ids: torch.Tensor, mode: str, optimizer: torch.optim.Optimizer | None) -> Callable[[], None]:
+    return lambda: _step(model, ids, mode, optimizer)
+
+
+def _report(settings: BenchSettings, text: str, advance: int) -> None:
+    if settings.on_progress is not None:
+        settings.on_progress(text, advance)
+
+
+def _results(
+    model: nn.Module, variants: list[_Variant], shares: dict[str, float], seq_len: int, batch: int
+) -> list[dict[str, Any]]:
+    dense = next((v for v in variants if v.name == "dense"), None)
+    dense_time = statistics.median(dense.times) if dense is not None else float("nan")
+    out = []
+    for v in variants:
+        median = statistics.median(v.times)
+        analytic_dense, analytic = _analytic(model, v.plan, seq_len, batch)
+        if v.implementation == "masked":
+            analytic = analytic_dense  # every token through every block
+        row = {
+            "name": v.name,
+            "implementation": v.implementation + ("+compile" if v.compiled else ""),
+            "plan": v.plan.label if v.plan is not None else None,
+            "seconds": median,
+            "times": v.times,
+            "speedup": dense_time / median,
+            "flops_analytic": analytic,
+            "flop_ratio": analytic_dense / analytic,
+            "flops_measured": v.measured_flops,
+            "peak_memory_bytes": v.peak_memory,
+            "first_call_seconds": v.first_call_s,
+        }
+        if v.implementation == "converted" and not v.compiled and v.plan is not None:
+            row["routing_share"] = shares.get(v.plan.label)
+        out.append(row)
+    for _, state in routed_blocks(model):
+        state.enabled = True
+    return out
+
+
+def routed_indices(model: nn.Module) -> set[int]:
+    return {getattr(m, STATE_ATTR).index for m in model.modules() if hasattr(m, STATE_ATTR)}

@@ -1,0 +1,192 @@
+"""``modify bench``'s outputs: the terminal table, the JSON summary, CSV rows and the speedup chart."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["environment", "summary", "table", "write_csv", "plot"]
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """What a row needs to be reproduced: device, dtype, library versions and the git commit."""
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    try:
+        root = Path(__file__).resolve().parents[2]
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10)  # fmt: skip
+        commit = commit.stdout.strip() + ("-dirty" if commit.stdout.strip() and dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    return {
+        "device": f"{device.type}: {name}",
+        "cpu_threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "triton": triton_version,
+        "commit": commit,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (plan, B, T): ``forward_speedup``, ``train_speedup``, ``flop_ratio`` and the baselines'."""
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for record in records:
+        for row in record.get("results", []):
+            if row["plan"] is None:
+                continue
+            key = (row["plan"], record["batch_size"], record["seq_len"])
+            entry = out.setdefault(key, {"plan": key[0], "batch_size": key[1], "seq_len": key[2], "flop_ratio": None})
+            mode = record["mode"]
+            impl = row["implementation"]
+            if impl == "converted":
+                entry["flop_ratio"] = row["flop_ratio"]
+                entry[f"{mode}_speedup"] = row["speedup"]
+                entry[f"{mode}_routing_share"] = row.get("routing_share")
+                entry[f"{mode}_share_of_flop_ratio"] = row["speedup"] / row["flop_ratio"]
+            else:
+                entry[f"{mode}_{impl.replace('-', '_').replace('+', '_')}_speedup"] = row["speedup"]
+    return list(out.values())
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f}G" if n >= 2**30 else f"{n / 2**20:.0f}M"
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    """The results as a plain-text table (rich renders it; no colour codes, so it pastes into Markdown too)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="modify bench: median seconds, speedup over dense, FLOP ratio dense/variant")
+    for col in ("mode", "B", "T", "variant", "s", "speedup", "FLOP ratio", "of ratio", "routing", "peak mem"):
+        t.add_column(col, justify="right" if col not in ("mode", "variant") else "left")
+    for record in records:
+        b, seq, mode = str(record["batch_size"]), str(record["seq_len"]), record["mode"]
+        if "skipped" in record:
+            t.add_row(mode, b, seq, f"skipped: {record['skipped']}", *[""] * 6)
+            continue
+        for row in record["results"]:
+            share = row.get("routing_share")
+            of_ratio = row["speedup"] / row["flop_ratio"] if row["implementation"] == "converted" else None
+            t.add_row(
+                mode, b, seq, row["name"], f"{row['seconds']:.3f}", f"{row['speedup']:.2f}x",
+                f"{row['flop_ratio']:.2f}x", f"{of_ratio:.0%}" if of_ratio is not None else "",
+                f"{share:.1%}" if share is not None else "", _fmt_bytes(row["peak_memory_bytes"]),
+            )  # fmt: skip
+    buffer = io.StringIO()
+    Console(file=buffer, width=160, color_system=None).print(t)
+    return buffer.getvalue()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+CSV_FIELDS = (
+    "model", "mode", "batch_size", "seq_len", "variant", "implementation", "plan", "seconds", "speedup",
+    "flop_ratio", "flops_analytic", "flops_measured", "routing_share", "peak_memory_bytes", "first_call_seconds",
+    "skipped", "device", "cpu_threads", "dtype", "torch", "transformers", "triton", "commit",
+)  # fmt: skip
+
+
+def write_csv(path: Path, model: str, records: list[dict[str, Any]], env: dict[str, Any]) -> None:
+    rows = []
+    for record in records:
+        base = {"model": model, **{k: record[k] for k in ("mode", "batch_size", "seq_len")}}
+        if "skipped" in record:
+            rows.append({**base, "skipped": record["skipped"], **env})
+        for row in record.get("results", []):
+            rows.append({**base, **{k: v for k, v in row.items() if k != "times"}, "variant": row["name"], **env})
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _atomic_write(path, write)
+
+
+def _capacity(plan: str) -> tuple[str, float] | None:
+    layers, _, cap = ("every-other@0.125" if plan == "paper" else plan).rpartition("@")
+    try:
+        return layers, float(cap)
+    except ValueError:
+        return None
+
+
+def plot(path: Path, model: str, records: list[dict[str, Any]]) -> None:
+    """Speedup of the converted model against capacity, per mode and layer pattern, with the FLOP ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in ("forward", "train") if any(r["mode"] == m and "results" in r for r in records)]
+    fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(5.5 * max(1, len(modes)), 4.2), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        series: dict[str, dict[float, tuple[list[float], float]]] = {}
+        for record in records:
+            if record["mode"] != mode:
+                continue
+            for row in record.get("results", []):
+                parsed = _capacity(row["plan"] or "")
+                if row["implementation"] != "converted" or parsed is None:
+                    continue
+                layers, cap = parsed
+                speeds, _ = series.setdefault(layers, {}).setdefault(cap, ([], row["flop_ratio"]))
+                speeds.append(row["speedup"])
+        for i, (layers, points) in enumerate(sorted(series.items())):
+            caps = sorted(points)
+            color = f"C{i}"
+            ax.plot(caps, [points[c][1] for c in caps], "--", color=color, label=f"{layers}: FLOP ratio")
+            for c in caps:
+                ax.scatter([c] * len(points[c][0]), points[c][0], color=color, s=14, alpha=0.6)
+            ax.plot(caps, [max(points[c][0]) for c in caps], "-", color=color, label=f"{layers}: measured (best B, T)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("capacity of routed blocks")
+        ax.set_ylabel("speedup over dense")
+        ax.set_title(f"{model}: {mode}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)

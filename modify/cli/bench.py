@@ -1,0 +1,187 @@
+"""``modify bench MODEL``: wall-clock, FLOPs and memory of converted models against the dense model and the usual
+implementations, forward and training step, in one process.
+
+MODEL is a named shape with random weights (smollm2-135m, llama-1b, llama-7b; --depth to keep fewer blocks),
+a converted directory (its own plan is "saved") or any source ``modify convert`` accepts (converted on the
+fly). For each batch size, sequence length and mode it times, interleaved and repeated, the dense model and,
+per plan, the converted model, a masked baseline (every token through every block, the update masked) and a
+per-sample baseline (a Python loop over the batch with boolean indexing). Reported per variant: median time,
+speedup over dense, analytic and measured FLOPs and their ratio (the speed limit), the converted model's
+routing share (profiler) and peak memory. CPU runs the PyTorch path; CUDA the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modify.cli.common import add_common_flags, quiet_libraries
+from modify.errors import UsageError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from modify.bench.measure import BenchSettings
+    from modify.bench.models import BenchPlan
+
+EXAMPLES = """examples:
+  modify bench smollm2-135m --seq-len 512 1024 2048 --batch-size 1 4 16 --plans paper all@0.125 --json > bench.json
+  modify bench smollm2-135m --plans all@0.5 all@0.25 --mode forward --implementations dense converted
+  modify bench llama-7b --depth 4 --seq-len 2048 --batch-size 1 --dtype bfloat16     # on a GPU: Triton path
+  modify bench out/smollm2-mod --plans saved paper --csv bench.csv --plot bench.png   # a converted model
+  modify bench smollm2-135m --compile --seq-len 1024 --batch-size 4                   # torch.compile too"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time converted models against dense and the usual implementations (forward and training step)",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL", help="a named shape (smollm2-135m, llama-1b, llama-7b) or a model")
+    p.add_argument("--seq-len", type=int, nargs="+", default=[1024], metavar="T", help="sequence lengths (1024)")
+    p.add_argument("--batch-size", type=int, nargs="+", default=[4], metavar="B", help="batch sizes (4)")
+    p.add_argument(
+        "--plans", nargs="+", default=None, metavar="PLAN",
+        help="paper, LAYERS@CAPACITY (all@0.125, every-other@0.5, 1,3,5@0.25), saved, or a PLAN.json "
+        "(default: saved for a converted MODEL, else paper and all@0.125)",
+    )  # fmt: skip
+    p.add_argument("--mode", choices=["forward", "train", "both"], default="both", help="what to time (both)")
+    p.add_argument(
+        "--implementations", nargs="+", default=["dense", "converted", "masked", "per-sample"],
+        choices=["dense", "converted", "masked", "per-sample"], help="what to compare (all four)",
+    )  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="also time dense and converted under torch.compile")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (3); the median is reported")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--depth", type=int, help="blocks of a named shape (default: the real model's)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
+    p.add_argument(
+        "--memory-budget", type=float, metavar="GIB",
+        help="skip settings projected above this many GiB (default: 85%% of available memory)",
+    )  # fmt: skip
+    p.add_argument("--no-profile", action="store_true", help="skip the profiler run that measures the routing share")
+    p.add_argument("--json", action="store_true", help="print the records and the summary as JSON on stdout")
+    p.add_argument("--csv", type=Path, metavar="FILE", help="write one CSV row per variant and setting")
+    p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG of speedup against capacity")
+    add_common_flags(p)
+    p.set_defaults(run=run)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for flag, values in (("--seq-len", args.seq_len), ("--batch-size", args.batch_size)):
+        bad = [v for v in values if v < 1]
+        if bad:
+            raise UsageError(f"{flag} {bad[0]} must be at least 1")
+    if args.repeats < 1:
+        raise UsageError(f"--repeats {args.repeats} must be at least 1")
+    if args.depth is not None and args.depth < 1:
+        raise UsageError(f"--depth {args.depth} must be at least 1")
+    if "dense" not in args.implementations:
+        raise UsageError("--implementations must include dense: every speedup is over it")
+    for out in (args.csv, args.plot):
+        if out is not None and not out.parent.exists():
+            raise UsageError(f"{out.parent} does not exist; create it or write {out.name} elsewhere")
+
+
+def _load(args: argparse.Namespace, torch_dtype: Any) -> tuple[nn.Module, bool]:
+    """(model, converted) from a named shape or a source."""
+    from modify.bench.models import SHAPES, build_shape
+
+    if args.model in SHAPES:
+        return build_shape(args.model, args.depth, torch_dtype), False
+    if args.depth is not None:
+        raise UsageError(f"--depth applies to named shapes ({', '.join(SHAPES)}), not to {args.model}")
+    from modify.checkpoint import load_any
+
+    model, _, _, converted = load_any(args.model, str(torch_dtype).removeprefix("torch."))
+    return model, converted
+
+
+def run(args: argparse.Namespace) -> int:
+    import psutil
+    import torch
+
+    import modify
+    from modify.bench.measure import MODES, BenchSettings
+    from modify.bench.models import parse_plan, randomize_routers, saved_plan
+    from modify.bench.report import environment, plot, summary, table, write_csv
+
+    _check_args(args)
+    quiet_libraries(args.debug, False)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is visible; drop --device to run on the CPU")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, converted = _load(args, dtype)
+    model = model.to(device)
+    num_blocks = len(modify.find_blocks(model, strict=False)) if not converted else None
+    saved = saved_plan(model) if converted else None
+    if num_blocks is None:
+        assert saved is not None
+        num_blocks = saved["num_blocks"]
+    texts = args.plans or (["saved"] if converted else ["paper", "all@0.125"])
+    plans = [parse_plan(text, num_blocks, saved) for text in texts]
+    wanted = sorted({i for plan in plans for i in plan.capacities})
+    routed = {state.index for _, state in modify.routed_blocks(model)} if converted else set()
+    if not set(wanted) <= routed:
+        if converted:
+            modify.revert(model)
+        modify.convert(model, capacity=1.0, layers=wanted)
+        randomize_routers(model)
+    budget = args.memory_budget * 2**30 if args.memory_budget else 0.85 * psutil.virtual_memory().available
+    if device.type == "cuda" and not args.memory_budget:
+        budget = 0.85 * torch.cuda.mem_get_info(device)[0]
+    settings = BenchSettings(
+        batch_sizes=args.batch_size, seq_lens=args.seq_len,
+        modes=MODES if args.mode == "both" else (args.mode,), implementations=tuple(args.implementations),
+        repeats=args.repeats, compile=args.compile, profile=not args.no_profile, memory_budget=int(budget),
+    )  # fmt: skip
+    env = environment(device, dtype)
+    records = _run_with_progress(model, plans, settings, quiet=args.quiet or not sys.stderr.isatty())
+    if args.csv is not None:
+        write_csv(args.csv, args.model, records, env)
+    if args.plot is not None:
+        plot(args.plot, args.model, records)
+    result = {
+        "model": args.model,
+        "environment": env,
+        "plans": {p.label: p.describe() for p in plans},
+        "summary": summary(records),
+        "skipped": [{k: r[k] for k in ("mode", "batch_size", "seq_len", "skipped")} for r in records if "skipped" in r],
+        "records": records,
+    }
+    if args.json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    else:
+        print(table(records))
+        print(f"{env['device']} · {env['dtype']} · torch {env['torch']} · transformers {env['transformers']}")
+    return 0
+
+
+def _run_with_progress(
+    model: nn.Module, plans: list[BenchPlan], settings: BenchSettings, quiet: bool
+) -> list[dict[str, Any]]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from modify.bench.measure import run_bench
+
+    if quiet:
+        return run_bench(model, plans, settings)
+    variants = ("dense" in settings.implementations) + len(plans) * (len(settings.implementations) - 1)
+    variants += (1 + len(plans)) * settings.compile
+    total = len(settings.batch_sizes) * len(settings.seq_lens) * len(settings.modes) * variants * (1 + settings.repeats)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn())  # fmt: skip
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("benchmarking", total=total)
+        settings.on_progress = lambda text, n: bar.update(task, description=text, advance=n)
+        return run_bench(model, plans, settings)
