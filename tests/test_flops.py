@@ -57,3 +57,18 @@ def test_analytic_flops_count_skip_paths(family: str, skip_path: str) -> None:
     # The paths run on the 48 + 32 skipped tokens of each sequence, 4·D·r FLOPs each.
     extra = batch * (48 + 32) * 4 * hidden * 8
     assert count.routed - modify.flops(pure, length, batch).routed == extra
+
+
+def test_disabled_routing_counts_as_dense() -> None:
+    """Inside routing_disabled, or with a block's routing switched off (as ``modify bench`` runs a plan on a
+    subset of the routed blocks), the block runs densely and counts so."""
+    model = modify.convert(tiny_model("llama"), capacity=0.25, layers="all")
+    routed = modify.flops(model, 32)
+    assert routed.routed < routed.dense
+    with modify.routing_disabled(model):
+        assert modify.flops(model, 32).routed == routed.dense
+    _, state = modify.api.routed_blocks(model)[0]
+    state.enabled = False
+    partial = modify.flops(model, 32)
+    assert routed.routed < partial.routed < routed.dense
+    assert partial.blocks[0][0] == partial.blocks[0][1] and partial.blocks[1][0] > partial.blocks[1][1]

@@ -8,8 +8,9 @@ training step is forward, backward and an AdamW step over all trainable paramete
 
 The routing share is the converted model's time in routing work (router, top-k, gathers, gated scatter-adds,
 their backward) over its whole step, from one ``torch.profiler`` run: each routed block's time minus its Δ
-graph's, plus the routing ops' backward. Settings run smallest first; one whose projected memory (from the
-bytes per token the smaller ones took) exceeds the budget is skipped and says so.
+graph's, plus the routing ops' backward (:func:`profile_step`; with ``profile_dense`` the dense model's step
+is profiled alike, so that a shortfall shows where the time goes). Settings run smallest first; one whose
+projected memory (from the bytes per token the smaller ones took) exceeds the budget is skipped and says so.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class BenchSettings:
     repeats: int = 3
     compile: bool = False
     profile: bool = True
+    profile_dense: bool = False
     memory_budget: int = 0  # bytes; 0: no projection check
     seed: int = 0
     lr: float = 1e-6
@@ -128,17 +130,6 @@ def _running(model: nn.Module, variant: _Variant) -> Iterator[None]:
         yield
 
 
-class _Timed:
-    """A Δ graph called inside a profiler range, so that the routed block's own time can be told from it."""
-
-    def __init__(self, gm: Any) -> None:
-        self.gm = gm
-
-    def __call__(self, *args: Any) -> Any:
-        with torch.profiler.record_function("bench::block_compute"):
-            return self.gm(*args)
-
-
 @contextlib.contextmanager
 def _quiet_stderr() -> Iterator[None]:
     """Silence file descriptor 2: the profiler's C++ side logs its start and stop there."""
@@ -153,22 +144,27 @@ def _quiet_stderr() -> Iterator[None]:
             os.close(saved)
 
 
-def routing_share(model: nn.Module, call: Callable[[], None], device: torch.device) -> float:
-    """The share of ``call``'s time spent routing in the converted ``model`` (one profiled run)."""
-    blocks = routed_blocks(model)
-    saved = [(block.forward, dict(state.graphs)) for block, state in blocks]
+def profile_step(
+    model: nn.Module, call: Callable[[], None], device: torch.device, blocks: set[int]
+) -> dict[str, float]:
+    """Where one profiled ``call`` spends its time, in seconds: ``step`` (all of it), ``blocks`` (the routed
+    blocks numbered in ``blocks``, their routing included), ``compute`` (their Δ graphs, or their whole forward
+    when they run densely) and ``routing`` (blocks minus compute, plus the routing ops' backward). On CUDA,
+    device time."""
+    routed = [(block, state) for block, state in routed_blocks(model) if state.index in blocks]
+    saved = [(block.forward, dict(state.graphs), state.forward_fn) for block, state in routed]
 
-    def ranged(forward: Callable[..., Any]) -> Callable[..., Any]:
+    def ranged(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any, **kwargs: Any) -> Any:
-            with torch.profiler.record_function("bench::routed_block"):
-                return forward(*args, **kwargs)
+            with torch.profiler.record_function(name):
+                return fn(*args, **kwargs)
 
         return run
 
-    for block, state in blocks:
-        if state.enabled:
-            block.forward = ranged(block.forward)  # type: ignore[method-assign]
-            state.graphs = {k: _Timed(gm) for k, gm in state.graphs.items()}  # type: ignore[misc]
+    for block, state in routed:
+        block.forward = ranged("bench::block", block.forward)  # type: ignore[method-assign]
+        state.graphs = {k: ranged("bench::compute", gm) for k, gm in state.graphs.items()}  # type: ignore[misc]
+        state.forward_fn = ranged("bench::compute", state.forward_fn)  # a disabled block's dense forward
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -178,15 +174,15 @@ def routing_share(model: nn.Module, call: Callable[[], None], device: torch.devi
                 call()
             _sync(device)
     finally:
-        for (block, state), (forward, graphs) in zip(blocks, saved):
+        for (block, state), (forward, graphs, forward_fn) in zip(routed, saved):
             block.forward = forward  # type: ignore[method-assign]
-            state.graphs = graphs
+            state.graphs, state.forward_fn = graphs, forward_fn
     attr = "device_time_total" if device.type == "cuda" else "cpu_time_total"
-    totals = {e.key: getattr(e, attr) for e in prof.key_averages()}
-    routing = totals.get("bench::routed_block", 0.0) - totals.get("bench::block_compute", 0.0)
-    routing += sum(totals.get(k, 0.0) for k in _ROUTING_BACKWARD)
-    step = totals.get("bench::step", 0.0)
-    return routing / step if step else float("nan")
+    totals = {e.key: getattr(e, attr) / 1e6 for e in prof.key_averages()}
+    backward = sum(totals.get(k, 0.0) for k in _ROUTING_BACKWARD)
+    block, compute = totals.get("bench::block", 0.0), totals.get("bench::compute", 0.0)
+    return {"step": totals.get("bench::step", 0.0), "blocks": block + backward, "compute": compute,
+            "routing": block - compute + backward}  # fmt: skip
 
 
 def _variants(plans: list[BenchPlan], settings: BenchSettings) -> list[_Variant]:
@@ -268,13 +264,17 @@ def run_bench(model: nn.Module, plans: list[BenchPlan], settings: BenchSettings)
                         call()
                         _sync(device)
                         v.times.append(time.perf_counter() - start)
-            shares = {}
+            profiles: dict[str, dict[str, dict[str, float]]] = {}
             if settings.profile and "converted" in settings.implementations:
                 for plan in plans:
                     _report(settings, f"{mode} B={batch} T={seq_len} profiling {plan.label}", 0)
                     apply_plan(model, plan)
-                    shares[plan.label] = routing_share(model, _caller(model, ids, mode, optimizer), device)
-            record["results"] = _results(model, variants, shares, seq_len, batch)
+                    call = _caller(model, ids, mode, optimizer)
+                    profiles[plan.label] = {"converted": profile_step(model, call, device, set(plan.capacities))}
+                    if settings.profile_dense:
+                        with implementation(model, "dense"):
+                            profiles[plan.label]["dense"] = profile_step(model, call, device, set(plan.capacities))
+            record["results"] = _results(model, variants, profiles, seq_len, batch)
     return records
 
 
@@ -288,7 +288,11 @@ def _report(settings: BenchSettings, text: str, advance: int) -> None:
 
 
 def _results(
-    model: nn.Module, variants: list[_Variant], shares: dict[str, float], seq_len: int, batch: int
+    model: nn.Module,
+    variants: list[_Variant],
+    profiles: dict[str, dict[str, dict[str, float]]],
+    seq_len: int,
+    batch: int,
 ) -> list[dict[str, Any]]:
     dense = next((v for v in variants if v.name == "dense"), None)
     dense_time = statistics.median(dense.times) if dense is not None else float("nan")
@@ -312,7 +316,11 @@ def _results(
             "first_call_seconds": v.first_call_s,
         }
         if v.implementation == "converted" and not v.compiled and v.plan is not None:
-            row["routing_share"] = shares.get(v.plan.label)
+            profile = profiles.get(v.plan.label)
+            if profile is not None:
+                converted = profile["converted"]
+                row["routing_share"] = converted["routing"] / converted["step"] if converted["step"] else None
+                row["profile"] = profile
         out.append(row)
     for _, state in routed_blocks(model):
         state.enabled = True

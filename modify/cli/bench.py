@@ -67,6 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="skip settings projected above this many GiB (default: 85%% of available memory)",
     )  # fmt: skip
     p.add_argument("--no-profile", action="store_true", help="skip the profiler run that measures the routing share")
+    p.add_argument(
+        "--profile-dense", action="store_true",
+        help="also profile the dense step: time in the plan's blocks against the converted model's (where time goes)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the records and the summary as JSON on stdout")
     p.add_argument("--csv", type=Path, metavar="FILE", help="write one CSV row per variant and setting")
     p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG of speedup against capacity")
@@ -121,15 +125,20 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.threads:
         torch.set_num_threads(args.threads)
+    from modify.bench.models import SHAPES
+
+    texts = args.plans or (["paper", "all@0.125"] if args.model in SHAPES else None)
+    if args.model in SHAPES:  # plans checked before a large model is built
+        assert texts is not None
+        blocks = args.depth or SHAPES[args.model]["num_hidden_layers"]
+        plans = [parse_plan(text, blocks) for text in texts]
     model, converted = _load(args, dtype)
     model = model.to(device)
-    num_blocks = len(modify.find_blocks(model, strict=False)) if not converted else None
-    saved = saved_plan(model) if converted else None
-    if num_blocks is None:
-        assert saved is not None
-        num_blocks = saved["num_blocks"]
-    texts = args.plans or (["saved"] if converted else ["paper", "all@0.125"])
-    plans = [parse_plan(text, num_blocks, saved) for text in texts]
+    if args.model not in SHAPES:
+        saved = saved_plan(model) if converted else None
+        blocks = saved["num_blocks"] if saved is not None else len(modify.find_blocks(model, strict=False))
+        texts = texts or (["saved"] if converted else ["paper", "all@0.125"])
+        plans = [parse_plan(text, blocks, saved) for text in texts]
     wanted = sorted({i for plan in plans for i in plan.capacities})
     routed = {state.index for _, state in modify.routed_blocks(model)} if converted else set()
     if not set(wanted) <= routed:
@@ -143,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
     settings = BenchSettings(
         batch_sizes=args.batch_size, seq_lens=args.seq_len,
         modes=MODES if args.mode == "both" else (args.mode,), implementations=tuple(args.implementations),
-        repeats=args.repeats, compile=args.compile, profile=not args.no_profile, memory_budget=int(budget),
+        repeats=args.repeats, compile=args.compile, profile=not args.no_profile, profile_dense=args.profile_dense,
+        memory_budget=int(budget),
     )  # fmt: skip
     env = environment(device, dtype)
     records = _run_with_progress(model, plans, settings, quiet=args.quiet or not sys.stderr.isatty())
