@@ -27,7 +27,8 @@ from torch import fx, nn
 
 from modify.generate.causal import causal_process, observe_topk
 from modify.generate.selective import cached_length, find_cache, history_of, mark_topk_filled, selective_forward
-from modify.kernels import gated_scatter_add, gather_token_dim, gather_tokens
+from modify.kernels import gather_token_dim
+from modify.kernels.ops import route_gather, route_scatter_add
 from modify.passes.capture_block import CallStructure, call_structure, capture_block
 from modify.passes.extract_delta import ExtractDeltaPass
 from modify.passes.probe_block_calls import BlockCallSpec, Path, bind_call
@@ -258,7 +259,7 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if cache_arg is not None:
         mark_topk_filled(cache_arg[1], state.cache_layer)
     gathered = {
-        key: gather_tokens(value, idx) if key == spec.hidden else _gather_value(value, (key,), spec, idx, length)
+        key: route_gather(value, idx) if key == spec.hidden else _gather_value(value, (key,), spec, idx, length)
         for key, value in named.items()
     }
     structure, leaves = call_structure(gathered, block.training)
@@ -268,18 +269,24 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if state.observer is not None:
         state.observer(scores.detach(), idx, gate.detach())
     y = x
-    for part in parts:  # in the dense block's order of additions: bit-exact at gate 1
+    for i, part in enumerate(parts):  # in the dense block's order of additions: bit-exact at gate 1
         # Under autocast Δ comes out in the compute dtype while the stream keeps its own; x + Δ promotes.
         dtype = torch.promote_types(y.dtype, part.dtype)
-        y = gated_scatter_add(y.to(dtype), idx, part.to(dtype), gate)
+        if i == 0 or y.dtype != dtype:
+            y = route_scatter_add(y.to(dtype), idx, part.to(dtype), gate)
+        else:
+            # y is already this call's own copy of the stream (nothing saved it for backward): add the later
+            # parts in place, the same float operations without a second full-size copy per block.
+            scaled = part.to(dtype) * gate.unsqueeze(-1).to(dtype)
+            y = y.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, y.shape[-1]), scaled)
     skip = getattr(block, SKIP_ATTR, None)
     if skip is not None and idx.shape[1] < length:
         rest = skipped_tokens(idx, length)
-        xs = gather_tokens(x, rest)
+        xs = route_gather(x, rest)
         estimate = skip(state.skip_input(block, xs))
         # Disjoint from the routed tokens, so the order of the additions doesn't matter; no gate: the
         # router's score says nothing about how well the path estimates a token it rated low.
-        y = gated_scatter_add(y, rest, estimate.to(y.dtype), torch.ones(rest.shape, dtype=gate.dtype, device=y.device))
+        y = route_scatter_add(y, rest, estimate.to(y.dtype), torch.ones(rest.shape, dtype=gate.dtype, device=y.device))
     return (y, *out[1:]) if spec.output_is_tuple else y
 
 

@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import modify
+    from modify.api import routed_blocks
     from modify.bench.measure import MODES, BenchSettings
     from modify.bench.models import parse_plan, randomize_routers, saved_plan
     from modify.bench.report import environment, plot, summary, table, write_csv
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
         texts = texts or (["saved"] if converted else ["paper", "all@0.125"])
         plans = [parse_plan(text, blocks, saved) for text in texts]
     wanted = sorted({i for plan in plans for i in plan.capacities})
-    routed = {state.index for _, state in modify.routed_blocks(model)} if converted else set()
+    routed = {state.index for _, state in routed_blocks(model)} if converted else set()
     if not set(wanted) <= routed:
         if converted:
             modify.revert(model)

@@ -81,6 +81,40 @@ def _impl(name: str) -> Any:
     return importlib.import_module(f"modify.kernels.{name}")
 
 
+def _check_scatter(x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, gate: torch.Tensor) -> None:
+    _check(x, idx, x.shape[1])
+    if delta.shape != (*idx.shape, x.shape[2]) or gate.shape != idx.shape:
+        raise ValueError(
+            f"delta must be [B, k, D] = {(*idx.shape, x.shape[2])} and gate [B, k], got {tuple(delta.shape)} and {tuple(gate.shape)}"
+        )
+    if delta.dtype != x.dtype:
+        raise ValueError(f"delta is {delta.dtype} but x is {x.dtype}; cast delta to the residual stream's dtype")
+
+
+def _eager_reference(t: torch.Tensor) -> bool:
+    """Whether a routing op may skip its custom op and run the reference directly: in eager mode where the
+    reference is what the op would run anyway. A custom op's Python dispatch costs about 100 µs a call, as
+    much as the op itself on CPU-sized tensors; the op earns it under torch.compile (one opaque node with a
+    fake implementation) and where the Triton kernels run."""
+    return not torch.compiler.is_compiling() and not _triton_for(t)
+
+
+def route_gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """:func:`gather_tokens`, without the custom op's dispatch where :func:`_eager_reference` allows."""
+    if _eager_reference(x) and x.dim() == 3:
+        _check(x, idx, x.shape[1])
+        return reference.gather_tokens(x, idx)
+    return gather_tokens(x, idx)
+
+
+def route_scatter_add(x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """:func:`gated_scatter_add`, without the custom op's dispatch where :func:`_eager_reference` allows."""
+    if _eager_reference(x):
+        _check_scatter(x, idx, delta, gate)
+        return reference.gated_scatter_add(x, idx, delta, gate)
+    return gated_scatter_add(x, idx, delta, gate)
+
+
 @torch.library.custom_op("modify::gather_tokens", mutates_args=())
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """[B, T, D] hidden states, [B, k] sorted int64 positions -> [B, k, D] rows."""
@@ -139,13 +173,7 @@ scatter_tokens.register_autograd(_scatter_backward, setup_context=_scatter_setup
 @torch.library.custom_op("modify::gated_scatter_add", mutates_args=())
 def gated_scatter_add(x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """out = x with out[b, idx[b, j]] += gate[b, j] · delta[b, j]; x [B, T, D], delta [B, k, D], gate [B, k]."""
-    _check(x, idx, x.shape[1])
-    if delta.shape != (*idx.shape, x.shape[2]) or gate.shape != idx.shape:
-        raise ValueError(
-            f"delta must be [B, k, D] = {(*idx.shape, x.shape[2])} and gate [B, k], got {tuple(delta.shape)} and {tuple(gate.shape)}"
-        )
-    if delta.dtype != x.dtype:
-        raise ValueError(f"delta is {delta.dtype} but x is {x.dtype}; cast delta to the residual stream's dtype")
+    _check_scatter(x, idx, delta, gate)
     if _triton_for(x):
         return _impl("gated_scatter_add").gated_scatter_add_triton(x, idx, delta, gate)
     return reference.gated_scatter_add(x, idx, delta, gate)
