@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["environment", "summary", "table", "write_csv", "plot"]
+__all__ = ["environment", "summary", "table", "markdown", "write_csv", "plot", "atomic_write"]
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -108,7 +108,39 @@ def table(records: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def markdown(records: list[dict[str, Any]], env: dict[str, Any]) -> str:
+    """Per mode, one Markdown row per (plan, B, T): the converted model against its FLOP ratio, and the others."""
+    lines = [f"{env['device']}, {env['cpu_threads']} threads, {env['dtype']}, torch {env['torch']}, "
+             f"transformers {env['transformers']}, commit {env['commit']}", ""]  # fmt: skip
+    for mode in ("forward", "train"):
+        rows = [r for r in records if r["mode"] == mode]
+        if not rows:
+            continue
+        extra = sorted({row["implementation"] for r in rows for row in r.get("results", [])} - {"dense", "converted"})
+        head = ["plan", "B", "T", "dense s", "FLOP ratio", "converted", "of ratio", "routing", *extra, "peak mem"]
+        lines += [f"**{mode}** (speedup over dense)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            if "skipped" in r:
+                lines.append(f"| | {r['batch_size']} | {r['seq_len']} | skipped: {r['skipped']} |")
+                continue
+            results = r["results"]
+            dense = next(row for row in results if row["implementation"] == "dense")
+            for conv in (row for row in results if row["implementation"] == "converted"):
+                others = {row["implementation"]: row for row in results if row["plan"] == conv["plan"]}
+                share, of_ratio = conv.get("routing_share"), conv["speedup"] / conv["flop_ratio"]
+                cells = [
+                    conv["plan"], r["batch_size"], r["seq_len"], f"{dense['seconds']:.3f}",
+                    f"{conv['flop_ratio']:.2f}x", f"{conv['speedup']:.2f}x", f"{of_ratio:.0%}",
+                    f"{share:.1%}" if share is not None else "",
+                    *[f"{others[e]['speedup']:.2f}x" if e in others else "" for e in extra],
+                    f"{_fmt_bytes(conv['peak_memory_bytes'])} / {_fmt_bytes(dense['peak_memory_bytes'])}",
+                ]  # fmt: skip
+                lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
@@ -142,7 +174,7 @@ def write_csv(path: Path, model: str, records: list[dict[str, Any]], env: dict[s
             writer.writeheader()
             writer.writerows(rows)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _capacity(plan: str) -> tuple[str, float] | None:
@@ -188,5 +220,5 @@ def plot(path: Path, model: str, records: list[dict[str, Any]]) -> None:
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)

@@ -74,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the records and the summary as JSON on stdout")
     p.add_argument("--csv", type=Path, metavar="FILE", help="write one CSV row per variant and setting")
     p.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG of speedup against capacity")
+    p.add_argument("--markdown", type=Path, metavar="FILE", help="write the per-setting tables as Markdown")
     add_common_flags(p)
     p.set_defaults(run=run)
 
@@ -89,7 +90,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--depth {args.depth} must be at least 1")
     if "dense" not in args.implementations:
         raise UsageError("--implementations must include dense: every speedup is over it")
-    for out in (args.csv, args.plot):
+    for out in (args.csv, args.plot, args.markdown):
         if out is not None and not out.parent.exists():
             raise UsageError(f"{out.parent} does not exist; create it or write {out.name} elsewhere")
 
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from modify.api import routed_blocks
     from modify.bench.measure import MODES, BenchSettings
     from modify.bench.models import parse_plan, randomize_routers, saved_plan
-    from modify.bench.report import environment, plot, summary, table, write_csv
+    from modify.bench.report import environment, markdown, plot, summary, table, write_csv
 
     _check_args(args)
     quiet_libraries(args.debug, False)
@@ -162,6 +163,9 @@ def run(args: argparse.Namespace) -> int:
         write_csv(args.csv, args.model, records, env)
     if args.plot is not None:
         plot(args.plot, args.model, records)
+    if args.markdown is not None:
+        text = markdown(records, env)
+        _atomic_text(args.markdown, text)
     result = {
         "model": args.model,
         "environment": env,
@@ -196,3 +200,9 @@ def _run_with_progress(
         task = bar.add_task("benchmarking", total=total)
         settings.on_progress = lambda text, n: bar.update(task, description=text, advance=n)
         return run_bench(model, plans, settings)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    from modify.bench.report import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))

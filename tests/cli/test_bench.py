@@ -18,7 +18,7 @@ def bench(*argv: str, capsys: pytest.CaptureFixture[str]) -> dict:
 
 
 def test_dense_source_converted_on_the_fly(saved_models: dict[str, Path], tmp_path: Path, capsys) -> None:
-    files = ["--csv", str(tmp_path / "b.csv"), "--plot", str(tmp_path / "b.png")]
+    files = ["--csv", str(tmp_path / "b.csv"), "--plot", str(tmp_path / "b.png"), "--markdown", str(tmp_path / "b.md")]
     out = bench(str(saved_models["llama"]), "--seq-len", "16", "32", "--batch-size", "2", "--plans", "paper",
                 "all@0.25", *files, capsys=capsys)  # fmt: skip
     assert [(s["plan"], s["seq_len"]) for s in out["summary"]] == [
@@ -42,6 +42,8 @@ def test_dense_source_converted_on_the_fly(saved_models: dict[str, Path], tmp_pa
     assert {"device", "dtype", "torch", "transformers", "triton", "commit"} <= set(rows[0])
     assert rows[0]["device"].startswith("cpu") and rows[0]["dtype"] == "float32"
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    table = (tmp_path / "b.md").read_text()
+    assert "**forward**" in table and "**train**" in table and "| all@0.25 | 2 | 32 |" in table
 
 
 def test_memory_guard_skips_larger_settings(saved_models: dict[str, Path], capsys) -> None:
