@@ -34,7 +34,6 @@ from modify.api import routed_blocks
 from modify.bench.baselines import IMPLEMENTATIONS, implementation
 from modify.bench.models import BenchPlan, apply_plan
 from modify.flops import flops
-from modify.routing import STATE_ATTR
 
 __all__ = ["BenchSettings", "run_bench", "MODES"]
 
@@ -325,7 +324,3 @@ def _results(
     for _, state in routed_blocks(model):
         state.enabled = True
     return out
-
-
-def routed_indices(model: nn.Module) -> set[int]:
-    return {getattr(m, STATE_ATTR).index for m in model.modules() if hasattr(m, STATE_ATTR)}
