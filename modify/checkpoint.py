@@ -38,6 +38,7 @@ __all__ = [
     "write_converted",
     "from_pretrained",
     "atomic_directory",
+    "atomic_file",
     "validate_source",
     "check_parent",
     "DEFAULT_SOURCE",
@@ -222,6 +223,18 @@ def check_parent(out: Path) -> None:
         raise ModifyError(f"cannot create {out}: {ancestor} is not a directory; choose another path")
     if not os.access(ancestor, os.W_OK):
         raise ModifyError(f"cannot create {out}: {ancestor} is not writable; choose another path")
+
+
+def atomic_file(path: Path, write: Any) -> None:
+    """Call ``write(tmp)`` on a hidden file beside ``path``, then rename it to ``path``: all or nothing."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 @contextlib.contextmanager

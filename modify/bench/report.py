@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["environment", "summary", "table", "markdown", "write_csv", "plot", "atomic_write"]
+from modify.checkpoint import atomic_file
+
+__all__ = ["environment", "summary", "table", "markdown", "write_csv", "plot"]
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -140,18 +140,6 @@ def markdown(records: list[dict[str, Any]], env: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 CSV_FIELDS = (
     "model", "mode", "batch_size", "seq_len", "variant", "implementation", "plan", "seconds", "speedup",
     "flop_ratio", "flops_analytic", "flops_measured", "routing_share", "peak_memory_bytes", "first_call_seconds",
@@ -174,7 +162,7 @@ def write_csv(path: Path, model: str, records: list[dict[str, Any]], env: dict[s
             writer.writeheader()
             writer.writerows(rows)
 
-    atomic_write(path, write)
+    atomic_file(path, write)
 
 
 def _capacity(plan: str) -> tuple[str, float] | None:
@@ -220,5 +208,5 @@ def plot(path: Path, model: str, records: list[dict[str, Any]]) -> None:
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)

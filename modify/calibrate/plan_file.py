@@ -10,8 +10,6 @@ The JSON is written last, each file atomically, so a plan that is there is compl
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +17,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modify.calibrate.calibration import Calibration
-from modify.checkpoint import check_parent
+from modify.checkpoint import atomic_file, check_parent
 from modify.errors import ModifyError
 
 __all__ = ["save_plan", "load_plan", "plot_plan", "PLAN_FORMAT"]
 
 PLAN_FORMAT = "modify-plan"
 _VERSION = 1
-
-
-def _atomic(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def plot_plan(calibration: Calibration, path: Path) -> None:
@@ -73,7 +60,7 @@ def plot_plan(calibration: Calibration, path: Path) -> None:
         fontsize=9,
     )
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -87,7 +74,7 @@ def save_plan(calibration: Calibration, path: Path, source: dict[str, Any]) -> P
     tensors.update(
         {f"skip.{i}.{name}": t.contiguous() for i, values in calibration.skips.items() for name, t in values.items()}
     )
-    _atomic(routers_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    atomic_file(routers_path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     plot_plan(calibration, chart_path)
     record = {
         "format": PLAN_FORMAT,
@@ -96,7 +83,7 @@ def save_plan(calibration: Calibration, path: Path, source: dict[str, Any]) -> P
         "routers": routers_path.name,
         **calibration.to_dict(),
     }
-    _atomic(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n"))
+    atomic_file(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n"))
     return path
 
 

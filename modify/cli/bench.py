@@ -203,6 +203,6 @@ def _run_with_progress(
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    from modify.bench.report import atomic_write
+    from modify.checkpoint import atomic_file
 
-    atomic_write(path, lambda tmp: tmp.write_text(text + "\n"))
+    atomic_file(path, lambda tmp: tmp.write_text(text + "\n"))
