@@ -109,6 +109,10 @@ def _load(args: argparse.Namespace, torch_dtype: Any) -> tuple[nn.Module, bool]:
     return model, converted
 
 
+def _plan_texts(args: argparse.Namespace, converted: bool) -> list[str]:
+    return args.plans or (["saved"] if converted else ["paper", "all@0.125"])
+
+
 def run(args: argparse.Namespace) -> int:
     import psutil
     import torch
@@ -116,8 +120,9 @@ def run(args: argparse.Namespace) -> int:
     import modify
     from modify.api import routed_blocks
     from modify.bench.measure import MODES, BenchSettings
-    from modify.bench.models import parse_plan, randomize_routers, saved_plan
+    from modify.bench.models import SHAPES, parse_plan, randomize_routers, saved_plan
     from modify.bench.report import environment, markdown, plot, summary, table, write_csv
+    from modify.checkpoint import atomic_file
 
     _check_args(args)
     quiet_libraries(args.debug, False)
@@ -127,20 +132,15 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    from modify.bench.models import SHAPES
-
-    texts = args.plans or (["paper", "all@0.125"] if args.model in SHAPES else None)
     if args.model in SHAPES:  # plans checked before a large model is built
-        assert texts is not None
         blocks = args.depth or SHAPES[args.model]["num_hidden_layers"]
-        plans = [parse_plan(text, blocks) for text in texts]
+        plans = [parse_plan(text, blocks) for text in _plan_texts(args, False)]
     model, converted = _load(args, dtype)
     model = model.to(device)
     if args.model not in SHAPES:
         saved = saved_plan(model) if converted else None
         blocks = saved["num_blocks"] if saved is not None else len(modify.find_blocks(model, strict=False))
-        texts = texts or (["saved"] if converted else ["paper", "all@0.125"])
-        plans = [parse_plan(text, blocks, saved) for text in texts]
+        plans = [parse_plan(text, blocks, saved) for text in _plan_texts(args, converted)]
     wanted = sorted({i for plan in plans for i in plan.capacities})
     routed = {state.index for _, state in routed_blocks(model)} if converted else set()
     if not set(wanted) <= routed:
@@ -164,8 +164,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         plot(args.plot, args.model, records)
     if args.markdown is not None:
-        text = markdown(records, env)
-        _atomic_text(args.markdown, text)
+        atomic_file(args.markdown, lambda tmp: tmp.write_text(markdown(records, env) + "\n"))
     result = {
         "model": args.model,
         "environment": env,
@@ -200,9 +199,3 @@ def _run_with_progress(
         task = bar.add_task("benchmarking", total=total)
         settings.on_progress = lambda text, n: bar.update(task, description=text, advance=n)
         return run_bench(model, plans, settings)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    from modify.checkpoint import atomic_file
-
-    atomic_file(path, lambda tmp: tmp.write_text(text + "\n"))
