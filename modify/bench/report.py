@@ -174,39 +174,42 @@ def _capacity(plan: str) -> tuple[str, float] | None:
 
 
 def plot(path: Path, model: str, records: list[dict[str, Any]]) -> None:
-    """Speedup of the converted model against capacity, per mode and layer pattern, with the FLOP ratio."""
+    """Speedup of the converted model against capacity, per mode: one colour per sequence length (the largest
+    batch that ran), solid for the measured speedup, dashed for the FLOP ratio; one marker per layer pattern."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     modes = [m for m in ("forward", "train") if any(r["mode"] == m and "results" in r for r in records)]
-    fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(5.5 * max(1, len(modes)), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(6 * max(1, len(modes)), 4.5), squeeze=False)
     for ax, mode in zip(axes[0], modes):
-        series: dict[str, dict[float, tuple[list[float], float]]] = {}
+        # (layers, T) -> capacity -> (batch, speedup, flop ratio), keeping the largest batch
+        points: dict[tuple[str, int], dict[float, tuple[int, float, float]]] = {}
         for record in records:
-            if record["mode"] != mode:
-                continue
-            for row in record.get("results", []):
+            for row in record.get("results", []) if record["mode"] == mode else []:
                 parsed = _capacity(row["plan"] or "")
                 if row["implementation"] != "converted" or parsed is None:
                     continue
-                layers, cap = parsed
-                speeds, _ = series.setdefault(layers, {}).setdefault(cap, ([], row["flop_ratio"]))
-                speeds.append(row["speedup"])
-        for i, (layers, points) in enumerate(sorted(series.items())):
-            caps = sorted(points)
-            color = f"C{i}"
-            ax.plot(caps, [points[c][1] for c in caps], "--", color=color, label=f"{layers}: FLOP ratio")
-            for c in caps:
-                ax.scatter([c] * len(points[c][0]), points[c][0], color=color, s=14, alpha=0.6)
-            ax.plot(caps, [max(points[c][0]) for c in caps], "-", color=color, label=f"{layers}: measured (best B, T)")
+                slot = points.setdefault((parsed[0], record["seq_len"]), {})
+                if parsed[1] not in slot or slot[parsed[1]][0] < record["batch_size"]:
+                    slot[parsed[1]] = (record["batch_size"], row["speedup"], row["flop_ratio"])
+        lengths = sorted({t for _, t in points})
+        for (layers, length), slot in sorted(points.items()):
+            caps = sorted(slot)
+            color = f"C{lengths.index(length)}"
+            marker = "o" if layers == "all" else "s"
+            batch = "/".join(str(b) for b in sorted({b for b, _, _ in slot.values()}))
+            ax.plot(caps, [slot[c][1] for c in caps], "-", marker=marker, color=color,
+                    label=f"{layers}, T={length}, B={batch}: measured")  # fmt: skip
+            ax.plot(caps, [slot[c][2] for c in caps], "--", marker=marker, mfc="none", color=color, alpha=0.7,
+                    label=f"{layers}, T={length}: FLOP ratio")  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xlabel("capacity of routed blocks")
         ax.set_ylabel("speedup over dense")
         ax.set_title(f"{model}: {mode}")
         ax.axhline(1.0, color="gray", lw=0.8)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     atomic_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
