@@ -126,7 +126,8 @@ def markdown(records: list[dict[str, Any]], env: dict[str, Any]) -> str:
             results = r["results"]
             dense = next(row for row in results if row["implementation"] == "dense")
             for conv in (row for row in results if row["implementation"] == "converted"):
-                others = {row["implementation"]: row for row in results if row["plan"] == conv["plan"]}
+                # the plan's own rows, and the plan-less ones besides dense (dense+compile)
+                others = {row["implementation"]: row for row in results if row["plan"] in (conv["plan"], None)}
                 share, of_ratio = conv.get("routing_share"), conv["speedup"] / conv["flop_ratio"]
                 cells = [
                     conv["plan"], r["batch_size"], r["seq_len"], f"{dense['seconds']:.3f}",
