@@ -213,6 +213,10 @@ class RoutingState:
         assert self.router is not None, "the block is not routed"
         self.router.threshold.fill_(value)
 
+    def topk(self, scores: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+        """[B, k] the top-k rule's tokens of each row (see :func:`select_tokens`), k from the block's capacity."""
+        return select_tokens(scores, capacity_tokens(self.capacity, scores.shape[-1]), padding, self.keep_first)
+
     def skip_input(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """What the block's skip path reads: ``x`` after the block's input norm, if it has one."""
         return block.get_submodule(self.input_norm)(x) if self.input_norm else x
@@ -254,7 +258,7 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     cache_arg = find_cache(named)
     if causal or (cache_arg is not None and (state.generating or cached_length(cache_arg[1], state.cache_layer) > 0)):
         return _per_token(block, state, named, x, scores, mask, padding, cache_arg, causal)
-    idx = select_tokens(scores, capacity_tokens(state.capacity, length), padding, state.keep_first)
+    idx = state.topk(scores, padding)
     observe_topk(state, block, x, scores, idx, padding)
     if cache_arg is not None:
         mark_topk_filled(cache_arg[1], state.cache_layer)
@@ -303,7 +307,7 @@ def _per_token(
         seen = history.real if history is not None else torch.zeros(batch, dtype=torch.int64, device=x.device)
         process = causal_process(state, block, x, scores, real, seen)
     else:
-        idx = select_tokens(scores, capacity_tokens(state.capacity, length), padding, state.keep_first)
+        idx = state.topk(scores, padding)
         process = torch.zeros_like(real).scatter_(1, idx, True) & real
     return selective_forward(block, state, named, x, scores, process, mask, padding, cache_arg, history)
 

@@ -35,7 +35,7 @@ from modify.bench.baselines import IMPLEMENTATIONS, implementation
 from modify.bench.models import BenchPlan, apply_plan
 from modify.flops import flops
 
-__all__ = ["BenchSettings", "run_bench", "MODES"]
+__all__ = ["BenchSettings", "run_bench", "planned_calls", "profile_step", "MODES"]
 
 MODES = ("forward", "train")
 #: The routing ops' backward, which runs outside the routed blocks' forward (see the module docstring).
@@ -204,8 +204,26 @@ def _analytic(model: nn.Module, plan: BenchPlan | None, seq_len: int, batch: int
     return count.dense, count.routed
 
 
+def planned_calls(plans: list[BenchPlan], settings: BenchSettings) -> int:
+    """How many timed or warm-up calls :func:`run_bench` makes (settings the memory guard skips included)."""
+    cases = len(settings.batch_sizes) * len(settings.seq_lens) * len(settings.modes)
+    return cases * len(_variants(plans, settings)) * (1 + settings.repeats)
+
+
 def run_bench(model: nn.Module, plans: list[BenchPlan], settings: BenchSettings) -> list[dict[str, Any]]:
-    """Benchmark the converted ``model`` (routed on every block any plan uses); one record per setting×mode."""
+    """Benchmark the converted ``model`` (routed on every block any plan uses); one record per setting×mode.
+
+    Plans switch the routed blocks' capacities and on/off state while it runs; they are restored after.
+    """
+    saved = [(state, state.enabled, state.capacity) for _, state in routed_blocks(model)]
+    try:
+        return _run(model, plans, settings)
+    finally:
+        for state, enabled, capacity in saved:
+            state.enabled, state.capacity = enabled, capacity
+
+
+def _run(model: nn.Module, plans: list[BenchPlan], settings: BenchSettings) -> list[dict[str, Any]]:
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     optimizer = None
@@ -321,6 +339,4 @@ def _results(
                 row["routing_share"] = converted["routing"] / converted["step"] if converted["step"] else None
                 row["profile"] = profile
         out.append(row)
-    for _, state in routed_blocks(model):
-        state.enabled = True
     return out

@@ -186,13 +186,11 @@ def _run_with_progress(
 ) -> list[dict[str, Any]]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from modify.bench.measure import run_bench
+    from modify.bench.measure import planned_calls, run_bench
 
     if quiet:
         return run_bench(model, plans, settings)
-    variants = ("dense" in settings.implementations) + len(plans) * (len(settings.implementations) - 1)
-    variants += (1 + len(plans)) * settings.compile
-    total = len(settings.batch_sizes) * len(settings.seq_lens) * len(settings.modes) * variants * (1 + settings.repeats)
+    total = planned_calls(plans, settings)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())  # fmt: skip
     with Progress(*columns, transient=True) as bar:
