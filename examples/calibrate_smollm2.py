@@ -20,7 +20,7 @@ import torch
 import modify
 from modify.assets import load_smollm2, shakespeare_split
 from modify.calibrate.calibration import CalibrationSettings, apply_calibration, calibrate, token_windows
-from modify.flops import attention_width, block_flops, routed_block_flops
+from modify.flops import block_flops, routed_block_flops
 from modify.passes.find_block_stack import find_block_stack
 
 
@@ -37,11 +37,10 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch: int = 4) ->
 def every_other_capacity(model: torch.nn.Module, budget: float, seq_len: int, grid: tuple[float, ...]) -> float:
     """The largest grid capacity at which the paper's every-other plan meets the budget."""
     _, stack = find_block_stack(model)
-    width, dim = attention_width(model), model.config.hidden_size
-    dense = block_flops(stack[0], width, seq_len)
+    dense = block_flops(model, 0, seq_len)
     n = len(stack)
     for c in sorted(grid, reverse=True):
-        routed = routed_block_flops(stack[0], width, c, seq_len, dim)
+        routed = routed_block_flops(model, 0, c, seq_len)
         if ((n - n // 2) * dense + (n // 2) * routed) <= budget * n * dense:
             return c
     raise ValueError(f"no grid capacity meets budget {budget} with every other block routed")

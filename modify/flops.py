@@ -1,26 +1,50 @@
-"""Analytic forward FLOPs of a model, dense and as converted.
+"""Forward FLOPs of a model, dense and as converted, counted from what each block runs.
 
-Counted as ``torch.utils.flop_counter`` counts: matrix products only, a multiply-add is 2 FLOPs.
-Per token, a linear layer costs 2·in·out; per sequence, attention costs 2·Tq·Tk·H·d for the scores and as
-much again for the weighted values (H heads of size d, the full Tq×Tk square, as eager attention computes
-it). A routed block runs its linears and attention on k = ceil(c·T) tokens, its router on all T, and its
-skip path (if any, :mod:`modify.skip_path`) on the other T - k.
-Embedding lookups, norms and elementwise ops cost nothing here.
+Counted as ``torch.utils.flop_counter`` counts (matrix products, convolutions, attention kernels; a
+multiply-add is 2 FLOPs), plus what it can't see (:data:`EXTRA_FORMULAS`): grouped expert matmuls (the
+active experts' rows times the expert's size) and CPU scaled-dot-product attention (the full Tq×Tk square, as
+eager attention computes it).
+
+Nothing is read from class names or config fields. The model is run densely on random token ids of batch 1
+at four lengths under a FLOP counter, with hooks attributing the count to each block and the rest to the
+outside (embeddings, final norm, LM head). Each part's cost is fitted as a·T + b·T² (per-token and
+per-token-pair terms) from two lengths and checked at the other two; a part that isn't such a polynomial (a
+linear-attention block that pads to its chunk size, say) is measured at each length asked for instead. The
+probes are cached per model until its parameters change.
+
+A routed block runs the block on k = ceil(c·T) tokens per sequence, its router on all T, its skip path (if
+any, :mod:`modify.skip_path`) on the other T - k, and its causal predictor (if any) on all T.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from modify.archs import LINEAR_WEIGHT_LAYOUT
+from modify.errors import UnsupportedModelError
 from modify.passes.find_block_stack import find_block_stack
 from modify.router import PREDICTOR_ATTR, ROUTER_ATTR
 from modify.routing import STATE_ATTR, capacity_tokens
-from modify.skip_path import SKIP_ATTR, skip_path_flops
+from modify.skip_path import skip_path_flops
 
-__all__ = ["FlopCount", "flops", "block_flops", "routed_block_flops", "attention_width"]
+__all__ = [
+    "FlopCount",
+    "flops",
+    "block_flops",
+    "routed_block_flops",
+    "flop_counter",
+    "EXTRA_FORMULAS",
+    "FIT_LENGTHS",
+]
+
+#: Probe lengths: the cost polynomial is fitted on the first two and checked on the others.
+FIT_LENGTHS = (8, 16, 12, 24)
 
 
 @dataclass(frozen=True)
@@ -39,55 +63,196 @@ class FlopCount:
         return self.routed / self.dense
 
 
-def _linear_flops_per_token(module: nn.Module, skip: set[int]) -> int:
-    total = 0
-    for m in module.modules():
-        layout = LINEAR_WEIGHT_LAYOUT.get(type(m).__name__)
-        if layout is None or id(m) in skip:
-            continue
-        weight = m.weight
-        total += 2 * weight.shape[0] * weight.shape[1]
-    return total
+def _grouped_mm_flops(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """``_grouped_mm``: groups of rows of ``a`` times one expert matrix each, so 2·rows·K·N in all."""
+    if len(a_shape) == 2 and len(b_shape) == 2:  # groups split K: every group sees all M rows and N columns
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    numel = 1
+    for s in out_shape:
+        numel *= s
+    return 2 * numel * a_shape[-1]
 
 
-def attention_width(model: nn.Module) -> int:
-    """H·d, the summed width of the attention heads."""
+def _sdpa_cpu_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _shapes(formula: Callable[..., int]) -> Callable[..., int]:
+    def wrapped(*args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        shapes = [a.shape if torch.is_tensor(a) else a for a in args]
+        return formula(*shapes, out_shape=out_shape)
+
+    return wrapped
+
+
+#: Ops torch's FLOP counter does not count, with their formulas.
+EXTRA_FORMULAS: dict[Any, Callable[..., int]] = {}
+if hasattr(torch.ops.aten, "_grouped_mm"):
+    EXTRA_FORMULAS[torch.ops.aten._grouped_mm] = _shapes(_grouped_mm_flops)
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    EXTRA_FORMULAS[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _shapes(_sdpa_cpu_flops)
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's ``FlopCounterMode`` that also counts :data:`EXTRA_FORMULAS`."""
+    return FlopCounterMode(display=False, custom_mapping=EXTRA_FORMULAS)
+
+
+@dataclass
+class _Costs:
+    """Probed costs of one model: per part (blocks, then the outside), a polynomial or measured values."""
+
+    fits: list[tuple[int, int] | None]
+    measured: dict[int, list[int]] = field(default_factory=dict)
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, _Costs]] = weakref.WeakKeyDictionary()
+
+
+def _vocab_size(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
-    heads = getattr(config, "num_attention_heads", None)
-    if not heads:
-        return 0
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return heads * head_dim
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
 
 
-def block_flops(block: nn.Module, attention_width: int, tokens: int) -> int:
-    """FLOPs of one block's forward over one sequence of ``tokens`` tokens (router and skip path excluded)."""
-    skip = {
-        id(m)
-        for attr in (ROUTER_ATTR, SKIP_ATTR, PREDICTOR_ATTR)
-        if hasattr(block, attr)
-        for m in getattr(block, attr).modules()
-    }
-    return _linear_flops_per_token(block, skip) * tokens + 4 * tokens * tokens * attention_width
+def _measure(
+    model: nn.Module, stack: nn.ModuleList, length: int, example_inputs: Callable[[int], dict[str, Any]] | None
+) -> list[int]:
+    """FLOPs of each block and of the outside in one dense forward of one sequence of ``length`` tokens."""
+    if example_inputs is not None:
+        inputs = example_inputs(length)
+    else:
+        vocab = _vocab_size(model)
+        if not vocab:
+            raise UnsupportedModelError(
+                type(model).__name__,
+                "it has no config.vocab_size to count FLOPs with; pass example_inputs=lambda T: {...}",
+            )
+        ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(length))
+        inputs = {"input_ids": ids.to(next(model.parameters()).device), "use_cache": False}
+    counter = flop_counter()
+    start = [0] * len(stack)
+    costs = [0] * len(stack)
+    handles = []
+    for i, block in enumerate(stack):
+
+        def pre(mod: nn.Module, args: Any, i: int = i) -> None:
+            start[i] = counter.get_total_flops()
+
+        def post(mod: nn.Module, args: Any, out: Any, i: int = i) -> None:
+            costs[i] += counter.get_total_flops() - start[i]
+
+        handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
+    from modify.api import routing_disabled
+
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with routing_disabled(model), torch.no_grad(), counter:
+            model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags.items():
+            m.training = flag
+    return [*costs, counter.get_total_flops() - sum(costs)]
+
+
+def _fit(values: dict[int, int]) -> tuple[int, int] | None:
+    """(a, b) with cost = a·T + b·T² through the first two lengths, if the others agree exactly."""
+    (t1, f1), (t2, f2) = list(values.items())[:2]
+    # Solve a·t + b·t² = f for two lengths; FLOP counts are integers, so a fit that is real is exact.
+    det = t1 * t2 * t2 - t2 * t1 * t1
+    a_num, b_num = f1 * t2 * t2 - f2 * t1 * t1, t1 * f2 - t2 * f1
+    if a_num % det or b_num % det:
+        return None
+    a, b = a_num // det, b_num // det
+    return (a, b) if all(a * t + b * t * t == f for t, f in values.items()) else None
+
+
+def _signature(model: nn.Module) -> tuple:
+    return tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in model.named_parameters())
+
+
+def _costs(model: nn.Module, example_inputs: Callable[[int], dict[str, Any]] | None) -> _Costs:
+    signature = _signature(model)
+    cached = _CACHE.get(model)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    _, stack = find_block_stack(model)
+    runs = {t: _measure(model, stack, t, example_inputs) for t in FIT_LENGTHS}
+    parts = len(stack) + 1
+    costs = _Costs([_fit({t: runs[t][p] for t in FIT_LENGTHS}) for p in range(parts)], dict(runs))
+    _CACHE[model] = (signature, costs)
+    return costs
+
+
+def _part_cost(
+    model: nn.Module, part: int, tokens: int, example_inputs: Callable[[int], dict[str, Any]] | None
+) -> int:
+    costs = _costs(model, example_inputs)
+    fit = costs.fits[part]
+    if fit is not None:
+        return fit[0] * tokens + fit[1] * tokens * tokens
+    if tokens not in costs.measured:
+        _, stack = find_block_stack(model)
+        costs.measured[tokens] = _measure(model, stack, tokens, example_inputs)
+    return costs.measured[tokens][part]
+
+
+def block_flops(
+    model: nn.Module, index: int, tokens: int, example_inputs: Callable[[int], dict[str, Any]] | None = None
+) -> int:
+    """FLOPs of block ``index`` of the model's stack over one sequence of ``tokens`` tokens, run densely
+    (router, skip path and predictor excluded)."""
+    return _part_cost(model, index, tokens, example_inputs) if tokens > 0 else 0
 
 
 def routed_block_flops(
-    block: nn.Module,
-    attention_width: int,
+    model: nn.Module,
+    index: int,
     capacity: float,
     seq_len: int,
-    hidden_size: int,
     skip_path: str = "identity",
+    example_inputs: Callable[[int], dict[str, Any]] | None = None,
 ) -> int:
-    """FLOPs of one routed block over one sequence: the block on k = ceil(c·T) tokens, its router on all T
-    and its skip path on the T - k others."""
+    """FLOPs of block ``index`` routed at ``capacity`` over one sequence: the block on k = ceil(c·T) tokens,
+    the router on all T and the skip path on the T - k others (the router and path need not exist yet)."""
+    _, stack = find_block_stack(model)
+    hidden = _hidden_size(model, stack[index])
     k = capacity_tokens(capacity, seq_len)
-    skipped = (seq_len - k) * skip_path_flops(skip_path, hidden_size)
-    return block_flops(block, attention_width, k) + 2 * hidden_size * seq_len + skipped
+    skipped = (seq_len - k) * skip_path_flops(skip_path, hidden)
+    return block_flops(model, index, k, example_inputs) + 2 * hidden * seq_len + skipped
 
 
-def flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> FlopCount:
+def _hidden_size(model: nn.Module, block: nn.Module) -> int:
+    router = getattr(block, ROUTER_ATTR, None)
+    if router is not None:
+        return router.weight.shape[-1]
+    state = getattr(block, STATE_ATTR, None)
+    if state is not None:
+        return state.spec.hidden_size
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None)
+    if not hidden:
+        raise ValueError("the model's hidden size is unknown (no config.hidden_size): convert the model first")
+    return hidden
+
+
+def flops(
+    model: nn.Module,
+    seq_len: int,
+    batch_size: int = 1,
+    example_inputs: Callable[[int], dict[str, Any]] | None = None,
+) -> FlopCount:
     """Forward FLOPs of ``model`` on ``batch_size`` sequences of ``seq_len`` tokens.
+
+    Args:
+        example_inputs: builds the model's keyword inputs for one sequence of length T; by default random
+            token ids (the model needs a ``config.vocab_size``).
 
     Returns:
         ``dense``: the model without routing; ``routed``: the model as converted and as it runs now (equal
@@ -96,28 +261,21 @@ def flops(model: nn.Module, seq_len: int, batch_size: int = 1) -> FlopCount:
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
     _, stack = find_block_stack(model)
-    width = attention_width(model)
-    in_blocks = {id(m) for m in stack.modules()}
-    outside = sum(
-        2 * m.weight.shape[0] * m.weight.shape[1]
-        for m in model.modules()
-        if type(m).__name__ in LINEAR_WEIGHT_LAYOUT and id(m) not in in_blocks
-    )
+    outside = _part_cost(model, len(stack), seq_len, example_inputs)
     per_block = []
-    for block in stack:
-        full = block_flops(block, width, seq_len)
+    for i, block in enumerate(stack):
+        full = block_flops(model, i, seq_len, example_inputs)
         state = getattr(block, STATE_ATTR, None)
         if state is None or not state.enabled:  # disabled (``routing_disabled``): the block runs densely
             per_block.append((full, full))
-        else:
-            hidden = getattr(block, ROUTER_ATTR).weight.shape[-1]
-            routed = routed_block_flops(block, width, state.capacity, seq_len, hidden, state.skip_path)
-            predictor = getattr(block, PREDICTOR_ATTR, None)  # the causal predictor reads every token
-            if predictor is not None:
-                routed += seq_len * sum(2 * m.weight.numel() for m in predictor.modules() if isinstance(m, nn.Linear))
-            per_block.append((full, routed))
-    dense = outside * seq_len + sum(d for d, _ in per_block)
-    routed = outside * seq_len + sum(r for _, r in per_block)
+            continue
+        routed = routed_block_flops(model, i, state.capacity, seq_len, state.skip_path, example_inputs)
+        predictor = getattr(block, PREDICTOR_ATTR, None)  # the causal predictor reads every token
+        if predictor is not None:
+            routed += seq_len * sum(2 * m.weight.numel() for m in predictor.modules() if isinstance(m, nn.Linear))
+        per_block.append((full, routed))
+    dense = outside + sum(d for d, _ in per_block)
+    routed = outside + sum(r for _, r in per_block)
     return FlopCount(
         dense * batch_size, routed * batch_size, tuple((d * batch_size, r * batch_size) for d, r in per_block)
     )

@@ -53,7 +53,7 @@ from modify.calibrate.measure import (
 from modify.calibrate.planning import DEFAULT_GRID, BudgetPlan, Option, plan_under_budget
 from modify.calibrate.skip_fit import NormalSums, attach_skip, block_hidden, features, fit_skip_paths
 from modify.config import MoDConfig
-from modify.flops import attention_width, block_flops, routed_block_flops
+from modify.flops import block_flops, routed_block_flops
 from modify.generate.causal import fit_thresholds
 from modify.passes.find_block_stack import find_block_stack
 from modify.router import ROUTER_ATTR
@@ -308,16 +308,15 @@ def option_costs(
     """Per block, (capacity, skip path) -> forward FLOPs at ``seq_len``, skip path included: the planner's costs
     when it chooses skip paths too. Capacity 1.0 appears once, as (1.0, "identity")."""
     _, stack = find_block_stack(model)
-    width, dim = attention_width(model), model.config.hidden_size
     return [
         {
             (c, spec): float(
-                routed_block_flops(b, width, c, seq_len, dim, spec) if c < 1 else block_flops(b, width, seq_len)
+                routed_block_flops(model, i, c, seq_len, spec) if c < 1 else block_flops(model, i, seq_len)
             )
             for c in grid
             for spec in (specs if c < 1 else ("identity",))
         }
-        for b in stack
+        for i in range(len(stack))
     ]
 
 
