@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from modify.errors import UnsupportedModelError
 from modify.passes.find_block_stack import find_block_stack
+from modify.passes.probe_block_calls import vocab_size
 from modify.router import PREDICTOR_ATTR, ROUTER_ATTR
 from modify.routing import STATE_ATTR, capacity_tokens
 from modify.skip_path import skip_path_flops
@@ -109,14 +110,6 @@ class _Costs:
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, _Costs]] = weakref.WeakKeyDictionary()
 
 
-def _vocab_size(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
-
-
 def _measure(
     model: nn.Module, stack: nn.ModuleList, length: int, example_inputs: Callable[[int], dict[str, Any]] | None
 ) -> list[int]:
@@ -124,7 +117,7 @@ def _measure(
     if example_inputs is not None:
         inputs = example_inputs(length)
     else:
-        vocab = _vocab_size(model)
+        vocab = vocab_size(model)
         if not vocab:
             raise UnsupportedModelError(
                 type(model).__name__,

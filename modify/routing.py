@@ -42,6 +42,7 @@ __all__ = [
     "select_tokens",
     "skipped_tokens",
     "padding_from_mask",
+    "block_padding",
     "install",
     "uninstall",
 ]
@@ -106,6 +107,24 @@ def padding_from_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
     """
     diag = mask.diagonal(offset=mask.shape[-1] - mask.shape[-2], dim1=-2, dim2=-1)[:, 0]
     return (~mask_allows(diag)).expand(batch, diag.shape[-1])
+
+
+def block_padding(
+    named: dict[str, Any], spec: BlockCallSpec, mask: torch.Tensor | None, batch: int, length: int
+) -> torch.Tensor | None:
+    """[B, T] bool, True at padding, for a block call: from its 4-D attention mask ``mask`` if it has one,
+    else from a [B, T (+ P cached)] padding mask (1 real, 0 padding) if the probe found one (hybrid models
+    pass their linear-attention and state-space layers only that), else None."""
+    if mask is not None:
+        return padding_from_mask(mask, batch)
+    if spec.padding_mask is None:
+        return None
+    leaf: Any = named.get(spec.padding_mask[0])
+    for i in spec.padding_mask[1:]:
+        leaf = leaf[i] if leaf is not None else None
+    if not torch.is_tensor(leaf) or leaf.dim() != 2:
+        return None
+    return ~leaf[:, -length:].bool().expand(batch, length)
 
 
 def mask_allows(mask: torch.Tensor) -> torch.Tensor:
@@ -253,7 +272,7 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     router = getattr(block, ROUTER_ATTR)
     scores = router(x)
     mask = pairwise_mask(named, spec)
-    padding = padding_from_mask(mask, batch) if mask is not None else None
+    padding = block_padding(named, spec, mask, batch, length)
     causal = state.mode == "causal" or (state.mode == "auto" and state.generating)
     cache_arg = find_cache(named)
     if causal or (cache_arg is not None and (state.generating or cached_length(cache_arg[1], state.cache_layer) > 0)):

@@ -26,7 +26,7 @@ from torch import nn
 from modify.api import routed_blocks, routing_disabled
 from modify.passes.probe_block_calls import BlockCallSpec, Path, bind_call
 from modify.router import ROUTER_ATTR
-from modify.routing import STATE_ATTR, RoutingState, padding_from_mask, pairwise_mask
+from modify.routing import STATE_ATTR, RoutingState, block_padding, pairwise_mask
 
 __all__ = ["IMPLEMENTATIONS", "implementation", "masked_forward", "per_sample_forward"]
 
@@ -40,7 +40,7 @@ def _route(block: nn.Module, state: RoutingState, named: dict[str, Any]) -> tupl
     router = getattr(block, ROUTER_ATTR)
     scores = router(x)
     mask = pairwise_mask(named, state.spec)
-    padding = padding_from_mask(mask, x.shape[0]) if mask is not None else None
+    padding = block_padding(named, state.spec, mask, x.shape[0], x.shape[1])
     idx = state.topk(scores, padding)
     keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
     return x, keep, router.gate(scores)

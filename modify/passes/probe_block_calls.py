@@ -24,7 +24,7 @@ from torch import nn
 from modify.errors import UnsupportedModelError
 from modify.passes.capture_block import CallStructure, call_structure
 
-__all__ = ["BlockCallSpec", "probe_block_calls", "bind_call", "flatten_leaves", "PROBE_LENGTHS"]
+__all__ = ["BlockCallSpec", "probe_block_calls", "bind_call", "flatten_leaves", "vocab_size", "PROBE_LENGTHS"]
 
 PROBE_LENGTHS = (13, 17)
 _PROBE_BATCH = 2
@@ -46,6 +46,8 @@ class BlockCallSpec:
         structures: every call structure the probe saw, ``structure`` first: with the default inputs also
             the plain ``model(input_ids)`` call (a cache, no padding mask), so that a converted model can
             capture its Δ graphs for both before its first call (``torch.compile`` can't trace a capture).
+        padding_mask: path of a [batch, tokens] padding mask argument (1 real, 0 padding), if the block gets
+            one: hybrid models give their linear-attention and state-space layers that instead of a 4-D mask.
     """
 
     hidden: str
@@ -54,6 +56,7 @@ class BlockCallSpec:
     hidden_size: int = 0
     structure: CallStructure | None = None
     structures: tuple[CallStructure, ...] = ()
+    padding_mask: Path | None = None
 
     @property
     def pairwise(self) -> Path | None:
@@ -88,8 +91,15 @@ def flatten_leaves(value: Any, path: Path) -> Iterator[tuple[Path, Any]]:
         yield path, value
 
 
+def vocab_size(model: nn.Module) -> int | None:
+    """The vocabulary size of the model's language model (``text_config`` in multimodal configs), if any."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
+
+
 def _default_inputs(model: nn.Module, length: int, generator: torch.Generator) -> dict[str, Any]:
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    vocab = vocab_size(model)
     if not vocab:
         raise UnsupportedModelError(
             type(model).__name__,
@@ -186,6 +196,7 @@ def _spec_from_calls(name: str, calls: list[tuple[dict[str, Any], Any]]) -> Bloc
             )
             if dims:
                 token_dims[path] = dims
+    padding_mask = next((p for p, dims in token_dims.items() if dims == (1,) and _is_padding_mask(first, p)), None)
     out_tensor = out[0] if isinstance(out, tuple) else out
     if not torch.is_tensor(out_tensor) or out_tensor.shape != x.shape:
         raise UnsupportedModelError(name, "it does not return hidden states of its input's shape")
@@ -195,4 +206,13 @@ def _spec_from_calls(name: str, calls: list[tuple[dict[str, Any], Any]]) -> Bloc
         output_is_tuple=isinstance(out, tuple),
         hidden_size=x.shape[-1],
         structure=call_structure(second, training=False)[0],
+        padding_mask=padding_mask,
     )
+
+
+def _is_padding_mask(named: dict[str, Any], path: Path) -> bool:
+    """A [batch, tokens] tensor of 0s and 1s with the probe's one padded token at 0: a padding mask."""
+    leaf = dict(flatten_leaves(named[path[0]], (path[0],)))[path]
+    if leaf.dim() != 2 or leaf.shape[0] != _PROBE_BATCH or leaf.is_complex():
+        return False
+    return bool(((leaf == 0) | (leaf == 1)).all() and leaf[0, 0] == 0 and (leaf[1] == 1).all())

@@ -28,8 +28,8 @@ import multiprocessing as mp
 import sys
 import time
 import traceback
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 __all__ = ["EXCLUDED", "Row", "check_family", "run_matrix", "markdown", "main"]
