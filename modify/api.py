@@ -10,10 +10,11 @@ from typing import Any
 
 from torch import nn
 
-from modify.archs import UNROUTABLE_ATTENTION
+from modify.archs import NORM_CLASS_PATTERN, UNROUTABLE_ATTENTION
 from modify.config import CONFIG_KEY, MoDConfig
 from modify.errors import UnsupportedModelError
 from modify.generate.causal import install_model_hooks, remove_model_hooks
+from modify.passes.analyze_residual import ADD_TARGETS as _ADDS
 from modify.passes.capture_block import capture_block
 from modify.passes.extract_delta import ExtractDeltaPass
 from modify.passes.find_block_stack import find_block_stack
@@ -86,15 +87,78 @@ def routed_blocks(model: nn.Module) -> list[tuple[nn.Module, RoutingState]]:
     return [(m, getattr(m, STATE_ATTR)) for m in model.modules() if hasattr(m, STATE_ATTR)]
 
 
-def _analyse(block: nn.Module, spec: BlockCallSpec, name: str) -> tuple[str, str, str]:
-    """Capture the block as the parent calls it, extract Δ, and return (form, delta kind, input norm).
+@dataclass(frozen=True)
+class _Analysis:
+    form: str
+    delta: str
+    input_norm: str
+    inline: tuple[str, ...] = ()
 
-    The input norm is the first norm module the graph applies to the hidden states themselves ("" if none,
-    as in post-norm blocks); a skip path reads the skipped tokens through it.
-    """
-    gm = capture_block(block, spec.structure, type(block).forward, name)
+
+def _extract(block: nn.Module, spec: BlockCallSpec, name: str, inline: tuple[str, ...]) -> Any:
+    gm = capture_block(block, spec.structure, type(block).forward, name, inline)
     extract = ExtractDeltaPass(spec.hidden, name)
     extract(gm)
+    return gm, extract
+
+
+def _children_given_the_stream(gm: Any, inline: tuple[str, ...]) -> list[str]:
+    """Child modules (not norms) that the captured graph hands the block's input, or a sum computed from it:
+    the ones that may add the residual inside (BLOOM's attention and MLP take it as an argument)."""
+    hidden = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    downstream, todo = {hidden}, [hidden]
+    while todo:
+        for user in todo.pop().users:
+            if user not in downstream:
+                downstream.add(user)
+                todo.append(user)
+    names = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not str(node.target).startswith("block."):
+            continue
+        child = str(node.target).removeprefix("block.")
+        if "." in child.removeprefix(next((i + "." for i in inline if child.startswith(i + ".")), "")):
+            continue
+        if NORM_CLASS_PATTERN.search(type(gm.get_submodule(str(node.target))).__name__) or child in names:
+            continue
+        inputs = [a for a in node.all_input_nodes if a is hidden or (a in downstream and a.target in _ADDS)]
+        if inputs:
+            names.append(child)
+    return names
+
+
+def _analyse(block: nn.Module, spec: BlockCallSpec, name: str) -> _Analysis:
+    """Capture the block as the parent calls it, extract Δ, and return its form, Δ kind, input norm and the
+    children traced into.
+
+    The input norm is the first norm module the graph applies to the hidden states themselves ("" if none,
+    as in post-norm blocks); a skip path reads the skipped tokens through it. A block whose input is never
+    added back with its children as leaves is captured again with the children it hands the stream traced
+    into, until its Δ is exact or no such child is left: a residual added inside a child is still a residual.
+    """
+    inline: tuple[str, ...] = ()
+    try:
+        gm, extract = _extract(block, spec, name, inline)
+    except UnsupportedModelError as exc:
+        if "never added back" not in exc.reason:
+            raise
+        found, error = None, exc
+        gm = capture_block(block, spec.structure, type(block).forward, name)
+        while new := [c for c in _children_given_the_stream(gm, inline) if c not in inline]:
+            inline = (*inline, *new)
+            try:
+                gm, extract = _extract(block, spec, name, inline)
+            except UnsupportedModelError as retry:
+                error = retry
+                gm = capture_block(block, spec.structure, type(block).forward, name, inline)
+                continue
+            found = (gm, extract, inline)
+            if extract.delta_kind == "exact":
+                break
+            gm = capture_block(block, spec.structure, type(block).forward, name, inline)
+        if found is None:
+            raise error from None
+        gm, extract, inline = found
     analysis = extract.analysis
     assert analysis is not None
     norm = ""
@@ -105,7 +169,7 @@ def _analyse(block: nn.Module, spec: BlockCallSpec, name: str) -> tuple[str, str
         if norms:
             module = gm.get_submodule(str(norms[0].target))
             norm = next(n for n, m in block.named_modules() if m is module)
-    return analysis.form, extract.delta_kind, norm
+    return _Analysis(analysis.form, extract.delta_kind, norm, inline)
 
 
 def _cache_layer(block: nn.Module, index: int) -> int:
@@ -190,7 +254,7 @@ def convert(
     states = []
     for i, cap, skip in zip(plan.routed, plan.capacities, plan.skip_paths):
         name = f"{stack_name}.{i}"
-        form, delta, norm = _analyse(blocks[i], specs[i], name)
+        found = _analyse(blocks[i], specs[i], name)
         forward_fn = type(blocks[i]).forward
         states.append(
             RoutingState(
@@ -198,13 +262,14 @@ def convert(
                 name,
                 cap,
                 specs[i],
-                form,
-                delta,
+                found.form,
+                found.delta,
                 forward_fn,
                 inspect.signature(forward_fn),
                 keep_first=plan.keep_first,
                 skip_path=skip,
-                input_norm=norm,
+                input_norm=found.input_norm,
+                inline=found.inline,
                 causal=plan.causal,
                 cache_layer=_cache_layer(blocks[i], i),
             )
@@ -279,11 +344,11 @@ def find_blocks(
             with routing_disabled(model):
                 specs = probe_block_calls(model, blocks, example_inputs)
         try:
-            form, delta, _ = _analyse(block, specs[i], name)
+            found = _analyse(block, specs[i], name)
         except UnsupportedModelError as exc:
             if strict:
                 raise
             infos.append(BlockInfo(i, name, "unroutable", "", False, None, exc.reason))
             continue
-        infos.append(BlockInfo(i, name, form, delta, False, None))
+        infos.append(BlockInfo(i, name, found.form, found.delta, False, None))
     return infos

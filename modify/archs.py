@@ -11,7 +11,7 @@ import re
 __all__ = ["BLOCK_STACKS", "NORM_CLASS_PATTERN", "LINEAR_WEIGHT_LAYOUT", "TESTED_FAMILIES", "UNROUTABLE_ATTENTION"]
 
 #: model_type -> qualified name of the module list holding the transformer blocks. A hint: a model type
-#: not listed is searched for its largest list of identical blocks.
+#: not listed is searched for its largest list of blocks that run on token ids.
 BLOCK_STACKS: dict[str, str] = {
     "llama": "model.layers",
     "mistral": "model.layers",

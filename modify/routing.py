@@ -113,18 +113,20 @@ def block_padding(
     named: dict[str, Any], spec: BlockCallSpec, mask: torch.Tensor | None, batch: int, length: int
 ) -> torch.Tensor | None:
     """[B, T] bool, True at padding, for a block call: from its 4-D attention mask ``mask`` if it has one,
-    else from a [B, T (+ P cached)] padding mask (1 real, 0 padding) if the probe found one (hybrid models
-    pass their linear-attention and state-space layers only that), else None."""
+    else from the padding mask the probe found (hybrid models pass their linear-attention and state-space
+    layers only that), else None."""
     if mask is not None:
-        return padding_from_mask(mask, batch)
+        return padding_from_mask(~mask if spec.mask_blocks_true else mask, batch)
     if spec.padding_mask is None:
         return None
     leaf: Any = named.get(spec.padding_mask[0])
     for i in spec.padding_mask[1:]:
         leaf = leaf[i] if leaf is not None else None
-    if not torch.is_tensor(leaf) or leaf.dim() != 2:
+    if not torch.is_tensor(leaf) or leaf.dim() < 2:
         return None
-    return ~leaf[:, -length:].bool().expand(batch, length)
+    rows = leaf.reshape(leaf.shape[0], -1)[:, -length:]  # [B, T]; with a cache, the last T of P + T keys
+    pad = rows.bool() if spec.padding_value == "true" else rows < 0 if spec.padding_value == "negative" else rows == 0
+    return pad.expand(batch, length)
 
 
 def mask_allows(mask: torch.Tensor) -> torch.Tensor:
@@ -160,6 +162,13 @@ def _gather_leaf(leaf: Any, path: Path, dims: tuple[int, ...] | None, idx: torch
         for d in dims:
             leaf = gather_token_dim(leaf, idx[:1], d)
         return leaf.squeeze(0)
+    batch = idx.shape[0]
+    if leaf.shape[0] != batch and leaf.shape[0] % batch == 0:
+        # The batch folded with heads, [B·H, ...] (BLOOM's ALiBi bias): gather per sequence, fold back.
+        folded = leaf.reshape(batch, leaf.shape[0] // batch, *leaf.shape[1:])
+        for d in dims:
+            folded = gather_token_dim(folded, idx, d + 1)
+        return folded.reshape(-1, *folded.shape[2:])
     for d in dims:
         leaf = gather_token_dim(leaf, idx, d)
     return leaf
@@ -197,6 +206,7 @@ class RoutingState:
         aux_losses: the causal rule's losses of the current forward, collected by the model's output hook.
         agreement: accumulators of ``modify.measure_agreement`` while it runs, else None.
         router: the block's router, set by :func:`install`; ``threshold`` reads and writes its buffer.
+        inline: children traced into when capturing, because they add the residual themselves.
     """
 
     index: int
@@ -220,6 +230,7 @@ class RoutingState:
     agreement: torch.Tensor | None = None
     graphs: dict[CallStructure, fx.GraphModule] = field(default_factory=dict)
     router: nn.Module | None = None
+    inline: tuple[str, ...] = ()
 
     @property
     def threshold(self) -> float:
@@ -255,7 +266,7 @@ class RoutingState:
         """The Δ graph for calls of this structure (captured now if :meth:`prepare` didn't)."""
         gm = self.graphs.get(structure)
         if gm is None:
-            gm = capture_block(block, structure, self.forward_fn, self.name)
+            gm = capture_block(block, structure, self.forward_fn, self.name, self.inline)
             ExtractDeltaPass(self.spec.hidden, self.name)(gm)
             self.graphs[structure] = gm
         return gm

@@ -52,7 +52,7 @@ def test_unsupported_block_raises_before_any_change() -> None:
 
 
 def test_model_without_block_stack() -> None:
-    with pytest.raises(UnsupportedModelError, match="no nn.ModuleList of two or more identical blocks"):
+    with pytest.raises(UnsupportedModelError, match="no nn.ModuleList of two or more blocks"):
         modify.convert(nn.Sequential(nn.Linear(4, 4)))
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 import torch
@@ -44,9 +45,11 @@ __all__ = [
     "register_block_form",
     "unregister_block_form",
     "block_forms",
+    "ADD_TARGETS",
+    "hidden_output",
 ]
 
-_ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
+ADD_TARGETS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 _RESHAPE_TARGETS = {"view", "reshape", "contiguous", torch.reshape}
 _NORM_FUNCTIONS = {torch.nn.functional.layer_norm, torch.nn.functional.group_norm, torch.nn.functional.rms_norm}
 
@@ -124,7 +127,7 @@ class BlockForm:
 
 
 def _is_add(node: fx.Node) -> bool:
-    return node.op in ("call_function", "call_method") and node.target in _ADD_TARGETS and len(node.args) == 2
+    return node.op in ("call_function", "call_method") and node.target in ADD_TARGETS and len(node.args) == 2
 
 
 def _is_metadata(node: fx.Node) -> bool:
@@ -136,6 +139,34 @@ def _is_metadata(node: fx.Node) -> bool:
 
 def _is_reshape(node: fx.Node) -> bool:
     return node.op in ("call_method", "call_function") and node.target in _RESHAPE_TARGETS
+
+
+def hidden_output(result: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """The hidden-states part of a block's graph output, and how to rebuild the output around a replacement
+    (call it where new nodes may be inserted).
+
+    Blocks return the hidden states alone, first in a tuple or list, or first in a tuple or list
+    concatenated with another (``(h,) + outputs``, ``[h] + outputs[1:]``), which tracing records as one
+    ``add`` of a literal and a node.
+    """
+    if isinstance(result, (tuple, list)) and result:
+        inner, rebuild = hidden_output(result[0])
+        return inner, lambda new: type(result)([rebuild(new), *result[1:]])
+    if (
+        isinstance(result, fx.Node)
+        and result.op == "call_function"
+        and result.target in (operator.add, operator.concat)
+        and isinstance(result.args[0], (tuple, list))
+        and result.args[0]
+    ):
+        head = result.args[0]
+        inner, rebuild = hidden_output(head[0])
+
+        def concat(new: Any) -> Any:  # a new node at the graph's insertion point, after ``new``
+            return result.graph.call_function(result.target, (type(head)([rebuild(new), *head[1:]]), *result.args[1:]))
+
+        return inner, concat
+    return result, lambda new: new
 
 
 def _walk_trunk(hidden: fx.Node, output: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None:
@@ -227,8 +258,7 @@ def analyze_residual(gm: fx.GraphModule, hidden: str, name: str = "") -> Residua
         raise UnsupportedModelError(name, f"its graph has no input named '{hidden}'")
     x = placeholders[hidden]
     out_node = next(n for n in graph.nodes if n.op == "output")
-    out = out_node.args[0]
-    out = out[0] if isinstance(out, (tuple, list)) else out
+    out = hidden_output(out_node.args[0])[0]
     if not isinstance(out, fx.Node) or x not in _node_ancestors(out) | {out}:
         raise UnsupportedModelError(name, "its output does not depend on its input, so it has no residual stream")
     dataflow = nx.DiGraph()

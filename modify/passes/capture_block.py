@@ -37,7 +37,7 @@ The block's modules and parameters are shared with the graph, not copied.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,14 +114,16 @@ def call_structure(named: dict[str, Any], training: bool) -> tuple[CallStructure
 
 
 class BlockTracer(fx.Tracer):
-    """Traces a block's own forward and keeps every module below it as a leaf call."""
+    """Traces a block's own forward and keeps every module below it as a leaf call, except the children
+    named in ``inline``, whose forwards are traced too (their own children are leaves)."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, inline: Collection[str] = ()) -> None:
         super().__init__()
         self.block = block
+        self.inlined = {id(block.get_submodule(n)) for n in inline}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return m is not self.block
+        return m is not self.block and id(m) not in self.inlined
 
 
 class _BlockCall(nn.Module):
@@ -147,7 +149,11 @@ def _wrapper_class(names: list[str]) -> type[_BlockCall]:
 
 
 def capture_block(
-    block: nn.Module, structure: CallStructure, forward_fn: Callable[..., Any] | None = None, name: str = ""
+    block: nn.Module,
+    structure: CallStructure,
+    forward_fn: Callable[..., Any] | None = None,
+    name: str = "",
+    inline: Collection[str] = (),
 ) -> fx.GraphModule:
     """Trace ``block`` for calls of the given structure.
 
@@ -156,6 +162,8 @@ def capture_block(
         structure: from :func:`call_structure` on a real call.
         forward_fn: the unbound forward to trace; by default the block class's ``forward``.
         name: qualified name of the block, recorded in ``node.meta["modify"]``.
+        inline: names of child modules to trace into rather than call as leaves (children that add the
+            residual themselves, as BLOOM's attention and MLP do; see :func:`modify.api` ``_analyse``).
 
     Returns:
         A GraphModule whose inputs are the call's tensors and objects in placeholder order and whose output
@@ -167,7 +175,7 @@ def capture_block(
     was_training = block.training
     block.training = structure.training
     try:
-        graph = BlockTracer(block).trace(wrapper)
+        graph = BlockTracer(block, inline).trace(wrapper)
     except Exception as exc:  # fx raises many types; name the block and keep the cause
         raise UnsupportedModelError(
             name or type(block).__name__, f"torch.fx could not trace its forward ({exc})"

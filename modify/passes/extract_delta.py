@@ -37,7 +37,7 @@ import operator
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
-from modify.passes.analyze_residual import ResidualAnalysis, analyze_residual
+from modify.passes.analyze_residual import ResidualAnalysis, analyze_residual, hidden_output
 
 __all__ = ["ExtractDeltaPass", "DELTA_META"]
 
@@ -77,13 +77,11 @@ class ExtractDeltaPass(PassBase):
             else:
                 parts = [graph.call_function(operator.sub, (analysis.output, analysis.hidden))]
                 self.delta_kind = "difference"
+            _, rebuild = hidden_output(output.args[0])
+            result = rebuild(tuple(parts))
         for part in parts:
             part.meta.setdefault("modify", {}).update({"pass": "extract_delta", "block": self.name})
-        result = output.args[0]
-        if isinstance(result, (tuple, list)):
-            output.args = (type(result)([tuple(parts), *result[1:]]),)
-        else:
-            output.args = (tuple(parts),)
+        output.args = (result,)
         output.meta.setdefault("modify", {})[DELTA_META] = self.delta_kind
         graph.eliminate_dead_code()
         graph.lint()

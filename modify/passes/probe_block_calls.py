@@ -40,14 +40,19 @@ class BlockCallSpec:
         hidden: name of the hidden-states argument.
         token_dims: leaf path -> dimensions of that tensor that index tokens. A path is the argument name
             followed by tuple positions, e.g. ``("position_embeddings", 0)`` for the cosine table.
-        output_is_tuple: the block returns a tuple whose first element is the hidden states.
+        output_is_tuple: the block returns a tuple (or list) whose first element is the hidden states.
         hidden_size: last dimension of the hidden states.
         structure: the structure of the probe's call, for capturing the block as its parent calls it.
         structures: every call structure the probe saw, ``structure`` first: with the default inputs also
             the plain ``model(input_ids)`` call (a cache, no padding mask), so that a converted model can
             capture its Δ graphs for both before its first call (``torch.compile`` can't trace a capture).
-        padding_mask: path of a [batch, tokens] padding mask argument (1 real, 0 padding), if the block gets
-            one: hybrid models give their linear-attention and state-space layers that instead of a 4-D mask.
+        padding_mask: path of a padding mask argument indexed by batch and tokens only ([B, T] or [B, 1, 1, T]),
+            if the block gets one: hybrid models give their linear-attention and state-space layers that
+            instead of a 4-D mask, GPT-1 gets nothing else.
+        padding_value: which entries of ``padding_mask`` are padding: "zero" (1 real, 0 padding), "true"
+            (bool, True at padding) or "negative" (additive: 0 real, a large negative number at padding).
+        mask_blocks_true: the 4-D mask is bool with True where attention is blocked (MPT), the reverse of
+            Hugging Face's usual convention.
     """
 
     hidden: str
@@ -57,6 +62,8 @@ class BlockCallSpec:
     structure: CallStructure | None = None
     structures: tuple[CallStructure, ...] = ()
     padding_mask: Path | None = None
+    padding_value: str = "zero"
+    mask_blocks_true: bool = False
 
     @property
     def pairwise(self) -> Path | None:
@@ -196,23 +203,47 @@ def _spec_from_calls(name: str, calls: list[tuple[dict[str, Any], Any]]) -> Bloc
             )
             if dims:
                 token_dims[path] = dims
-    padding_mask = next((p for p, dims in token_dims.items() if dims == (1,) and _is_padding_mask(first, p)), None)
-    out_tensor = out[0] if isinstance(out, tuple) else out
+    padding_mask, padding_value = next(
+        ((p, v) for p, dims in token_dims.items() if (v := _padding_convention(first, p, dims)) is not None),
+        (None, "zero"),
+    )
+    pairwise = next((p for p, dims in token_dims.items() if len(dims) == 2), None)
+    blocks_true = False
+    if pairwise is not None:
+        mask = dict(flatten_leaves(first[pairwise[0]], (pairwise[0],)))[pairwise]
+        # Row 1 of the probe is all real tokens, and a real token always attends to itself.
+        blocks_true = bool(mask.dtype == torch.bool and mask.dim() == 4 and not mask[-1, 0, -1, -1])
+    out_tensor = out[0] if isinstance(out, (tuple, list)) else out
     if not torch.is_tensor(out_tensor) or out_tensor.shape != x.shape:
         raise UnsupportedModelError(name, "it does not return hidden states of its input's shape")
     return BlockCallSpec(
         hidden=hidden,
         token_dims=token_dims,
-        output_is_tuple=isinstance(out, tuple),
+        output_is_tuple=isinstance(out, (tuple, list)),
         hidden_size=x.shape[-1],
         structure=call_structure(second, training=False)[0],
         padding_mask=padding_mask,
+        padding_value=padding_value,
+        mask_blocks_true=blocks_true,
     )
 
 
-def _is_padding_mask(named: dict[str, Any], path: Path) -> bool:
-    """A [batch, tokens] tensor of 0s and 1s with the probe's one padded token at 0: a padding mask."""
+def _padding_convention(named: dict[str, Any], path: Path, dims: tuple[int, ...]) -> str | None:
+    """How a [B, T] or [B, 1, ..., T] argument marks the probe's one padded token (row 0, first position),
+    or None if it is not a padding mask."""
     leaf = dict(flatten_leaves(named[path[0]], (path[0],)))[path]
-    if leaf.dim() != 2 or leaf.shape[0] != _PROBE_BATCH or leaf.is_complex():
-        return False
-    return bool(((leaf == 0) | (leaf == 1)).all() and leaf[0, 0] == 0 and (leaf[1] == 1).all())
+    if dims != (leaf.dim() - 1,) or leaf.dim() < 2 or leaf.shape[0] != _PROBE_BATCH or leaf.is_complex():
+        return None
+    if any(s != 1 for s in leaf.shape[1:-1]):
+        return None
+    rows = leaf.reshape(_PROBE_BATCH, -1)
+    pad, real = rows[0, 0], rows[1]
+    if not (rows[0, 1:] == real[0]).all() or not (real == real[0]).all():
+        return None
+    if leaf.dtype == torch.bool:
+        return "true" if bool(pad) else "zero"
+    if pad == 0 and real[0] == 1:
+        return "zero"
+    if pad < 0 and real[0] == 0:
+        return "negative"
+    return None

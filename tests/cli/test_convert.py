@@ -110,7 +110,7 @@ SOURCE_CASES = {
     "truncated safetensors": (_truncated_safetensors, 1, "is truncated"),
     "corrupted gguf": (_bad_gguf, 1, "is not a readable GGUF file"),
     "config not json": (_bad_config, 1, "is not valid JSON"),
-    "no routable blocks": (_one_block, 1, "no nn.ModuleList of two or more identical blocks"),
+    "no routable blocks": (_one_block, 1, "no nn.ModuleList of two or more blocks"),
 }
 ARG_CASES = {
     "capacity zero": (["--capacity", "0"], 2, "capacity 0 is out of range; use a value in (0, 1]"),
