@@ -10,13 +10,11 @@ from typing import Any
 
 from torch import nn
 
-from modify.archs import NORM_CLASS_PATTERN, UNROUTABLE_ATTENTION
+from modify.archs import UNROUTABLE_ATTENTION, UNROUTABLE_FAMILIES
 from modify.config import CONFIG_KEY, MoDConfig
 from modify.errors import UnsupportedModelError
 from modify.generate.causal import install_model_hooks, remove_model_hooks
-from modify.passes.analyze_residual import ADD_TARGETS as _ADDS
-from modify.passes.capture_block import capture_block
-from modify.passes.extract_delta import ExtractDeltaPass
+from modify.passes.capture_delta import capture_delta
 from modify.passes.find_block_stack import find_block_stack
 from modify.passes.probe_block_calls import BlockCallSpec, probe_block_calls
 from modify.router import PREDICTOR_ATTR, ROUTER_ATTR, MoDPredictor, MoDRouter
@@ -95,36 +93,10 @@ class _Analysis:
     inline: tuple[str, ...] = ()
 
 
-def _extract(block: nn.Module, spec: BlockCallSpec, name: str, inline: tuple[str, ...]) -> Any:
-    gm = capture_block(block, spec.structure, type(block).forward, name, inline)
-    extract = ExtractDeltaPass(spec.hidden, name)
-    extract(gm)
-    return gm, extract
-
-
-def _children_given_the_stream(gm: Any, inline: tuple[str, ...]) -> list[str]:
-    """Child modules (not norms) that the captured graph hands the block's input, or a sum computed from it:
-    the ones that may add the residual inside (BLOOM's attention and MLP take it as an argument)."""
-    hidden = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    downstream, todo = {hidden}, [hidden]
-    while todo:
-        for user in todo.pop().users:
-            if user not in downstream:
-                downstream.add(user)
-                todo.append(user)
-    names = []
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or not str(node.target).startswith("block."):
-            continue
-        child = str(node.target).removeprefix("block.")
-        if "." in child.removeprefix(next((i + "." for i in inline if child.startswith(i + ".")), "")):
-            continue
-        if NORM_CLASS_PATTERN.search(type(gm.get_submodule(str(node.target))).__name__) or child in names:
-            continue
-        inputs = [a for a in node.all_input_nodes if a is hidden or (a in downstream and a.target in _ADDS)]
-        if inputs:
-            names.append(child)
-    return names
+NOT_RUN = (
+    "it does not run in a forward on token ids alone (as a cross-attention layer that runs only with image "
+    "inputs); leave it out of the routed layers"
+)
 
 
 def _analyse(block: nn.Module, spec: BlockCallSpec, name: str) -> _Analysis:
@@ -132,33 +104,12 @@ def _analyse(block: nn.Module, spec: BlockCallSpec, name: str) -> _Analysis:
     children traced into.
 
     The input norm is the first norm module the graph applies to the hidden states themselves ("" if none,
-    as in post-norm blocks); a skip path reads the skipped tokens through it. A block whose input is never
-    added back with its children as leaves is captured again with the children it hands the stream traced
-    into, until its Δ is exact or no such child is left: a residual added inside a child is still a residual.
+    as in post-norm blocks); a skip path reads the skipped tokens through it. Children that add the residual
+    themselves are traced into (:func:`modify.passes.capture_delta`).
     """
-    inline: tuple[str, ...] = ()
-    try:
-        gm, extract = _extract(block, spec, name, inline)
-    except UnsupportedModelError as exc:
-        if "never added back" not in exc.reason:
-            raise
-        found, error = None, exc
-        gm = capture_block(block, spec.structure, type(block).forward, name)
-        while new := [c for c in _children_given_the_stream(gm, inline) if c not in inline]:
-            inline = (*inline, *new)
-            try:
-                gm, extract = _extract(block, spec, name, inline)
-            except UnsupportedModelError as retry:
-                error = retry
-                gm = capture_block(block, spec.structure, type(block).forward, name, inline)
-                continue
-            found = (gm, extract, inline)
-            if extract.delta_kind == "exact":
-                break
-            gm = capture_block(block, spec.structure, type(block).forward, name, inline)
-        if found is None:
-            raise error from None
-        gm, extract, inline = found
+    if not spec.runs:
+        raise UnsupportedModelError(name, NOT_RUN)
+    gm, extract, inline = capture_delta(block, spec, name)
     analysis = extract.analysis
     assert analysis is not None
     norm = ""
@@ -205,6 +156,8 @@ def convert(
         capacity: fraction of each sequence's tokens routed through a routed block, in (0, 1]; one value,
             or one per routed block. 1.0 reproduces the model.
         layers: "every-other" (blocks 1, 3, 5, ...: the paper's plan), "all", or a list of block indices.
+            "all" and "every-other" leave out blocks that don't run on token ids alone (Mllama's
+            cross-attention layers); a list naming one is refused.
         example_inputs: builds the model's keyword inputs for length T, used to learn how blocks are called;
             by default random token ids.
         keep_first: leading real tokens every routed block always processes (1 keeps a pretrained model's
@@ -231,9 +184,16 @@ def convert(
         raise UnsupportedModelError(
             "", f"{UNROUTABLE_ATTENTION[attention]}; load the model with attn_implementation='sdpa' or 'eager'"
         )
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in UNROUTABLE_FAMILIES:
+        raise UnsupportedModelError("", UNROUTABLE_FAMILIES[model_type])
     stack_name, stack = find_block_stack(model)
+    blocks = list(stack)
+    specs = probe_block_calls(model, blocks, example_inputs)
     if plan is None:
         routed = resolve_layers(layers, len(stack))
+        if isinstance(layers, str):  # "all", "every-other": of the blocks that run on token ids
+            routed = [i for i in routed if specs[i].runs] or routed
         plan = MoDConfig(
             len(stack),
             routed,
@@ -249,8 +209,6 @@ def convert(
         )
     else:
         plan = MoDConfig.from_dict({**plan.to_dict(), "block_stack": stack_name, "causal": causal or plan.causal})
-    blocks = list(stack)
-    specs = probe_block_calls(model, blocks, example_inputs)
     states = []
     for i, cap, skip in zip(plan.routed, plan.capacities, plan.skip_paths):
         name = f"{stack_name}.{i}"
@@ -343,6 +301,9 @@ def find_blocks(
         if specs is None:
             with routing_disabled(model):
                 specs = probe_block_calls(model, blocks, example_inputs)
+        if not specs[i].runs:  # not an error of the model: it has nothing to route there on text alone
+            infos.append(BlockInfo(i, name, "unroutable", "", False, None, NOT_RUN))
+            continue
         try:
             found = _analyse(block, specs[i], name)
         except UnsupportedModelError as exc:

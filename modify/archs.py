@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["BLOCK_STACKS", "NORM_CLASS_PATTERN", "LINEAR_WEIGHT_LAYOUT", "TESTED_FAMILIES", "UNROUTABLE_ATTENTION"]
+__all__ = [
+    "BLOCK_STACKS",
+    "NORM_CLASS_PATTERN",
+    "TESTED_FAMILIES",
+    "UNROUTABLE_ATTENTION",
+    "UNROUTABLE_FAMILIES",
+]
 
 #: model_type -> qualified name of the module list holding the transformer blocks. A hint: a model type
 #: not listed is searched for its largest list of blocks that run on token ids.
@@ -26,13 +32,6 @@ BLOCK_STACKS: dict[str, str] = {
 #: Module classes whose name matches this are normalisation layers (LlamaRMSNorm, LayerNorm, Gemma2RMSNorm...).
 NORM_CLASS_PATTERN = re.compile(r"(Layer|RMS|Group|Batch)?Norm(\d*d)?$")
 
-#: Class name of a linear-like module -> which weight dimension is the input ("in") and output ("out").
-#: nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
-LINEAR_WEIGHT_LAYOUT: dict[str, tuple[str, str]] = {
-    "Linear": ("out", "in"),
-    "Conv1D": ("in", "out"),
-}
-
 #: model_type -> the block form the tests found for it (the README's support table is generated from tests).
 TESTED_FAMILIES: dict[str, str] = {
     "llama": "pre-norm",
@@ -43,6 +42,14 @@ TESTED_FAMILIES: dict[str, str] = {
     "gpt2": "pre-norm",
     "gpt_neox": "parallel",
     "opt": "pre-norm",
+}
+
+#: model_type -> why its blocks can't be routed, for what the generic passes can't see.
+UNROUTABLE_FAMILIES: dict[str, str] = {
+    "mpt": (
+        "its attention slices ALiBi biases for the last keys out of a table over max_seq_len positions, so the "
+        "routed tokens would get the biases of other positions"
+    ),
 }
 
 #: Hugging Face attention implementations whose masks can't follow the routed tokens, and why.

@@ -285,10 +285,14 @@ _CAUSAL_CARD = {
 }
 
 
-def _model_card(model: nn.Module, source: Source, plan: MoDConfig, seq_len: int = 2048, trained: str = "") -> str:
+CARD_SEQ_LEN = 2048
+
+
+def _model_card(model: nn.Module, source: Source, plan: MoDConfig, trained: str = "", count: Any = None) -> str:
     from modify.flops import flops
 
-    count = flops(model, seq_len)
+    seq_len = CARD_SEQ_LEN
+    count = count or flops(model, seq_len)
     routed = ", ".join(
         f"{i} ({c:g}" + (f", skip path {p})" if p != "identity" else ")")
         for i, c, p in zip(plan.routed, plan.capacities, plan.skip_paths)
@@ -322,12 +326,14 @@ def write_converted(
     source: Source | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     trained: str = "",
+    flop_count: Any = None,
 ) -> None:
     """Write a converted model into the existing ``directory``: weights, config with the plan, tokenizer, card.
 
     ``source`` defaults to the one the plan already records (a trained model keeps the checkpoint it was
     converted from); ``state_dict`` replaces the model's own (a sharded model's gathered weights); ``trained``
-    says in the card how the model was trained.
+    says in the card how the model was trained; ``flop_count`` is ``modify.flops(model, CARD_SEQ_LEN)`` if already
+    counted (a sharded model is counted by all its processes together, before one of them writes).
     """
     from modify.generate.causal import sync_plan
     from modify.hf_integration import QUANT_METHOD
@@ -345,7 +351,7 @@ def write_converted(
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    (directory / "README.md").write_text(_model_card(model, card_source, plan, trained=trained))
+    (directory / "README.md").write_text(_model_card(model, card_source, plan, trained, flop_count))
 
 
 def save_converted(model: nn.Module, tokenizer: Any, out: Path, source: Source, force: bool = False) -> Path:

@@ -151,6 +151,8 @@ def _gather_leaf(leaf: Any, path: Path, dims: tuple[int, ...] | None, idx: torch
     if dims is None:
         # Not seen while probing: gather every non-batch dimension that has the sequence's length.
         dims = tuple(d for d in range(leaf.dim()) if leaf.shape[d] == length and (d > 0 or leaf.dim() == 1))
+    if not dims:
+        return leaf
     if 0 in dims:
         if idx.shape[0] != 1 and not bool((idx == idx[:1]).all()):
             raise ValueError(
@@ -178,6 +180,8 @@ def _gather_value(value: Any, path: Path, spec: BlockCallSpec, idx: torch.Tensor
     if isinstance(value, (tuple, list)):
         items = [_gather_value(v, (*path, i), spec, idx, length) for i, v in enumerate(value)]
         return type(value)(items)
+    if type(value) is dict and all(isinstance(k, str) for k in value):
+        return {k: _gather_value(v, (*path, k), spec, idx, length) for k, v in value.items()}
     return _gather_leaf(value, path, spec.token_dims.get(path), idx, length)
 
 
@@ -207,6 +211,8 @@ class RoutingState:
         agreement: accumulators of ``modify.measure_agreement`` while it runs, else None.
         router: the block's router, set by :func:`install`; ``threshold`` reads and writes its buffer.
         inline: children traced into when capturing, because they add the residual themselves.
+        input_padding: [B, P + T] bool, True at padding, from the ``attention_mask`` the model was called with,
+            while it runs; set only for blocks that get no mask of their own (see ``install_model_hooks``).
     """
 
     index: int
@@ -231,6 +237,7 @@ class RoutingState:
     graphs: dict[CallStructure, fx.GraphModule] = field(default_factory=dict)
     router: nn.Module | None = None
     inline: tuple[str, ...] = ()
+    input_padding: torch.Tensor | None = None
 
     @property
     def threshold(self) -> float:
@@ -266,7 +273,7 @@ class RoutingState:
         """The Δ graph for calls of this structure (captured now if :meth:`prepare` didn't)."""
         gm = self.graphs.get(structure)
         if gm is None:
-            gm = capture_block(block, structure, self.forward_fn, self.name, self.inline)
+            gm = capture_block(block, structure, self.forward_fn, self.name, self.inline, self.spec.child_nones)
             ExtractDeltaPass(self.spec.hidden, self.name)(gm)
             self.graphs[structure] = gm
         return gm
@@ -284,6 +291,8 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     scores = router(x)
     mask = pairwise_mask(named, spec)
     padding = block_padding(named, spec, mask, batch, length)
+    if padding is None and state.input_padding is not None and state.input_padding.shape[-1] >= length:
+        padding = state.input_padding[:, -length:].expand(batch, length)
     causal = state.mode == "causal" or (state.mode == "auto" and state.generating)
     cache_arg = find_cache(named)
     if causal or (cache_arg is not None and (state.generating or cached_length(cache_arg[1], state.cache_layer) > 0)):

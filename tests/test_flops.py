@@ -7,7 +7,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import modify
+from modify.flops import flop_counter
 from modify.testing import FAMILIES, tiny_model
+from modify.testing.matrix import build
 
 
 def _measured(model: torch.nn.Module, batch: int, length: int) -> int:
@@ -72,3 +74,75 @@ def test_disabled_routing_counts_as_dense() -> None:
     partial = modify.flops(model, 32)
     assert routed.routed < partial.routed < routed.dense
     assert partial.blocks[0][0] == partial.blocks[0][1] and partial.blocks[1][0] > partial.blocks[1][1]
+
+
+def _measured_eager_experts(model: torch.nn.Module, batch: int, length: int) -> int:
+    """torch's own counter, with experts run as a loop of linears (which it sees) instead of grouped matmuls."""
+    previous = model.get_experts_implementation()
+    model.set_experts_implementation("eager")
+    try:
+        return _measured(model, batch, length)
+    finally:
+        model.set_experts_implementation(previous)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "olmoe"])
+def test_experts_and_latent_attention_are_counted_as_they_run(family: str) -> None:
+    """Experts stored as 3-D parameters and run as grouped matmuls (which FlopCounterMode alone doesn't see),
+    shared experts, latent attention: counted from the probe, equal to the counter on the eager loop."""
+    model = build(family)
+    assert model.config._experts_implementation != "eager"
+    batch, length = 2, 40
+    dense = _measured_eager_experts(model, batch, length)
+    with torch.no_grad(), FlopCounterMode(display=False) as plain:
+        model(torch.randint(3, 97, (batch, length)), use_cache=False)
+    with torch.no_grad(), flop_counter() as extended:
+        model(torch.randint(3, 97, (batch, length)), use_cache=False)
+    assert plain.get_total_flops() < dense == extended.get_total_flops()
+    modify.convert(model, capacity=0.25, layers="every-other")
+    count = modify.flops(model, length, batch)
+    assert (count.dense, count.routed) == (dense, _measured_eager_experts(model, batch, length))
+
+
+def test_linear_subclasses_with_names_of_their_own_are_counted() -> None:
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        layer.mlp.down_proj.__class__ = type("QuantLinear", (torch.nn.Linear,), {})
+    assert modify.flops(model, 32, 2).dense == _measured(model, 2, 32)
+
+
+class _ChunkedBlock(torch.nn.Module):
+    """A residual block that pads its tokens to a multiple of 16 (as chunked linear attention does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = -x.shape[1] % 16
+        h = self.proj(torch.nn.functional.pad(x, (0, 0, 0, pad)))
+        return x + h[:, : x.shape[1]]
+
+
+class _ChunkedModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_ChunkedBlock() for _ in range(3))
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def test_blocks_whose_cost_is_not_polynomial_are_measured_at_each_length() -> None:
+    model = _ChunkedModel()
+
+    def inputs(length: int) -> dict:
+        return {"x": torch.randn(1, length, 8)}
+
+    for length in (5, 16, 17, 40):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(**inputs(length))
+        assert modify.flops(model, length, example_inputs=inputs).dense == counter.get_total_flops()

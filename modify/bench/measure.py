@@ -1,10 +1,11 @@
 """Time, count and profile whole-model forwards and training steps, dense against converted and the baselines.
 
 For each (batch size, sequence length) and mode, every implementation (:mod:`modify.bench.baselines`) of every
-plan runs in one process on one model: first a warm-up call under ``torch.utils.flop_counter.FlopCounterMode``
-(the measured FLOPs) with peak memory recorded, then ``repeats`` rounds in which each implementation runs once
-in turn (interleaved, so that drifting clocks and caches hit them alike); the reported time is the median. A
-training step is forward, backward and an AdamW step over all trainable parameters.
+plan runs in one process on one model: first a warm-up call under ``modify.flops.flop_counter()`` (the measured
+FLOPs: torch's counter, CPU attention and grouped expert matmuls included) with peak memory recorded, then
+``repeats`` rounds in which each implementation runs once in turn (interleaved, so that drifting clocks and
+caches hit them alike); the reported time is the median. A training step is forward, backward and an AdamW
+step over all trainable parameters.
 
 The routing share is the converted model's time in routing work (router, top-k, gathers, gated scatter-adds,
 their backward) over its whole step, from one ``torch.profiler`` run: each routed block's time minus its Δ
@@ -28,12 +29,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from modify.api import routed_blocks
 from modify.bench.baselines import IMPLEMENTATIONS, implementation
 from modify.bench.models import BenchPlan, apply_plan
-from modify.flops import flops
+from modify.flops import flop_counter, flops
 
 __all__ = ["BenchSettings", "run_bench", "planned_calls", "profile_step", "MODES"]
 
@@ -264,7 +264,7 @@ def _run(model: nn.Module, plans: list[BenchPlan], settings: BenchSettings) -> l
                     if v.compiled:  # the first call compiles; the flop counter would only see dynamo's graph
                         call()
                     else:
-                        with FlopCounterMode(display=False) as counter:
+                        with flop_counter() as counter:
                             call()
                         v.measured_flops = counter.get_total_flops()
                     _sync(device)

@@ -225,6 +225,8 @@ class _Hooks:
     def __init__(self, model: nn.Module, coef: float) -> None:
         self.coef = coef
         self.states = _states(model)
+        # Blocks the probe saw no mask in (NemotronH's Mamba layers): padding from the model's own input.
+        self.blind = [s for s in self.states if s.spec.pairwise is None and s.spec.padding_mask is None]
         self.handles = [
             model.register_forward_pre_hook(self.clear, with_kwargs=True),
             model.register_forward_hook(self.add_loss, with_kwargs=True),
@@ -233,10 +235,17 @@ class _Hooks:
     def clear(self, module: nn.Module, args: Any, kwargs: Any) -> None:
         for s in self.states:
             s.aux_losses.clear()
+        if self.blind:
+            mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+            padding = ~mask.bool() if torch.is_tensor(mask) and mask.dim() == 2 else None
+            for s in self.blind:
+                s.input_padding = padding
 
     def add_loss(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         losses = [loss for s in self.states for loss in s.aux_losses]
-        self.clear(module, args, kwargs)
+        for s in self.states:
+            s.aux_losses.clear()
+            s.input_padding = None
         if not losses or not hasattr(output, "loss"):
             return output
         aux = torch.stack([loss.float() for loss in losses]).mean()

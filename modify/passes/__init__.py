@@ -24,6 +24,7 @@ from modify.passes.analyze_residual import (
     unregister_block_form,
 )
 from modify.passes.capture_block import BlockTracer, CallStructure, call_structure, capture_block
+from modify.passes.capture_delta import capture_delta
 from modify.passes.extract_delta import ExtractDeltaPass
 from modify.passes.find_block_stack import find_block_stack
 from modify.passes.probe_block_calls import BlockCallSpec, probe_block_calls
@@ -39,6 +40,7 @@ __all__ = [
     "block_forms",
     "call_structure",
     "capture_block",
+    "capture_delta",
     "find_block_stack",
     "probe_block_calls",
     "register_block_form",

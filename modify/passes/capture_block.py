@@ -37,7 +37,7 @@ The block's modules and parameters are shared with the graph, not copied.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +71,9 @@ class CallStructure:
             elif desc[0] in ("tuple", "list"):
                 for i, item in enumerate(desc[1]):
                     walk(item, f"{name}_{i}")
+            elif desc[0] == "dict":
+                for key, item in desc[1]:
+                    walk(item, f"{name}_{key}")
 
         for key, desc in self.entries:
             walk(desc, key)
@@ -85,6 +88,8 @@ class CallStructure:
                 return next(it)
             if desc[0] == "const":
                 return desc[1]
+            if desc[0] == "dict":
+                return {key: build(item) for key, item in desc[1]}
             items = [build(item) for item in desc[1]]
             return tuple(items) if desc[0] == "tuple" else items
 
@@ -98,10 +103,14 @@ def _describe(value: Any) -> Any:
         return ("const", value)
     if isinstance(value, (tuple, list)):
         return ("tuple" if isinstance(value, tuple) else "list", tuple(_describe(v) for v in value))
+    if type(value) is dict and all(isinstance(k, str) for k in value):  # masks by kind (ZAYA: causal, conv)
+        return ("dict", tuple((k, _describe(v)) for k, v in value.items()))
     return "object"
 
 
 def _leaves(value: Any) -> list[Any]:
+    if type(value) is dict and all(isinstance(k, str) for k in value):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
     if torch.is_tensor(value) or not isinstance(value, (tuple, list)):
         return [] if isinstance(value, _CONSTANT_TYPES) else [value]
     return [leaf for v in value for leaf in _leaves(v)]
@@ -117,13 +126,26 @@ class BlockTracer(fx.Tracer):
     """Traces a block's own forward and keeps every module below it as a leaf call, except the children
     named in ``inline``, whose forwards are traced too (their own children are leaves)."""
 
-    def __init__(self, block: nn.Module, inline: Collection[str] = ()) -> None:
+    def __init__(
+        self, block: nn.Module, inline: Collection[str] = (), nones: Mapping[str, tuple[bool, ...]] | None = None
+    ) -> None:
         super().__init__()
         self.block = block
         self.inlined = {id(block.get_submodule(n)) for n in inline}
+        self.nones = {id(block.get_submodule(n)): flags for n, flags in (nones or {}).items()}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return m is not self.block and id(m) not in self.inlined
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        out = super().call_module(m, forward, args, kwargs)
+        flags = self.nones.get(id(m))
+        if flags is None or not self.is_leaf_module(m, ""):
+            return out
+        # The child returned a tuple with None in these places when probed (GPT-NeoX-Japanese's attention
+        # returns a bias only in its last layer): give the block's code those Nones, so that its
+        # ``if bias is not None`` takes this instance's branch rather than always the proxy's.
+        return tuple(None if none else out[i] for i, none in enumerate(flags))
 
 
 class _BlockCall(nn.Module):
@@ -154,6 +176,7 @@ def capture_block(
     forward_fn: Callable[..., Any] | None = None,
     name: str = "",
     inline: Collection[str] = (),
+    nones: Mapping[str, tuple[bool, ...]] | None = None,
 ) -> fx.GraphModule:
     """Trace ``block`` for calls of the given structure.
 
@@ -164,6 +187,8 @@ def capture_block(
         name: qualified name of the block, recorded in ``node.meta["modify"]``.
         inline: names of child modules to trace into rather than call as leaves (children that add the
             residual themselves, as BLOOM's attention and MLP do; see :func:`modify.api` ``_analyse``).
+        nones: module name (relative to the block) -> which places of the tuple it returns were None when
+            probed (:attr:`BlockCallSpec.child_nones`); those calls give the block's code real Nones.
 
     Returns:
         A GraphModule whose inputs are the call's tensors and objects in placeholder order and whose output
@@ -175,7 +200,7 @@ def capture_block(
     was_training = block.training
     block.training = structure.training
     try:
-        graph = BlockTracer(block, inline).trace(wrapper)
+        graph = BlockTracer(block, inline, nones).trace(wrapper)
     except Exception as exc:  # fx raises many types; name the block and keep the cause
         raise UnsupportedModelError(
             name or type(block).__name__, f"torch.fx could not trace its forward ({exc})"

@@ -51,6 +51,10 @@ class BlockCallSpec:
             instead of a 4-D mask, GPT-1 gets nothing else.
         padding_value: which entries of ``padding_mask`` are padding: "zero" (1 real, 0 padding), "true"
             (bool, True at padding) or "negative" (additive: 0 real, a large negative number at padding).
+        child_nones: module name (relative to the block) -> which places of the tuple the module returned
+            were None, for modules whose tuples held a None: tracing gives the block's code those Nones.
+        runs: False for a block the probe's forwards never called (Mllama's cross-attention layers, which run
+            only with image inputs); nothing else is known of it.
         mask_blocks_true: the 4-D mask is bool with True where attention is blocked (MPT), the reverse of
             Hugging Face's usual convention.
     """
@@ -63,6 +67,8 @@ class BlockCallSpec:
     structures: tuple[CallStructure, ...] = ()
     padding_mask: Path | None = None
     padding_value: str = "zero"
+    child_nones: dict[str, tuple[bool, ...]] = field(default_factory=dict)
+    runs: bool = True
     mask_blocks_true: bool = False
 
     @property
@@ -90,10 +96,13 @@ def bind_call(signature: inspect.Signature, block: nn.Module, args: tuple, kwarg
 
 
 def flatten_leaves(value: Any, path: Path) -> Iterator[tuple[Path, Any]]:
-    """Yield ``(path, leaf)`` for every leaf of nested tuples and lists."""
+    """Yield ``(path, leaf)`` for every leaf of nested tuples, lists and dicts with string keys."""
     if isinstance(value, (tuple, list)):
         for i, item in enumerate(value):
             yield from flatten_leaves(item, (*path, i))
+    elif type(value) is dict and all(isinstance(k, str) for k in value):
+        for key, item in value.items():
+            yield from flatten_leaves(item, (*path, key))
     else:
         yield path, value
 
@@ -135,6 +144,7 @@ def probe_block_calls(
     """
     generator = torch.Generator().manual_seed(0)
     calls: list[list[tuple[dict[str, Any], Any]]] = [[] for _ in blocks]
+    nones: list[dict[str, tuple[bool, ...]]] = [{} for _ in blocks]
     handles = []
     for i, block in enumerate(blocks):
         sig = inspect.signature(type(block).forward)
@@ -148,6 +158,14 @@ def probe_block_calls(
 
         handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(block.register_forward_hook(post_hook, with_kwargs=True))
+        for name, child in block.named_modules():
+            if child is not block:
+
+                def child_hook(mod: nn.Module, args: Any, out: Any, i: int = i, name: str = name) -> None:
+                    if isinstance(out, (tuple, list)) and any(o is None for o in out):
+                        nones[i].setdefault(name, tuple(o is None for o in out))
+
+                handles.append(child.register_forward_hook(child_hook))
     flags = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -173,20 +191,26 @@ def probe_block_calls(
         for m, flag in flags.items():
             m.training = flag
     specs = [_spec_from_calls(type(b).__name__, c) for b, c in zip(blocks, calls)]
+    for spec, found in zip(specs, nones):
+        spec.child_nones = found
     for spec, extra in zip(specs, plain):
+        if not spec.runs:
+            continue
         assert spec.structure is not None
         spec.structures = (spec.structure,) + ((extra,) if extra is not None and extra != spec.structure else ())
     return specs
 
 
 def _spec_from_calls(name: str, calls: list[tuple[dict[str, Any], Any]]) -> BlockCallSpec:
+    if not calls:
+        return BlockCallSpec(hidden="", runs=False)
     if len(calls) != len(PROBE_LENGTHS):
         raise UnsupportedModelError(
             name,
             f"it was called {len(calls)} times in {len(PROBE_LENGTHS)} forward passes; "
             "routed blocks must run once per forward",
         )
-    (first, out), (second, _) = calls
+    (first, out), (second, out2) = calls
     hidden = next(iter(first))
     x = first[hidden]
     if not torch.is_tensor(x) or x.dim() != 3 or x.shape[1] != PROBE_LENGTHS[0]:
@@ -213,6 +237,16 @@ def _spec_from_calls(name: str, calls: list[tuple[dict[str, Any], Any]]) -> Bloc
         mask = dict(flatten_leaves(first[pairwise[0]], (pairwise[0],)))[pairwise]
         # Row 1 of the probe is all real tokens, and a real token always attends to itself.
         blocks_true = bool(mask.dtype == torch.bool and mask.dim() == 4 and not mask[-1, 0, -1, -1])
+    if isinstance(out, (tuple, list)) and isinstance(out2, (tuple, list)):
+        for i, (a, b) in enumerate(zip(out[1:], out2[1:]), start=1):
+            # [batch, tokens, width] like the hidden states: a stream (attention weights have two token axes)
+            if torch.is_tensor(a) and torch.is_tensor(b) and a.dim() == b.dim() == 3:
+                if a.shape[1] == PROBE_LENGTHS[0] and b.shape[1] == PROBE_LENGTHS[1] and a.shape[2] == b.shape[2]:
+                    raise UnsupportedModelError(
+                        name,
+                        f"it returns a per-token tensor beside the hidden states (output {i}), a second stream "
+                        "that the tokens it skips would not carry on",
+                    )
     out_tensor = out[0] if isinstance(out, (tuple, list)) else out
     if not torch.is_tensor(out_tensor) or out_tensor.shape != x.shape:
         raise UnsupportedModelError(name, "it does not return hidden states of its input's shape")

@@ -43,7 +43,15 @@ def _gather(obj: Any, d: distributed.Dist) -> list[Any]:
     return out
 
 
-def _write_model(trainer: Trainer, directory: Path, state: dict[str, torch.Tensor]) -> None:
+def _card_flops(trainer: Trainer) -> Any:
+    """The model card's FLOP count, from every process: counting runs the model, a collective under FSDP."""
+    from modify.checkpoint import CARD_SEQ_LEN
+    from modify.flops import flops
+
+    return flops(base_model(trainer.inner), CARD_SEQ_LEN) if trainer.converted else None
+
+
+def _write_model(trainer: Trainer, directory: Path, state: dict[str, torch.Tensor], count: Any) -> None:
     from modify.checkpoint import write_converted
 
     model = base_model(trainer.inner)
@@ -54,7 +62,7 @@ def _write_model(trainer: Trainer, directory: Path, state: dict[str, torch.Tenso
             f"Trained with `modify train` for {trainer.step} steps ({trainer.step * trainer.tokens_per_step:,} "
             f"tokens, --train {c.train}, --lr {c.lr:g}, --router-lr {c.router_lr:g})."
         )
-        write_converted(model, trainer.tokenizer, directory, state_dict=merged, trained=note)
+        write_converted(model, trainer.tokenizer, directory, state_dict=merged, trained=note, flop_count=count)
     else:
         model.save_pretrained(directory, safe_serialization=True, state_dict=merged)
         trainer.tokenizer.save_pretrained(directory)
@@ -70,9 +78,10 @@ def save(trainer: Trainer, path: Path) -> None:
     state = distributed.full_model_state(trainer.model, d)
     optimizer = distributed.full_optimizer_state(trainer.model, trainer.optimizer, d)
     processes = _gather({"data": trainer.train_data.state_dict(), "rng": torch.get_rng_state()}, d)
+    count = _card_flops(trainer)
     if d.main:
         with atomic_directory(path, force=True) as tmp:
-            _write_model(trainer, tmp, state)
+            _write_model(trainer, tmp, state, count)
             (tmp / "trainer").mkdir()
             trainable = {k: state[k].contiguous() for k in trainer.trainable}
             save_file(trainable, tmp / "trainer" / "trainable.safetensors")
@@ -153,10 +162,11 @@ def save_model(trainer: Trainer, out: Path) -> None:
     """The trained model into ``out`` itself (beside the run's metrics), each file moved in when all are written."""
     d = trainer.d
     state = distributed.full_model_state(trainer.model, d)
+    count = _card_flops(trainer)
     if d.main:
         tmp = Path(tempfile.mkdtemp(prefix=".model.", suffix=".partial", dir=out))
         try:
-            _write_model(trainer, tmp, state)
+            _write_model(trainer, tmp, state, count)
             for item in sorted(tmp.iterdir()):
                 target = out / item.name
                 if target.is_dir():
