@@ -214,7 +214,12 @@ def _spec_from_calls(name: str, calls: list[tuple[dict[str, Any], Any]]) -> Bloc
     hidden = next(iter(first))
     x = first[hidden]
     if not torch.is_tensor(x) or x.dim() != 3 or x.shape[1] != PROBE_LENGTHS[0]:
-        raise UnsupportedModelError(name, f"its first argument '{hidden}' is not [batch, tokens, hidden] hidden states")
+        shape = list(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise UnsupportedModelError(
+            name,
+            f"its first argument '{hidden}' ({shape} for {PROBE_LENGTHS[0]} tokens) is not [batch, tokens, hidden] "
+            "hidden states: several residual streams, or tokens on another axis, can't be routed",
+        )
     leaves2 = {p: v for k, v in second.items() for p, v in flatten_leaves(v, (k,))}
     token_dims: dict[Path, tuple[int, ...]] = {}
     for key, value in first.items():
