@@ -97,8 +97,9 @@ class Row:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    cause = exc.__cause__ or exc  # config validation wraps the reason (StrictDataclassClassValidationError)
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _inputs(vocab: int) -> tuple[Any, Any]:

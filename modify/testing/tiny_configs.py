@@ -55,6 +55,8 @@ TINY_SIZES: dict[str, Any] = {
     "num_kv_shared_layers": 0,
     # tables
     "vocab_size": 256,
+    "vocab_size_per_layer_input": 256,  # Gemma3n and Gemma4's per-layer token embeddings
+    "hidden_size_per_layer_input": 16,
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx"), 256),
 }
 
@@ -113,13 +115,8 @@ ADJUSTMENTS: dict[str, dict[str, Any]] = {
         },
     },
     "blt": {"encoder_hash_byte_group_vocab": 512},  # hashed byte n-gram tables: 500002 rows each by default
-    # feed-forward widths per layer, per-layer token embeddings (262144 by 256 per layer by default), LAuReL rank
-    "gemma3n_text": {
-        "intermediate_size": 128,
-        "vocab_size_per_layer_input": 256,
-        "hidden_size_per_layer_input": 16,
-        "laurel_rank": 16,
-    },
+    # feed-forward widths per layer (a list), LAuReL rank
+    "gemma3n_text": {"intermediate_size": 128, "laurel_rank": 16},
     "zaya": {"num_experts_per_tok": 1},  # the family's only supported value
     "reformer": {
         "is_decoder": True,
@@ -128,7 +125,10 @@ ADJUSTMENTS: dict[str, dict[str, Any]] = {
         "local_attn_chunk_length": 8,
         "lsh_attn_chunk_length": 8,
     },
-    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
+    "gemma4_assistant": {
+        "hidden_size_per_layer_input": 0,
+        "text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0},
+    },
 }
 
 _TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "sep_token_id")
