@@ -10,10 +10,20 @@ from typing import Any
 
 from torch import nn
 
-from modify.archs import UNROUTABLE_ATTENTION, UNROUTABLE_FAMILIES
+from modify.archs import MOE_PARTS, UNROUTABLE_ATTENTION, UNROUTABLE_FAMILIES
 from modify.config import CONFIG_KEY, MoDConfig
 from modify.errors import UnsupportedModelError
 from modify.generate.causal import install_model_hooks, remove_model_hooks
+from modify.moe.noop import (
+    NOOP_ATTR,
+    NOOP_STATE_ATTR,
+    NoOpExpert,
+    NoOpState,
+    find_moe,
+    install_noop,
+    leave_out_of_load_balancing,
+    uninstall_noop,
+)
 from modify.passes.capture_delta import capture_delta
 from modify.passes.find_block_stack import find_block_stack
 from modify.passes.probe_block_calls import BlockCallSpec, probe_block_calls
@@ -21,7 +31,16 @@ from modify.router import PREDICTOR_ATTR, ROUTER_ATTR, MoDPredictor, MoDRouter
 from modify.routing import STATE_ATTR, RoutingState, install, uninstall
 from modify.skip_path import SKIP_ATTR, make_skip_path, spec_name
 
-__all__ = ["convert", "revert", "find_blocks", "routing_disabled", "BlockInfo", "is_converted", "routed_blocks"]
+__all__ = [
+    "convert",
+    "revert",
+    "find_blocks",
+    "routing_disabled",
+    "BlockInfo",
+    "is_converted",
+    "routed_blocks",
+    "noop_layers",
+]
 
 Layers = str | Sequence[int]
 
@@ -78,7 +97,12 @@ def _capacities(capacity: float | Sequence[float], count: int) -> list[float]:
 
 
 def is_converted(model: nn.Module) -> bool:
-    return any(hasattr(m, STATE_ATTR) for m in model.modules())
+    return any(hasattr(m, STATE_ATTR) or hasattr(m, NOOP_STATE_ATTR) for m in model.modules())
+
+
+def noop_layers(model: nn.Module) -> list[tuple[nn.Module, NoOpState]]:
+    """The Mixture-of-Experts layers given a no-op expert (``mode="integrated"``), with their states."""
+    return [(m, getattr(m, NOOP_STATE_ATTR)) for m in model.modules() if hasattr(m, NOOP_STATE_ATTR)]
 
 
 def routed_blocks(model: nn.Module) -> list[tuple[nn.Module, RoutingState]]:
@@ -148,6 +172,7 @@ def convert(
     skip_path: str | Sequence[str] = "identity",
     skip_rank: int = 32,
     causal: str | None = None,
+    mode: str | None = None,
 ) -> nn.Module:
     """Convert ``model`` to Mixture-of-Depths in place and return it.
 
@@ -168,6 +193,10 @@ def convert(
         skip_rank: rank of a "linear" skip path, hidden units of an "mlp" one.
         causal: how tokens decide alone when sampling: "threshold", "aux" or "predictor" (see
             :mod:`modify.generate.causal`); by default the plan's rule, else "threshold".
+        mode: "staged" (the default: a Mixture-of-Depths router in front of each routed block) or
+            "integrated" (a no-op expert in each routed block's Mixture-of-Experts router, dispatching
+            ``capacity`` of each sequence's tokens to the experts; see :mod:`modify.moe.noop`). By default
+            the plan's mode.
         plan: a saved plan to apply instead of ``capacity``, ``layers``, ``keep_first`` and the skip paths
             (its source is kept). A block that already carries a router or skip path (as when loading a
             converted checkpoint) keeps it and its weights.
@@ -194,6 +223,8 @@ def convert(
         routed = resolve_layers(layers, len(stack))
         if isinstance(layers, str):  # "all", "every-other": of the blocks that run on token ids
             routed = [i for i in routed if specs[i].runs] or routed
+            if mode == "integrated":  # and, integrated, of those with a Mixture-of-Experts layer
+                routed = [i for i in routed if find_moe(blocks[i]) is not None] or routed
         plan = MoDConfig(
             len(stack),
             routed,
@@ -202,13 +233,19 @@ def convert(
             keep_first=keep_first,
             skip_paths=_skip_specs(skip_path, skip_rank, len(routed)),
             causal=causal or "threshold",
+            mode=mode or "staged",
         )
     elif plan.num_blocks != len(stack):
         raise ValueError(
             f"the plan is for {plan.num_blocks} blocks but the model has {len(stack)}; use the plan's model"
         )
     else:
-        plan = MoDConfig.from_dict({**plan.to_dict(), "block_stack": stack_name, "causal": causal or plan.causal})
+        plan = MoDConfig.from_dict(
+            {**plan.to_dict(), "block_stack": stack_name, "causal": causal or plan.causal, "mode": mode or plan.mode}
+        )
+    if plan.mode == "integrated":
+        _convert_integrated(model, plan, stack_name, blocks)
+        return model
     states = []
     for i, cap, skip in zip(plan.routed, plan.capacities, plan.skip_paths):
         name = f"{stack_name}.{i}"
@@ -246,6 +283,9 @@ def convert(
             )
         install(block, state, router, path, predictor)
         state.threshold = threshold
+        moe = find_moe(block)
+        if moe is not None:
+            state.handles.append(leave_out_of_load_balancing(getattr(moe[1], MOE_PARTS[0]), state))
     config = getattr(model, "config", None)
     if config is not None:
         setattr(config, CONFIG_KEY, plan.to_dict())
@@ -253,11 +293,37 @@ def convert(
     return model
 
 
+def _convert_integrated(model: nn.Module, plan: MoDConfig, stack_name: str, blocks: list[nn.Module]) -> None:
+    """Give each routed block's Mixture-of-Experts layer a no-op expert (all checked before any is changed)."""
+    layers = []
+    for i in plan.routed:
+        found = find_moe(blocks[i])
+        if found is None:
+            raise UnsupportedModelError(
+                f"{stack_name}.{i}",
+                "it has no Mixture-of-Experts layer (a router 'gate' and 'experts') for a no-op expert; route it "
+                "with mode='staged' or leave it out of the layers",
+            )
+        layers.append(found)
+    first = next(model.parameters())
+    for i, cap, (moe_name, moe) in zip(plan.routed, plan.capacities, layers):
+        router = moe.gate.weight
+        state = NoOpState(f"{stack_name}.{i}.{moe_name}", i, cap, type(moe).forward, router.shape[0])
+        noop = getattr(moe, NOOP_ATTR, None) or NoOpExpert(router.shape[1], device=first.device)
+        install_noop(moe, state, noop)
+    config = getattr(model, "config", None)
+    if config is not None:
+        setattr(config, CONFIG_KEY, plan.to_dict())
+    install_model_hooks(model, plan.aux_loss_coef)
+
+
 def revert(model: nn.Module) -> nn.Module:
     """Undo :func:`convert` in place: routers removed, original forwards back, weights untouched."""
     remove_model_hooks(model)
     for block, _ in routed_blocks(model):
         uninstall(block)
+    for moe, _ in noop_layers(model):
+        uninstall_noop(moe)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
@@ -267,7 +333,7 @@ def revert(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def routing_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run every routed block densely inside the context (routers kept)."""
-    states = [state for _, state in routed_blocks(model)]
+    states: list[Any] = [state for _, state in routed_blocks(model)] + [state for _, state in noop_layers(model)]
     previous = [s.enabled for s in states]
     for s in states:
         s.enabled = False
@@ -290,6 +356,7 @@ def find_blocks(
     stack_name, stack = find_block_stack(model)
     blocks = list(stack)
     states = {id(b): getattr(b, STATE_ATTR) for b in blocks if hasattr(b, STATE_ATTR)}
+    noops = {state.index: state for _, state in noop_layers(model)}
     specs = None
     infos = []
     for i, block in enumerate(blocks):
@@ -297,6 +364,9 @@ def find_blocks(
         state = states.get(id(block))
         if state is not None:
             infos.append(BlockInfo(i, name, state.form, state.delta, True, state.capacity, skip_path=state.skip_path))
+            continue
+        if i in noops:  # integrated: routed inside its Mixture-of-Experts layer, the block itself unanalysed
+            infos.append(BlockInfo(i, name, "moe-noop", "", True, noops[i].capacity))
             continue
         if specs is None:
             with routing_disabled(model):

@@ -10,6 +10,7 @@ import re
 
 __all__ = [
     "BLOCK_STACKS",
+    "MOE_PARTS",
     "NORM_CLASS_PATTERN",
     "TESTED_FAMILIES",
     "UNROUTABLE_ATTENTION",
@@ -43,6 +44,10 @@ TESTED_FAMILIES: dict[str, str] = {
     "gpt_neox": "parallel",
     "opt": "pre-norm",
 }
+
+#: Child names of a Hugging Face Mixture-of-Experts layer: its router (called on [tokens, hidden], returning
+#: (logits, top-k weights, top-k experts)) and its experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, and more).
+MOE_PARTS: tuple[str, str] = ("gate", "experts")
 
 #: model_type -> why its blocks can't be routed, for what the generic passes can't see.
 UNROUTABLE_FAMILIES: dict[str, str] = {

@@ -8,7 +8,7 @@ from typing import Any
 
 from modify.skip_path import parse_spec
 
-__all__ = ["MoDConfig", "CONFIG_KEY", "ROUTER_KINDS", "GATE_KINDS", "CAUSAL_RULES"]
+__all__ = ["MoDConfig", "CONFIG_KEY", "ROUTER_KINDS", "GATE_KINDS", "CAUSAL_RULES", "MODES"]
 
 #: The attribute of a Hugging Face config (and key of config.json) that holds the plan.
 CONFIG_KEY = "mixture_of_depths"
@@ -24,6 +24,9 @@ GATE_KINDS = ("sigmoid",)
 #: "predictor": a small MLP on the stop-gradient block input, trained on the same targets, logit > 0.
 CAUSAL_RULES = ("threshold", "aux", "predictor")
 _VERSION = 1
+
+#: How routing meets a Mixture-of-Experts layer (both work on dense blocks too, "integrated" only on MoE blocks).
+MODES = ("staged", "integrated")
 
 
 @dataclass
@@ -50,6 +53,9 @@ class MoDConfig:
         predictor_size: hidden units of each block's predictor MLP ("predictor" rule).
         calibration: for a calibrated plan, everything needed to reproduce and judge it (data fingerprint,
             token count, sequence length, grid, budget, per-block sensitivity, predicted and measured loss).
+        mode: "staged" (a Mixture-of-Depths router in front of each routed block) or "integrated" (a no-op
+            expert in each routed block's Mixture-of-Experts router; capacity is the share of tokens dispatched
+            to the experts, see :mod:`modify.moe.noop`).
         version: format version, for migrating configs saved by older releases.
     """
 
@@ -67,6 +73,7 @@ class MoDConfig:
     predictor_size: int = field(default=128, metadata={"help": "hidden units of the predictor MLP"})
     source: dict[str, Any] = field(default_factory=dict, metadata={"help": "the checkpoint converted"})
     calibration: dict[str, Any] = field(default_factory=dict, metadata={"help": "how the plan was calibrated"})
+    mode: str = field(default="staged", metadata={"help": "staged (MoD router per block) or integrated (MoE no-op)"})
     version: int = field(default=_VERSION, metadata={"help": "format version"})
 
     def __post_init__(self) -> None:
@@ -106,6 +113,8 @@ class MoDConfig:
             raise ValueError(f"unknown causal routing rule {self.causal!r}; choose one of {CAUSAL_RULES}")
         if not (math.isfinite(self.aux_loss_coef) and self.aux_loss_coef >= 0):
             raise ValueError(f"aux_loss_coef must be a finite number >= 0, got {self.aux_loss_coef}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose one of {MODES}")
         if self.predictor_size < 1:
             raise ValueError(f"predictor_size must be >= 1, got {self.predictor_size}")
         if self.keep_first < 0:

@@ -27,7 +27,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from modify.archs import MOE_PARTS
 from modify.errors import UnsupportedModelError
+from modify.moe.noop import NOOP_STATE_ATTR, find_moe
 from modify.passes.find_block_stack import find_block_stack
 from modify.passes.probe_block_calls import vocab_size
 from modify.router import PREDICTOR_ATTR, ROUTER_ATTR
@@ -145,10 +147,11 @@ def _measure(
         ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(length))
         inputs = {"input_ids": ids.to(next(model.parameters()).device), "use_cache": False}
     counter = flop_counter()
-    start = [0] * len(stack)
-    costs = [0] * len(stack)
+    parts = [*stack, *(moe for _, moe in _moe_layers(stack))]
+    start = [0] * len(parts)
+    costs = [0] * len(parts)
     handles = []
-    for i, block in enumerate(stack):
+    for i, block in enumerate(parts):
 
         def pre(mod: nn.Module, args: Any, i: int = i) -> None:
             start[i] = counter.get_total_flops()
@@ -169,7 +172,14 @@ def _measure(
             h.remove()
         for m, flag in flags.items():
             m.training = flag
-    return [*costs, counter.get_total_flops() - sum(costs)]
+    blocks = costs[: len(stack)]
+    return [*blocks, counter.get_total_flops() - sum(blocks), *costs[len(stack) :]]
+
+
+def _moe_layers(stack: nn.ModuleList) -> list[tuple[int, nn.Module]]:
+    """(block index, Mixture-of-Experts layer) of the blocks that have one, measured as parts of their own."""
+    found = [(i, find_moe(block)) for i, block in enumerate(stack)]
+    return [(i, f[1]) for i, f in found if f is not None]
 
 
 def _fit(values: dict[int, int]) -> tuple[int, int] | None:
@@ -195,7 +205,7 @@ def _costs(model: nn.Module, example_inputs: Callable[[int], dict[str, Any]] | N
         return cached[1]
     _, stack = find_block_stack(model)
     runs = {t: _measure(model, stack, t, example_inputs) for t in FIT_LENGTHS}
-    parts = len(stack) + 1
+    parts = len(stack) + 1 + len(_moe_layers(stack))
     costs = _Costs([_fit({t: runs[t][p] for t in FIT_LENGTHS}) for p in range(parts)], dict(runs))
     _CACHE[model] = (signature, costs)
     return costs
@@ -252,6 +262,24 @@ def _hidden_size(model: nn.Module, block: nn.Module) -> int:
     return hidden
 
 
+def _noop_extra(
+    model: nn.Module,
+    moe: nn.Module,
+    state: Any,
+    part: int,
+    seq_len: int,
+    example_inputs: Callable[[int], dict[str, Any]] | None,
+) -> int:
+    """What a no-op expert changes in its block's cost (:mod:`modify.moe.noop`): the layer runs on
+    k = ceil(c·T) tokens, its router and the no-op row on all T (the router's rows are not computed again)."""
+    k = capacity_tokens(state.capacity, seq_len)
+    experts, hidden = getattr(moe, MOE_PARTS[0]).weight.shape
+    layer = _part_cost(model, part, seq_len, example_inputs)
+    dispatched = _part_cost(model, part, k, example_inputs) if k > 0 else 0
+    router = 2 * hidden * experts
+    return dispatched - layer + router * (seq_len - k) + 2 * hidden * seq_len
+
+
 def flops(
     model: nn.Module,
     seq_len: int,
@@ -273,8 +301,14 @@ def flops(
     _, stack = find_block_stack(model)
     outside = _part_cost(model, len(stack), seq_len, example_inputs)
     per_block = []
+    moe_part = {i: len(stack) + 1 + j for j, (i, _) in enumerate(_moe_layers(stack))}
     for i, block in enumerate(stack):
         full = block_flops(model, i, seq_len, example_inputs)
+        found = find_moe(block)
+        noop = getattr(found[1], NOOP_STATE_ATTR, None) if found is not None else None
+        if noop is not None and noop.enabled:
+            per_block.append((full, full + _noop_extra(model, found[1], noop, moe_part[i], seq_len, example_inputs)))
+            continue
         state = getattr(block, STATE_ATTR, None)
         if state is None or not state.enabled:  # disabled (``routing_disabled``): the block runs densely
             per_block.append((full, full))

@@ -19,6 +19,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from modify.config import CONFIG_KEY, MoDConfig
+from modify.moe.noop import NOOP_ATTR, NoOpExpert, find_moe
 from modify.router import PREDICTOR_ATTR, ROUTER_ATTR, MoDPredictor, MoDRouter
 from modify.skip_path import SKIP_ATTR, make_skip_path
 
@@ -49,6 +50,13 @@ class ModifyLoader(HfQuantizer):
         plan = self._plan(model)
         stack = model.get_submodule(plan.block_stack)
         hidden = model.config.get_text_config().hidden_size
+        if plan.mode == "integrated":
+            for i in plan.routed:
+                found = find_moe(stack[i])
+                if found is not None:
+                    with torch.device("meta"):
+                        found[1].add_module(NOOP_ATTR, NoOpExpert(hidden))
+            return model
         for i, skip in zip(plan.routed, plan.skip_paths):
             # Built on the meta device like the rest of the skeleton; the checkpoint's weights fill them.
             with torch.device("meta"):

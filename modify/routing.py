@@ -213,6 +213,7 @@ class RoutingState:
         inline: children traced into when capturing, because they add the residual themselves.
         input_padding: [B, P + T] bool, True at padding, from the ``attention_mask`` the model was called with,
             while it runs; set only for blocks that get no mask of their own (see ``install_model_hooks``).
+        handles: hooks on the block's modules that :func:`uninstall` removes.
     """
 
     index: int
@@ -238,6 +239,7 @@ class RoutingState:
     router: nn.Module | None = None
     inline: tuple[str, ...] = ()
     input_padding: torch.Tensor | None = None
+    handles: list[Any] = field(default_factory=list)
 
     @property
     def threshold(self) -> float:
@@ -370,6 +372,8 @@ def install(
 def uninstall(block: nn.Module) -> None:
     """Undo :func:`install`; the block's own parameters were never touched."""
     del block.forward
+    for handle in getattr(block, STATE_ATTR).handles:
+        handle.remove()
     delattr(block, ROUTER_ATTR)
     for attr in (SKIP_ATTR, PREDICTOR_ATTR):
         if hasattr(block, attr):

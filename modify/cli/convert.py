@@ -8,7 +8,7 @@ from pathlib import Path
 
 from modify.cli.calibrate import add_calibration_flags, add_skip_flags, run_calibration, skip_spec
 from modify.cli.common import Progress, add_common_flags, capacity_type, emit_json, parse_layers, quiet_libraries
-from modify.config import CAUSAL_RULES
+from modify.config import CAUSAL_RULES, MODES
 from modify.errors import ModifyError, UsageError
 
 EXAMPLES = """examples:
@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   modify convert smollm2 out/mod --plan plan.json             # a plan written by 'modify calibrate'
   modify convert smollm2 out/mod --calibrate plays/*.txt --flops-budget 0.75 --skip-path linear --skip-rank 128
   modify convert smollm2 out/mod --plan plan.json --causal predictor   # sample with a trained predictor
+  modify convert ./my-mixtral out/mode --mode integrated --capacity 0.5   # MoDE: a no-op expert per MoE layer
 
 SRC is a Hugging Face model directory (safetensors, sharded or not, or .bin), a .gguf file, a model id in the
 local Hugging Face cache (nothing is downloaded) or 'smollm2'. SRC is never modified; OUT is written into a
@@ -59,6 +60,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "calibration (threshold, the default), the router trained with an auxiliary loss (aux), or a small "
         "trained predictor (predictor); aux and predictor need training ('modify train')",
     )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="staged",
+        help="on Mixture-of-Experts models: a router in front of each routed block (staged, the default) or a "
+        "no-op expert in each routed block's expert router, --capacity of the tokens dispatched (integrated)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_common_flags(p)
     p.set_defaults(run=run)
@@ -72,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     skip = skip_spec(args)
     if args.plan and skip != "identity":
         raise UsageError("--skip-path comes from the plan with --plan; calibrate with --skip-path instead")
+    if args.mode == "integrated" and (args.plan or args.data or skip != "identity"):
+        raise UsageError("--mode integrated takes --capacity and --layers; calibration and skip paths are staged only")
     if args.data and args.flops_budget is None:
         raise UsageError("--calibrate needs --flops-budget F, e.g. --flops-budget 0.75")
     progress = Progress(args.quiet or args.json, args.debug)
@@ -100,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
 
                 apply_calibration(model, calibration, causal=args.causal)
             else:
-                modify.convert(model, capacity=args.capacity, layers=layers, skip_path=skip, causal=args.causal)
+                modify.convert(
+                    model, capacity=args.capacity, layers=layers, skip_path=skip, causal=args.causal, mode=args.mode
+                )
         except ValueError as exc:
             if isinstance(exc, modify.UnsupportedModelError):
                 raise
@@ -118,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
                 "routed": plan["routed"],
                 "capacities": plan["capacities"],
                 "skip_paths": plan["skip_paths"],
+                "mode": plan["mode"],
                 "flops": {"seq_len": 2048, "dense": count.dense, "routed": count.routed},
                 "seconds": round(seconds, 2),
             }

@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
             {
                 "source": str(source.path),
                 "converted": converted,
+                "mode": getattr(model.config, "mixture_of_depths", {}).get("mode") if converted else None,
                 "seq_len": args.seq_len,
                 "blocks": rows,
                 "unroutable": unroutable,

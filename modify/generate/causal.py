@@ -51,6 +51,12 @@ THRESHOLD_MOMENTUM = 0.05
 _HOOKS_ATTR = "_modify_causal_hooks"
 
 
+def noop_layers(model: nn.Module) -> list[Any]:
+    from modify.api import noop_layers as layers
+
+    return layers(model)
+
+
 def _states(model: nn.Module) -> list[Any]:
     from modify.api import routed_blocks
 
@@ -227,6 +233,7 @@ class _Hooks:
         self.states = _states(model)
         # Blocks the probe saw no mask in (NemotronH's Mamba layers): padding from the model's own input.
         self.blind = [s for s in self.states if s.spec.pairwise is None and s.spec.padding_mask is None]
+        self.blind += [state for _, state in noop_layers(model)]  # MoE layers get no mask either
         self.handles = [
             model.register_forward_pre_hook(self.clear, with_kwargs=True),
             model.register_forward_hook(self.add_loss, with_kwargs=True),
@@ -245,6 +252,7 @@ class _Hooks:
         losses = [loss for s in self.states for loss in s.aux_losses]
         for s in self.states:
             s.aux_losses.clear()
+        for s in self.blind:
             s.input_padding = None
         if not losses or not hasattr(output, "loss"):
             return output

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from modify.errors import ModifyError
+from modify.moe.noop import NOOP_ATTR
 from modify.router import PREDICTOR_ATTR, ROUTER_ATTR
 from modify.skip_path import SKIP_ATTR
 
@@ -27,8 +28,9 @@ LORA_ADAPTER = "default"
 
 
 def _is_router(name: str) -> bool:
-    """The router, or the causal predictor that learns its decisions (trained with it, at its rate)."""
-    return f"{ROUTER_ATTR}." in name or f"{PREDICTOR_ATTR}." in name
+    """The router, the causal predictor that learns its decisions (trained with it, at its rate), or the
+    no-op expert of an integrated Mixture-of-Experts layer."""
+    return f"{ROUTER_ATTR}." in name or f"{PREDICTOR_ATTR}." in name or f"{NOOP_ATTR}." in name
 
 
 def _is_skip_path(name: str) -> bool:
