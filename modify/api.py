@@ -284,8 +284,9 @@ def convert(
         install(block, state, router, path, predictor)
         state.threshold = threshold
         moe = find_moe(block)
-        if moe is not None:
-            state.handles.append(leave_out_of_load_balancing(getattr(moe[1], MOE_PARTS[0]), state))
+        handle = leave_out_of_load_balancing(getattr(moe[1], MOE_PARTS[0]), state) if moe is not None else None
+        if handle is not None:
+            state.handles.append(handle)
     config = getattr(model, "config", None)
     if config is not None:
         setattr(config, CONFIG_KEY, plan.to_dict())

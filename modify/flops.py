@@ -13,7 +13,9 @@ linear-attention block that pads to its chunk size, say) is measured at each len
 probes are cached per model until its parameters change.
 
 A routed block runs the block on k = ceil(c·T) tokens per sequence, its router on all T, its skip path (if
-any, :mod:`modify.skip_path`) on the other T - k, and its causal predictor (if any) on all T.
+any, :mod:`modify.skip_path`) on the other T - k, and its causal predictor (if any) on all T. A block whose
+Mixture-of-Experts layer has a no-op expert (:mod:`modify.moe.noop`) runs that layer, probed as a part of its
+own, on k tokens, and the layer's router and no-op row on all T.
 """
 
 from __future__ import annotations

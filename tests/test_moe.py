@@ -162,7 +162,7 @@ def test_modify_train_trains_either_variant(tmp_path, mode: str) -> None:
     tokenizer.save_pretrained(source)
     data = tmp_path / "data"
     data.mkdir()
-    for i in range(8):
+    for i in range(32):  # the eval split is drawn per document: enough that it is never empty
         (data / f"doc{i}.txt").write_text(("the quick brown fox jumps over the lazy dog " * 12) + str(i))
     converted = tmp_path / "converted"
     assert main(["convert", str(source), str(converted), "--mode", mode, "--capacity", "0.5", "-q"]) == 0
@@ -176,3 +176,11 @@ def test_modify_train_trains_either_variant(tmp_path, mode: str) -> None:
 
     trained = AutoModelForCausalLM.from_pretrained(out)
     assert trained.config.mixture_of_depths["mode"] == mode
+
+
+def test_load_balancing_with_every_moe_layer_staged_says_what_to_do() -> None:
+    ids, mask = _batch()
+    model = modify.convert(build("mixtral"), capacity=0.5, layers="all").train()
+    with pytest.raises(ValueError, match="output_router_logits=False"):
+        model(input_ids=ids, attention_mask=mask, labels=ids, output_router_logits=True)
+    assert torch.isfinite(model(input_ids=ids, attention_mask=mask, labels=ids).loss)

@@ -57,6 +57,19 @@ def noop_layers(model: nn.Module) -> list[Any]:
     return layers(model)
 
 
+def _every_moe_layer_staged(model: nn.Module, states: list[Any]) -> bool:
+    """Every Mixture-of-Experts layer of the model sits in a block routed in front (staged)."""
+    from modify.moe.noop import find_moe
+    from modify.passes.find_block_stack import find_block_stack
+
+    try:
+        _, stack = find_block_stack(model)
+    except ValueError:
+        return False
+    moe_blocks = {i for i, block in enumerate(stack) if find_moe(block) is not None}
+    return bool(moe_blocks) and moe_blocks <= {s.index for s in states}
+
+
 def _states(model: nn.Module) -> list[Any]:
     from modify.api import routed_blocks
 
@@ -234,12 +247,22 @@ class _Hooks:
         # Blocks the probe saw no mask in (NemotronH's Mamba layers): padding from the model's own input.
         self.blind = [s for s in self.states if s.spec.pairwise is None and s.spec.padding_mask is None]
         self.blind += [state for _, state in noop_layers(model)]  # MoE layers get no mask either
+        self.every_moe_staged = _every_moe_layer_staged(model, self.states)
         self.handles = [
             model.register_forward_pre_hook(self.clear, with_kwargs=True),
             model.register_forward_hook(self.add_loss, with_kwargs=True),
         ]
 
     def clear(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        recording = kwargs.get(
+            "output_router_logits", getattr(getattr(module, "config", None), "output_router_logits", False)
+        )
+        if recording and self.every_moe_staged and all(s.enabled for s in self.states):
+            raise ValueError(
+                "every Mixture-of-Experts layer is in a routed block, whose router logits the load-balancing loss "
+                "leaves out, so it has no layer to balance: pass output_router_logits=False, leave some MoE blocks "
+                "unrouted, or convert with mode='integrated'"
+            )
         for s in self.states:
             s.aux_losses.clear()
         if self.blind:

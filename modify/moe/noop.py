@@ -144,14 +144,17 @@ def noop_forward(moe: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwar
     )
 
 
-def leave_out_of_load_balancing(router: nn.Module, state: Any) -> Any:
+def leave_out_of_load_balancing(router: nn.Module, state: Any) -> Any | None:
     """For a staged routed block's MoE router: while transformers records router logits for the
     load-balancing loss, hand the recorder None instead (it skips None), so the loss leaves the layer out.
 
     Why: the loss weights one row per token by the attention mask, and a routed block's router sees only its
     k tokens per sequence. The layer's own forward ignores the logits (it takes the top-k weights and experts).
     """
-    from transformers.utils.output_capturing import _active_collector
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # a transformers that records router logits some other way: nothing to leave out
+        return None
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         collecting = _active_collector.get()
