@@ -184,3 +184,32 @@ def test_load_balancing_with_every_moe_layer_staged_says_what_to_do() -> None:
     with pytest.raises(ValueError, match="output_router_logits=False"):
         model(input_ids=ids, attention_mask=mask, labels=ids, output_router_logits=True)
     assert torch.isfinite(model(input_ids=ids, attention_mask=mask, labels=ids).loss)
+
+
+def test_sampling_decides_token_by_token_against_a_threshold_kept_with_the_weights(tmp_path) -> None:
+    """Inside generate() each decoded token goes to the experts only if its no-op margin is below the layer's
+    threshold: the share-c quantile of the margins, set by the first batch and saved with the weights."""
+    from transformers import AutoModelForCausalLM
+
+    from modify.checkpoint import Source, save_converted
+
+    ids, _ = _batch()
+    model = modify.convert(build("olmoe"), capacity=0.5, layers="all", mode="integrated")
+    (moe, state), *_ = noop_layers(model)
+    assert moe.mod_noop.threshold.isnan()
+    _logits(model, ids)  # sets the thresholds
+    threshold = moe.mod_noop.threshold.item()
+    assert state.last_share == pytest.approx(0.5)
+    calls: list[int] = []
+    handle = moe.experts.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    prompts = torch.randint(3, 250, (4, 6), generator=torch.Generator().manual_seed(9))
+    model.generate(prompts, max_new_tokens=10, do_sample=False)
+    handle.remove()
+    decoded = sum(calls[1:])  # after the prefill, one decision per sequence and step (9 steps of 4 tokens)
+    assert 0 < decoded < 36
+    assert moe.mod_noop.threshold.item() == threshold  # sampling doesn't move it
+    save_converted(model, None, tmp_path / "out", Source("test", tmp_path))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    assert [m.mod_noop.threshold.item() for m, _ in noop_layers(loaded)] == [
+        m.mod_noop.threshold.item() for m, _ in noop_layers(model)
+    ]

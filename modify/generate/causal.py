@@ -246,7 +246,8 @@ class _Hooks:
         self.states = _states(model)
         # Blocks the probe saw no mask in (NemotronH's Mamba layers): padding from the model's own input.
         self.blind = [s for s in self.states if s.spec.pairwise is None and s.spec.padding_mask is None]
-        self.blind += [state for _, state in noop_layers(model)]  # MoE layers get no mask either
+        self.noops = [state for _, state in noop_layers(model)]
+        self.blind += self.noops  # MoE layers get no mask either
         self.every_moe_staged = _every_moe_layer_staged(model, self.states)
         self.handles = [
             model.register_forward_pre_hook(self.clear, with_kwargs=True),
@@ -298,12 +299,13 @@ def _generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             f"beam search (num_beams={beams}) is not supported on a converted model: causal routing keeps per-sequence "
             "state beside the cache that beam reordering would not follow; use greedy or sampling (num_beams=1)"
         )
-    for s in states:
+    everyone = [*states, *getattr(self, _HOOKS_ATTR).noops]
+    for s in everyone:
         s.generating = True
     try:
         return type(self).generate(self, *args, **kwargs)
     finally:
-        for s in states:
+        for s in everyone:
             s.generating = False
 
 

@@ -14,6 +14,10 @@ Why a share per sequence rather than a threshold: it is the capacity rule of Mix
 static, FLOPs are known in advance (``modify.flops``) and share 0 reproduces the model exactly. At conversion
 (q = 0) the tokens the router is least sure of (lowest best logit) take the no-op first; training moves q.
 
+Inside ``generate()`` each token decides alone: it is dispatched when its margin is below the layer's
+threshold, the capacity quantile of the margins (set by the first batch, a moving average in training, saved
+with the weights).
+
 The router runs once on every token, so the layer's load-balancing loss still sees one row of router logits
 per token (the choices of tokens that took the no-op count as if dispatched); the layer's own forward then
 runs on the dispatched tokens with those rows. Padding tokens take the no-op first.
@@ -24,6 +28,7 @@ Injected by module name (``<block>.<moe>.mod_noop``) and reversible, like the ro
 from __future__ import annotations
 
 import contextlib
+import math
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from modify.archs import MOE_PARTS
-from modify.kernels.ops import route_gather
 from modify.routing import capacity_tokens, select_tokens
 
 __all__ = [
@@ -53,12 +57,17 @@ NOOP_STATE_ATTR = "_modify_noop"
 
 
 class NoOpExpert(nn.Module):
-    """The no-op row of an expert router: one logit per token, q = w·x + b, in float32, zero at conversion."""
+    """The no-op row of an expert router: one logit per token, q = w·x + b, in float32, zero at conversion.
+
+    ``threshold`` (saved with the weights) is the margin below which a token decides alone to go to the
+    experts while sampling; NaN until the layer has seen a batch.
+    """
 
     def __init__(self, hidden_size: int, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1, hidden_size, device=device, dtype=torch.float32))
         self.bias = nn.Parameter(torch.zeros(1, device=device, dtype=torch.float32))
+        self.register_buffer("threshold", torch.full((), math.nan, device=device, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.float(), self.weight, self.bias).squeeze(-1)
@@ -77,6 +86,7 @@ class NoOpState:
         enabled: False inside ``modify.routing_disabled``: the layer runs on every token.
         input_padding: [B, P + T] bool, True at padding, from the model's ``attention_mask`` while it runs.
         last_share: the no-op share of the last forward's real tokens (for reports).
+        generating: True while ``generate()`` runs: each token decides alone (see :func:`noop_forward`).
     """
 
     name: str
@@ -87,6 +97,7 @@ class NoOpState:
     enabled: bool = True
     input_padding: torch.Tensor | None = None
     last_share: float = 0.0
+    generating: bool = False
 
 
 def find_moe(block: nn.Module) -> tuple[str, nn.Module] | None:
@@ -114,34 +125,55 @@ def _router_returns(moe: nn.Module, result: tuple[Any, ...]) -> Iterator[None]:
 
 
 def noop_forward(moe: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """The layer with its no-op expert: per sequence the ceil(c·T) tokens of lowest margin are dispatched; inside
+    ``generate()`` each token decides alone, dispatched when its margin is below the layer's threshold."""
     state: NoOpState = getattr(moe, NOOP_STATE_ATTR)
     if not state.enabled:
         return state.forward_fn(moe, hidden_states, *args, **kwargs)
     batch, length, dim = hidden_states.shape
     flat = hidden_states.reshape(-1, dim)
     routed = getattr(moe, MOE_PARTS[0])(flat)  # (logits, weights, experts) for every token, recorded once
-    logits = routed[0]
-    q = getattr(moe, NOOP_ATTR)(flat).view(batch, length)
+    noop: NoOpExpert = getattr(moe, NOOP_ATTR)
+    q = noop(flat).view(batch, length)
     padding = None
     if state.input_padding is not None and state.input_padding.shape[-1] >= length:
         padding = state.input_padding[:, -length:].expand(batch, length)
+    real = ~padding if padding is not None else torch.ones_like(q, dtype=torch.bool)
     # The no-op's margin over the best real expert; the lowest margins are dispatched.
-    margin = q - logits.detach().float().max(-1).values.view(batch, length)
-    idx = select_tokens(-margin, capacity_tokens(state.capacity, length), padding)
-    rows = (idx + torch.arange(batch, device=idx.device).unsqueeze(1) * length).reshape(-1)
-    with _router_returns(moe, tuple(r[rows] for r in routed)):
-        out = state.forward_fn(moe, route_gather(hidden_states, idx), *args, **kwargs)
-    if not torch.is_tensor(out):
-        raise TypeError(f"{state.name} returned {type(out).__name__}; an integrated no-op needs a tensor output")
-    gate = 2 * torch.sigmoid(-q.gather(1, idx))
+    margin = q - routed[0].detach().float().max(-1).values.view(batch, length)
+    if state.generating and state.capacity < 1:
+        dispatched = real & (margin < noop.threshold) if not noop.threshold.isnan() else real
+        rows = dispatched.reshape(-1).nonzero().squeeze(-1)
+    else:
+        idx = select_tokens(-margin, capacity_tokens(state.capacity, length), padding)
+        rows = (idx + torch.arange(batch, device=idx.device).unsqueeze(1) * length).reshape(-1)
+        if moe.training or noop.threshold.isnan():
+            _track_threshold(noop, margin[real], state.capacity)
+    out = flat.new_zeros(flat.shape)
+    if rows.numel():
+        with _router_returns(moe, tuple(r[rows] for r in routed)):
+            part = state.forward_fn(moe, flat[rows].unsqueeze(0), *args, **kwargs)
+        if not torch.is_tensor(part):
+            raise TypeError(f"{state.name} returned {type(part).__name__}; an integrated no-op needs a tensor output")
+        gate = 2 * torch.sigmoid(-q.reshape(-1)[rows])  # 1 at conversion
+        out = out.index_put((rows,), part[0] * gate.unsqueeze(-1).to(part.dtype))
     with torch.no_grad():
-        real = ~padding if padding is not None else torch.ones_like(q, dtype=torch.bool)
-        kept = torch.zeros_like(real).scatter_(1, idx, True) & real
-        state.last_share = float(1 - kept.sum() / real.sum().clamp(min=1))
-    scaled = out * gate.unsqueeze(-1).to(out.dtype)
-    return hidden_states.new_zeros(batch, length, out.shape[-1]).scatter(
-        1, idx.unsqueeze(-1).expand(-1, -1, out.shape[-1]), scaled
-    )
+        kept = torch.zeros(batch * length, dtype=torch.bool, device=q.device).index_fill_(0, rows, True)
+        state.last_share = float(1 - (kept.view(batch, length) & real).sum() / real.sum().clamp(min=1))
+    return out.view(batch, length, dim)
+
+
+def _track_threshold(noop: NoOpExpert, margins: torch.Tensor, capacity: float, momentum: float = 0.9) -> None:
+    """Keep the sampling threshold at the ``capacity`` quantile of the margins (a share c of tokens below it):
+    set by the first batch the layer sees, an exponential moving average in training."""
+    if margins.numel() == 0:
+        return
+    with torch.no_grad():
+        value = torch.quantile(margins.float(), capacity)
+        if noop.threshold.isnan():
+            noop.threshold.copy_(value)
+        else:
+            noop.threshold.mul_(momentum).add_((1 - momentum) * value)
 
 
 def leave_out_of_load_balancing(router: nn.Module, state: Any) -> Any | None:
