@@ -245,7 +245,19 @@ def convert(
         )
     if plan.mode == "integrated":
         _convert_integrated(model, plan, stack_name, blocks)
-        return model
+    else:
+        _convert_staged(model, plan, stack_name, blocks, specs)
+    config = getattr(model, "config", None)
+    if config is not None:
+        setattr(config, CONFIG_KEY, plan.to_dict())
+    install_model_hooks(model, plan.aux_loss_coef)
+    return model
+
+
+def _convert_staged(
+    model: nn.Module, plan: MoDConfig, stack_name: str, blocks: list[nn.Module], specs: list[BlockCallSpec]
+) -> None:
+    """Put a router in front of each routed block (all analysed before any is changed)."""
     states = []
     for i, cap, skip in zip(plan.routed, plan.capacities, plan.skip_paths):
         name = f"{stack_name}.{i}"
@@ -287,11 +299,6 @@ def convert(
         handle = leave_out_of_load_balancing(getattr(moe[1], MOE_PARTS[0]), state) if moe is not None else None
         if handle is not None:
             state.handles.append(handle)
-    config = getattr(model, "config", None)
-    if config is not None:
-        setattr(config, CONFIG_KEY, plan.to_dict())
-    install_model_hooks(model, plan.aux_loss_coef)
-    return model
 
 
 def _convert_integrated(model: nn.Module, plan: MoDConfig, stack_name: str, blocks: list[nn.Module]) -> None:
@@ -308,14 +315,10 @@ def _convert_integrated(model: nn.Module, plan: MoDConfig, stack_name: str, bloc
         layers.append(found)
     first = next(model.parameters())
     for i, cap, (moe_name, moe) in zip(plan.routed, plan.capacities, layers):
-        router = moe.gate.weight
+        router = getattr(moe, MOE_PARTS[0]).weight
         state = NoOpState(f"{stack_name}.{i}.{moe_name}", i, cap, type(moe).forward, router.shape[0])
         noop = getattr(moe, NOOP_ATTR, None) or NoOpExpert(router.shape[1], device=first.device)
         install_noop(moe, state, noop)
-    config = getattr(model, "config", None)
-    if config is not None:
-        setattr(config, CONFIG_KEY, plan.to_dict())
-    install_model_hooks(model, plan.aux_loss_coef)
 
 
 def revert(model: nn.Module) -> nn.Module:

@@ -43,6 +43,7 @@ __all__ = [
     "skipped_tokens",
     "padding_from_mask",
     "block_padding",
+    "recent_padding",
     "install",
     "uninstall",
 ]
@@ -127,6 +128,13 @@ def block_padding(
     rows = leaf.reshape(leaf.shape[0], -1)[:, -length:]  # [B, T]; with a cache, the last T of P + T keys
     pad = rows.bool() if spec.padding_value == "true" else rows < 0 if spec.padding_value == "negative" else rows == 0
     return pad.expand(batch, length)
+
+
+def recent_padding(padding: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+    """[B, T] of a [B|1, P + T] padding mask (the model's ``attention_mask`` with P cached positions), or None."""
+    if padding is None or padding.shape[-1] < length:
+        return None
+    return padding[:, -length:].expand(batch, length)
 
 
 def mask_allows(mask: torch.Tensor) -> torch.Tensor:
@@ -293,8 +301,8 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     scores = router(x)
     mask = pairwise_mask(named, spec)
     padding = block_padding(named, spec, mask, batch, length)
-    if padding is None and state.input_padding is not None and state.input_padding.shape[-1] >= length:
-        padding = state.input_padding[:, -length:].expand(batch, length)
+    if padding is None:
+        padding = recent_padding(state.input_padding, batch, length)
     causal = state.mode == "causal" or (state.mode == "auto" and state.generating)
     cache_arg = find_cache(named)
     if causal or (cache_arg is not None and (state.generating or cached_length(cache_arg[1], state.cache_layer) > 0)):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modify.archs import MOE_PARTS
-from modify.routing import capacity_tokens, select_tokens
+from modify.routing import capacity_tokens, recent_padding, select_tokens
 
 __all__ = [
     "NOOP_ATTR",
@@ -85,8 +85,10 @@ class NoOpState:
         num_experts: real experts, from the router's weight.
         enabled: False inside ``modify.routing_disabled``: the layer runs on every token.
         input_padding: [B, P + T] bool, True at padding, from the model's ``attention_mask`` while it runs.
-        last_share: the no-op share of the last forward's real tokens (for reports).
         generating: True while ``generate()`` runs: each token decides alone (see :func:`noop_forward`).
+        fitted: the no-op's sampling threshold has been set (kept here so that a forward needn't read it back).
+        counts: (dispatched real tokens, real tokens) of the last forward, as tensors: read on demand, so that
+            a forward doesn't wait for the device.
     """
 
     name: str
@@ -96,8 +98,17 @@ class NoOpState:
     num_experts: int
     enabled: bool = True
     input_padding: torch.Tensor | None = None
-    last_share: float = 0.0
     generating: bool = False
+    fitted: bool = False
+    counts: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def last_share(self) -> float:
+        """The no-op share of the last forward's real tokens (0 before any)."""
+        if self.counts is None:
+            return 0.0
+        kept, real = self.counts
+        return float(1 - kept / real.clamp(min=1))
 
 
 def find_moe(block: nn.Module) -> tuple[str, nn.Module] | None:
@@ -135,20 +146,18 @@ def noop_forward(moe: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwar
     routed = getattr(moe, MOE_PARTS[0])(flat)  # (logits, weights, experts) for every token, recorded once
     noop: NoOpExpert = getattr(moe, NOOP_ATTR)
     q = noop(flat).view(batch, length)
-    padding = None
-    if state.input_padding is not None and state.input_padding.shape[-1] >= length:
-        padding = state.input_padding[:, -length:].expand(batch, length)
+    padding = recent_padding(state.input_padding, batch, length)
     real = ~padding if padding is not None else torch.ones_like(q, dtype=torch.bool)
     # The no-op's margin over the best real expert; the lowest margins are dispatched.
     margin = q - routed[0].detach().float().max(-1).values.view(batch, length)
     if state.generating and state.capacity < 1:
-        dispatched = real & (margin < noop.threshold) if not noop.threshold.isnan() else real
+        dispatched = real & ((margin < noop.threshold) | noop.threshold.isnan())
         rows = dispatched.reshape(-1).nonzero().squeeze(-1)
     else:
         idx = select_tokens(-margin, capacity_tokens(state.capacity, length), padding)
         rows = (idx + torch.arange(batch, device=idx.device).unsqueeze(1) * length).reshape(-1)
-        if moe.training or noop.threshold.isnan():
-            _track_threshold(noop, margin[real], state.capacity)
+        if moe.training or not state.fitted:
+            state.fitted = _track_threshold(noop, margin[real], state.capacity, first=not state.fitted) or state.fitted
     out = flat.new_zeros(flat.shape)
     if rows.numel():
         with _router_returns(moe, tuple(r[rows] for r in routed)):
@@ -159,21 +168,25 @@ def noop_forward(moe: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwar
         out = out.index_put((rows,), part[0] * gate.unsqueeze(-1).to(part.dtype))
     with torch.no_grad():
         kept = torch.zeros(batch * length, dtype=torch.bool, device=q.device).index_fill_(0, rows, True)
-        state.last_share = float(1 - (kept.view(batch, length) & real).sum() / real.sum().clamp(min=1))
+        state.counts = ((kept.view(batch, length) & real).sum(), real.sum())
     return out.view(batch, length, dim)
 
 
-def _track_threshold(noop: NoOpExpert, margins: torch.Tensor, capacity: float, momentum: float = 0.9) -> None:
+def _track_threshold(
+    noop: NoOpExpert, margins: torch.Tensor, capacity: float, first: bool, momentum: float = 0.9
+) -> bool:
     """Keep the sampling threshold at the ``capacity`` quantile of the margins (a share c of tokens below it):
-    set by the first batch the layer sees, an exponential moving average in training."""
+    set by the first batch the layer sees, an exponential moving average in training. False if the batch had
+    no real token to set it from."""
     if margins.numel() == 0:
-        return
+        return False
     with torch.no_grad():
         value = torch.quantile(margins.float(), capacity)
-        if noop.threshold.isnan():
+        if first:
             noop.threshold.copy_(value)
         else:
             noop.threshold.mul_(momentum).add_((1 - momentum) * value)
+    return True
 
 
 def leave_out_of_load_balancing(router: nn.Module, state: Any) -> Any | None:
@@ -200,6 +213,8 @@ def leave_out_of_load_balancing(router: nn.Module, state: Any) -> Any | None:
 def install_noop(moe: nn.Module, state: NoOpState, noop: NoOpExpert) -> None:
     if NOOP_ATTR not in moe._modules:
         moe.add_module(NOOP_ATTR, noop)
+    if not noop.threshold.is_meta:
+        state.fitted = not bool(noop.threshold.isnan())  # a loaded checkpoint's threshold
     setattr(moe, NOOP_STATE_ATTR, state)
     moe.forward = types.MethodType(noop_forward, moe)  # type: ignore[method-assign]
 
