@@ -30,10 +30,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from modify.archs import MOE_PARTS
-from modify.errors import UnsupportedModelError
 from modify.moe.noop import NOOP_STATE_ATTR, find_moe
 from modify.passes.find_block_stack import find_block_stack
-from modify.passes.probe_block_calls import vocab_size
+from modify.passes.probe_block_calls import random_token_ids
 from modify.router import PREDICTOR_ATTR, ROUTER_ATTR
 from modify.routing import STATE_ATTR, capacity_tokens
 from modify.skip_path import skip_path_flops
@@ -140,14 +139,8 @@ def _measure(
     if example_inputs is not None:
         inputs = example_inputs(length)
     else:
-        vocab = vocab_size(model)
-        if not vocab:
-            raise UnsupportedModelError(
-                type(model).__name__,
-                "it has no config.vocab_size to count FLOPs with; pass example_inputs=lambda T: {...}",
-            )
-        ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(length))
-        inputs = {"input_ids": ids.to(next(model.parameters()).device), "use_cache": False}
+        ids = random_token_ids(model, 1, length, torch.Generator().manual_seed(length))
+        inputs = {"input_ids": ids, "use_cache": False}
     counter = flop_counter()
     parts = [*stack, *(moe for _, moe in _moe_layers(stack))]
     start = [0] * len(parts)

@@ -36,7 +36,7 @@ _RUNS: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDi
 
 def _run_on_tokens(model: nn.Module, lists: list[tuple[str, nn.Module]]) -> dict[str, bool]:
     """Which of ``lists`` have a block that runs when the model is called on token ids alone (cached)."""
-    from modify.passes.probe_block_calls import vocab_size
+    from modify.passes.probe_block_calls import random_token_ids, vocab_size
 
     known = _RUNS.get(model, {})
     if all(name in known for name, _ in lists):
@@ -51,11 +51,10 @@ def _run_on_tokens(model: nn.Module, lists: list[tuple[str, nn.Module]]) -> dict
         for block in blocks
     ]
     flags = {m: m.training for m in model.modules()}
-    device = next(model.parameters()).device
     try:
         model.eval()
         with torch.no_grad():
-            model(input_ids=torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(device))
+            model(input_ids=random_token_ids(model, 1, 8, torch.Generator().manual_seed(0)))
     except Exception:  # a model that needs more than token ids: keep every candidate
         ran = {name for name, _ in lists}
     finally:

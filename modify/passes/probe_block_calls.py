@@ -24,7 +24,15 @@ from torch import nn
 from modify.errors import UnsupportedModelError
 from modify.passes.capture_block import CallStructure, call_structure
 
-__all__ = ["BlockCallSpec", "probe_block_calls", "bind_call", "flatten_leaves", "vocab_size", "PROBE_LENGTHS"]
+__all__ = [
+    "BlockCallSpec",
+    "probe_block_calls",
+    "bind_call",
+    "flatten_leaves",
+    "vocab_size",
+    "random_token_ids",
+    "PROBE_LENGTHS",
+]
 
 PROBE_LENGTHS = (13, 17)
 _PROBE_BATCH = 2
@@ -114,19 +122,27 @@ def vocab_size(model: nn.Module) -> int | None:
     return getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None)
 
 
-def _default_inputs(model: nn.Module, length: int, generator: torch.Generator) -> dict[str, Any]:
+def random_token_ids(model: nn.Module, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """[batch, length] random token ids on the model's device, from its vocabulary.
+
+    Raises:
+        UnsupportedModelError: the model has no vocabulary size to draw from.
+    """
     vocab = vocab_size(model)
     if not vocab:
         raise UnsupportedModelError(
             type(model).__name__,
-            "it has no config.vocab_size to build probe inputs from; pass example_inputs=lambda T: {...}",
+            "it has no config.vocab_size to build inputs from; pass example_inputs=lambda T: {...}",
         )
-    device = next(model.parameters()).device
-    ids = torch.randint(0, vocab, (_PROBE_BATCH, length), generator=generator)
+    return torch.randint(0, vocab, (batch, length), generator=generator).to(next(model.parameters()).device)
+
+
+def _default_inputs(model: nn.Module, length: int, generator: torch.Generator) -> dict[str, Any]:
+    ids = random_token_ids(model, _PROBE_BATCH, length, generator)
     # One padded token, so that the attention mask is materialised (SDPA passes None without padding).
     mask = torch.ones_like(ids)
     mask[0, 0] = 0
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": False}
+    return {"input_ids": ids, "attention_mask": mask, "use_cache": False}
 
 
 def probe_block_calls(
