@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import modify
 from modify.flops import flop_counter
 from modify.testing import FAMILIES, tiny_model
-from modify.testing.matrix import build
+from modify.testing.matrix import build, eager_experts
 
 
 def _measured(model: torch.nn.Module, batch: int, length: int) -> int:
@@ -78,12 +78,8 @@ def test_disabled_routing_counts_as_dense() -> None:
 
 def _measured_eager_experts(model: torch.nn.Module, batch: int, length: int) -> int:
     """torch's own counter, with experts run as a loop of linears (which it sees) instead of grouped matmuls."""
-    previous = model.get_experts_implementation()
-    model.set_experts_implementation("eager")
-    try:
+    with eager_experts(model):
         return _measured(model, batch, length)
-    finally:
-        model.set_experts_implementation(previous)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "olmoe"])

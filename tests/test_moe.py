@@ -12,7 +12,7 @@ from modify.api import noop_layers
 from modify.cli import main
 from modify.errors import UnsupportedModelError
 from modify.testing import tiny_model
-from modify.testing.matrix import build
+from modify.testing.matrix import build, eager_experts
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
 
@@ -30,13 +30,8 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None
 
 
 def _measured(model: torch.nn.Module, ids: torch.Tensor) -> int:
-    previous = model.get_experts_implementation()
-    model.set_experts_implementation("eager")  # a loop of linears, which FlopCounterMode sees itself
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(input_ids=ids, use_cache=False)
-    finally:
-        model.set_experts_implementation(previous)
+    with eager_experts(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, use_cache=False)
     return counter.get_total_flops()
 
 

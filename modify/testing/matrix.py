@@ -22,6 +22,7 @@ rule that excludes them and are not counted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing as mp
@@ -29,11 +30,12 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EXCLUDED", "Row", "check_family", "run_matrix", "markdown", "main"]
+__all__ = ["EXCLUDED", "Row", "build", "check_family", "eager_experts", "run_matrix", "markdown", "main"]
 
 #: model_type -> why the family is outside Mixture-of-Depths' scope (a rule, not a failure).
 EXCLUDED: dict[str, str] = {
@@ -113,25 +115,31 @@ def _inputs(vocab: int) -> tuple[Any, Any]:
     return ids, mask
 
 
-def _measured(model: Any, ids: Any) -> int:
-    """torch's FLOP counter (totals only) on a forward with experts run as a loop of linears, which it sees
-    itself: grouped expert matmuls are counted by ``modify.flops``' own formula, so this checks that too."""
-    import torch
-
-    from modify.flops import flop_counter
-
-    previous = None
+@contextlib.contextmanager
+def eager_experts(model: Any) -> Iterator[Any]:
+    """Inside, Mixture-of-Experts layers run their experts as a loop of linears, which torch's FLOP counter
+    sees itself (the default grouped matmuls it doesn't). A model without switchable experts is left as it is."""
     try:
         previous = model.get_experts_implementation()
         model.set_experts_implementation("eager")
     except Exception:  # noqa: BLE001 - no switchable experts
         previous = None
     try:
-        with torch.no_grad(), flop_counter() as counter:
-            model(input_ids=ids, use_cache=False)
+        yield model
     finally:
         if previous is not None:
             model.set_experts_implementation(previous)
+
+
+def _measured(model: Any, ids: Any) -> int:
+    """torch's FLOP counter (totals only) on a forward with eager experts: ``modify.flops`` counts the default
+    grouped expert matmuls by its own formula, so this checks that too."""
+    import torch
+
+    from modify.flops import flop_counter
+
+    with eager_experts(model), torch.no_grad(), flop_counter() as counter:
+        model(input_ids=ids, use_cache=False)
     return counter.get_total_flops()
 
 
