@@ -193,12 +193,11 @@ def _signature(model: nn.Module) -> tuple:
     return tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in model.named_parameters())
 
 
-def _costs(model: nn.Module, example_inputs: Callable[[int], dict[str, Any]] | None) -> _Costs:
+def _costs(model: nn.Module, stack: nn.ModuleList, example_inputs: Callable[[int], dict[str, Any]] | None) -> _Costs:
     signature = _signature(model)
     cached = _CACHE.get(model)
     if cached is not None and cached[0] == signature:
         return cached[1]
-    _, stack = find_block_stack(model)
     runs = {t: _measure(model, stack, t, example_inputs) for t in FIT_LENGTHS}
     parts = len(stack) + 1 + len(_moe_layers(stack))
     costs = _Costs([_fit({t: runs[t][p] for t in FIT_LENGTHS}) for p in range(parts)], dict(runs))
@@ -206,15 +205,48 @@ def _costs(model: nn.Module, example_inputs: Callable[[int], dict[str, Any]] | N
     return costs
 
 
-def _part_cost(model: nn.Module, part: int, tokens: int, example_inputs: Callable[[int], dict[str, Any]] | None) -> int:
-    costs = _costs(model, example_inputs)
-    fit = costs.fits[part]
-    if fit is not None:
-        return fit[0] * tokens + fit[1] * tokens * tokens
-    if tokens not in costs.measured:
+@dataclass
+class _Probe:
+    """The probed costs of one model, for one count: parts are the blocks, then the outside, then the
+    blocks' Mixture-of-Experts layers (``moe_part``: block index -> part)."""
+
+    model: nn.Module
+    stack: nn.ModuleList
+    example_inputs: Callable[[int], dict[str, Any]] | None
+    costs: _Costs
+    moe_part: dict[int, int]
+
+    @classmethod
+    def of(cls, model: nn.Module, example_inputs: Callable[[int], dict[str, Any]] | None) -> _Probe:
         _, stack = find_block_stack(model)
-        costs.measured[tokens] = _measure(model, stack, tokens, example_inputs)
-    return costs.measured[tokens][part]
+        moe_part = {i: len(stack) + 1 + j for j, (i, _) in enumerate(_moe_layers(stack))}
+        return cls(model, stack, example_inputs, _costs(model, stack, example_inputs), moe_part)
+
+    def cost(self, part: int, tokens: int) -> int:
+        """FLOPs of ``part`` over one sequence of ``tokens`` tokens."""
+        if tokens <= 0:
+            return 0
+        fit = self.costs.fits[part]
+        if fit is not None:
+            return fit[0] * tokens + fit[1] * tokens * tokens
+        if tokens not in self.costs.measured:
+            self.costs.measured[tokens] = _measure(self.model, self.stack, tokens, self.example_inputs)
+        return self.costs.measured[tokens][part]
+
+    def routed(self, index: int, capacity: float, seq_len: int, skip_path: str) -> int:
+        hidden = _hidden_size(self.model, self.stack[index])
+        k = capacity_tokens(capacity, seq_len)
+        skipped = (seq_len - k) * skip_path_flops(skip_path, hidden)
+        return self.cost(index, k) + 2 * hidden * seq_len + skipped
+
+    def noop_extra(self, index: int, moe: nn.Module, capacity: float, seq_len: int) -> int:
+        """What a no-op expert changes in block ``index``'s cost (:mod:`modify.moe.noop`): the layer runs on
+        k = ceil(c·T) tokens, its router and the no-op row on all T (the router's rows aren't computed again)."""
+        k = capacity_tokens(capacity, seq_len)
+        experts, hidden = getattr(moe, MOE_PARTS[0]).weight.shape
+        part = self.moe_part[index]
+        router = 2 * hidden * experts
+        return self.cost(part, k) - self.cost(part, seq_len) + router * (seq_len - k) + 2 * hidden * seq_len
 
 
 def block_flops(
@@ -222,7 +254,7 @@ def block_flops(
 ) -> int:
     """FLOPs of block ``index`` of the model's stack over one sequence of ``tokens`` tokens, run densely
     (router, skip path and predictor excluded)."""
-    return _part_cost(model, index, tokens, example_inputs) if tokens > 0 else 0
+    return _Probe.of(model, example_inputs).cost(index, tokens)
 
 
 def routed_block_flops(
@@ -235,11 +267,7 @@ def routed_block_flops(
 ) -> int:
     """FLOPs of block ``index`` routed at ``capacity`` over one sequence: the block on k = ceil(c·T) tokens,
     the router on all T and the skip path on the T - k others (the router and path need not exist yet)."""
-    _, stack = find_block_stack(model)
-    hidden = _hidden_size(model, stack[index])
-    k = capacity_tokens(capacity, seq_len)
-    skipped = (seq_len - k) * skip_path_flops(skip_path, hidden)
-    return block_flops(model, index, k, example_inputs) + 2 * hidden * seq_len + skipped
+    return _Probe.of(model, example_inputs).routed(index, capacity, seq_len, skip_path)
 
 
 def _hidden_size(model: nn.Module, block: nn.Module) -> int:
@@ -255,24 +283,6 @@ def _hidden_size(model: nn.Module, block: nn.Module) -> int:
     if not hidden:
         raise ValueError("the model's hidden size is unknown (no config.hidden_size): convert the model first")
     return hidden
-
-
-def _noop_extra(
-    model: nn.Module,
-    moe: nn.Module,
-    state: Any,
-    part: int,
-    seq_len: int,
-    example_inputs: Callable[[int], dict[str, Any]] | None,
-) -> int:
-    """What a no-op expert changes in its block's cost (:mod:`modify.moe.noop`): the layer runs on
-    k = ceil(c·T) tokens, its router and the no-op row on all T (the router's rows are not computed again)."""
-    k = capacity_tokens(state.capacity, seq_len)
-    experts, hidden = getattr(moe, MOE_PARTS[0]).weight.shape
-    layer = _part_cost(model, part, seq_len, example_inputs)
-    dispatched = _part_cost(model, part, k, example_inputs) if k > 0 else 0
-    router = 2 * hidden * experts
-    return dispatched - layer + router * (seq_len - k) + 2 * hidden * seq_len
 
 
 def flops(
@@ -293,22 +303,21 @@ def flops(
     """
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
-    _, stack = find_block_stack(model)
-    outside = _part_cost(model, len(stack), seq_len, example_inputs)
+    probe = _Probe.of(model, example_inputs)
+    outside = probe.cost(len(probe.stack), seq_len)
     per_block = []
-    moe_part = {i: len(stack) + 1 + j for j, (i, _) in enumerate(_moe_layers(stack))}
-    for i, block in enumerate(stack):
-        full = block_flops(model, i, seq_len, example_inputs)
-        found = find_moe(block)
-        noop = getattr(found[1], NOOP_STATE_ATTR, None) if found is not None else None
+    for i, block in enumerate(probe.stack):
+        full = probe.cost(i, seq_len)
+        moe = find_moe(block)
+        noop = getattr(moe[1], NOOP_STATE_ATTR, None) if moe is not None else None
         if noop is not None and noop.enabled:
-            per_block.append((full, full + _noop_extra(model, found[1], noop, moe_part[i], seq_len, example_inputs)))
+            per_block.append((full, full + probe.noop_extra(i, moe[1], noop.capacity, seq_len)))
             continue
         state = getattr(block, STATE_ATTR, None)
         if state is None or not state.enabled:  # disabled (``routing_disabled``): the block runs densely
             per_block.append((full, full))
             continue
-        routed = routed_block_flops(model, i, state.capacity, seq_len, state.skip_path, example_inputs)
+        routed = probe.routed(i, state.capacity, seq_len, state.skip_path)
         predictor = getattr(block, PREDICTOR_ATTR, None)  # the causal predictor reads every token
         if predictor is not None:
             routed += seq_len * sum(2 * m.weight.numel() for m in predictor.modules() if isinstance(m, nn.Linear))
