@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ __all__ = [
     "atomic_file",
     "validate_source",
     "check_parent",
+    "file_record",
     "DEFAULT_SOURCE",
 ]
 
@@ -55,7 +57,7 @@ class Source:
 
     Attributes:
         kind: "directory", "gguf", "hub-cache" or "smollm2".
-        path: the directory, or the .gguf file.
+        path: the directory, or the .gguf file (to load it; never recorded, see :meth:`to_dict`).
         model_id: the Hugging Face id for "hub-cache".
     """
 
@@ -70,12 +72,72 @@ class Source:
     def load_kwargs(self) -> dict[str, Any]:
         return {"gguf_file": self.path.name} if self.path.suffix == ".gguf" else {}
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "path": str(self.path), "model_id": self.model_id}
+    def files(self) -> list[Path]:
+        """The files that make the checkpoint: the .gguf, or the directory's config.json and weights."""
+        if self.path.suffix == ".gguf":
+            return [self.path]
+        patterns = ("config.json", *_WEIGHT_PATTERNS)
+        return sorted({p for pattern in patterns for p in self.path.glob(pattern) if p.is_file()})
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Source:
-        return cls(data["kind"], Path(data["path"]), data.get("model_id", ""))
+    def to_dict(self) -> dict[str, Any]:
+        """The record a converted model and a plan keep: kind, model id, name and each file's name, size and
+        SHA-256. Never a local path: a published checkpoint would carry it (``modify verify --source`` or
+        the model id finds the source again, and the hashes tell it is the same one)."""
+        record: dict[str, Any] = {"kind": self.kind, "model_id": self.model_id, "name": self.path.name}
+        if self.path.suffix == ".gguf":
+            record["gguf_file"] = self.path.name
+        record["files"] = [file_record(p) for p in self.files()]
+        return record
+
+    def mismatch(self, record: dict[str, Any]) -> str:
+        """How this checkpoint's files differ from ``record`` (a :meth:`to_dict`), or "" when they don't.
+
+        A record without files (written before they were recorded) has nothing to check. Sizes are compared
+        before anything is hashed, so a wrong checkpoint is told at once.
+        """
+        recorded = record.get("files")
+        if recorded is None:
+            return ""
+        mine = self.files()
+        if record.get("gguf_file") and self.path.suffix == ".gguf":
+            pairs = [(recorded[0], self.path)]  # one file each side; a renamed copy is still the same file
+        else:
+            by_name = {p.name: p for p in mine}
+            missing = [f["name"] for f in recorded if f["name"] not in by_name]
+            if missing:
+                return f"it has no {missing[0]}"
+            pairs = [(f, by_name[f["name"]]) for f in recorded]
+        for f, p in pairs:
+            if p.stat().st_size != f["size"]:
+                return f"{p.name} has {p.stat().st_size} bytes, the recorded {f['name']} {f['size']}"
+        for f, p in pairs:
+            if file_record(p)["sha256"] != f["sha256"]:
+                return f"the SHA-256 of {p.name} differs from the recorded {f['name']}'s"
+        return ""
+
+
+#: (resolved path, size, mtime) -> SHA-256: a file recorded twice in one run (convert --calibrate, a
+#: verify that checks the record it just wrote) is read once.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """``{"name", "size", "sha256"}`` of a file: what identifies it without saying where it is."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return {"name": path.name, "size": stat.st_size, "sha256": _DIGESTS[key]}
+
+
+def source_label(record: dict[str, Any]) -> str:
+    """How a source record reads in a card or a message: its model id, else its file or directory name."""
+    name = record.get("name") or (Path(record["path"]).name if record.get("path") else "")
+    return record.get("model_id") or record.get("gguf_file") or name or "unknown"
 
 
 def _looks_like_model_id(src: str) -> bool:
@@ -288,7 +350,7 @@ _CAUSAL_CARD = {
 CARD_SEQ_LEN = 2048
 
 
-def _model_card(model: nn.Module, source: Source, plan: MoDConfig, trained: str = "", count: Any = None) -> str:
+def _model_card(model: nn.Module, plan: MoDConfig, trained: str = "", count: Any = None) -> str:
     from modify.flops import flops
 
     seq_len = CARD_SEQ_LEN
@@ -305,7 +367,8 @@ tags: [mixture-of-depths, modify]
 ---
 # Mixture-of-Depths conversion
 
-Converted with [modify](https://pypi.org/project/modify/) from `{source.model_id or source.path}` ({source.kind}).
+Converted with [modify](https://pypi.org/project/modify/) from `{source_label(plan.source)}` \
+({plan.source.get("kind", "unknown")}).
 
 - Routed blocks (capacity): {routed} of {plan.num_blocks}
 - Router: {plan.router}, gate: {plan.gate} (routers start at zero: every gate is 1)
@@ -317,6 +380,15 @@ routed {count.routed / seq_len:,.0f} ({count.ratio:.1%})
 Load with `import modify; modify.from_pretrained(path)`, or with `AutoModelForCausalLM.from_pretrained(path)`
 after `import modify`. {trained or "The routers are untrained: train before use."}
 """
+
+
+def _drop_local_paths(plan: MoDConfig) -> None:
+    """Forget the local paths older versions recorded (the source's ``path``, calibration files by path), so
+    that retraining or re-saving an old checkpoint does not publish them again."""
+    plan.source.pop("path", None)
+    data = plan.calibration.get("data", {})
+    if "files" in data:
+        data["files"] = [{"name": Path(f).name} if isinstance(f, str) else f for f in data["files"]]
 
 
 def write_converted(
@@ -342,8 +414,8 @@ def write_converted(
     plan = MoDConfig.from_dict(getattr(model.config, CONFIG_KEY))
     if source is not None:
         plan.source = source.to_dict()
+    _drop_local_paths(plan)
     setattr(model.config, CONFIG_KEY, plan.to_dict())
-    card_source = source or (Source.from_dict(plan.source) if plan.source else Source("unknown", Path("?")))
     model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
     config_path = directory / "config.json"
     config = json.loads(config_path.read_text())
@@ -351,7 +423,7 @@ def write_converted(
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    (directory / "README.md").write_text(_model_card(model, card_source, plan, trained, flop_count))
+    (directory / "README.md").write_text(_model_card(model, plan, trained, flop_count))
 
 
 def save_converted(model: nn.Module, tokenizer: Any, out: Path, source: Source, force: bool = False) -> Path:

@@ -52,6 +52,7 @@ from modify.calibrate.measure import (
 )
 from modify.calibrate.planning import DEFAULT_GRID, BudgetPlan, Option, plan_under_budget
 from modify.calibrate.skip_fit import NormalSums, attach_skip, block_hidden, features, fit_skip_paths
+from modify.checkpoint import file_record
 from modify.config import MoDConfig
 from modify.flops import block_flops, routed_block_flops
 from modify.generate.causal import fit_thresholds
@@ -178,7 +179,8 @@ class Calibration:
 def token_windows(
     tokenizer: Any, files: Sequence[Path], seq_len: int, tokens: int, chunk_chars: int = _CHUNK_CHARS
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """[N, seq_len] token windows streamed from ``files`` in order, and the data record (fingerprint, files).
+    """[N, seq_len] token windows streamed from ``files`` in order, and the data record: the fingerprint, and
+    each file by name, size and SHA-256 (not by path, which a published plan would carry).
 
     Files are read ``chunk_chars`` characters at a time and reading stops once ``tokens`` are collected.
     """
@@ -205,7 +207,7 @@ def token_windows(
     ids = torch.tensor(windows, dtype=torch.long)
     digest.update(ids.to(torch.int32).numpy().tobytes())
     record = {
-        "files": [str(p) for p in files],
+        "files": [file_record(Path(p)) for p in files],  # name, size, SHA-256: never a local path
         "tokens": ids.numel(),
         "windows": len(windows),
         "sha256": digest.hexdigest(),

@@ -1,7 +1,8 @@
 """Saved calibration plans: PLAN.json, the fitted routers beside it, and a chart.
 
 ``PLAN.json`` holds the calibration record (settings, data fingerprint, per-block sensitivity, the chosen
-capacities, predicted and measured loss, router fit) and the source it was calibrated on;
+capacities, predicted and measured loss, router fit) and the source it was calibrated on (by name, size and
+SHA-256, as are the data files: no local path, so a plan can be shared);
 ``PLAN.safetensors`` holds the fitted routers (``<block>.<name>``) and skip paths (``skip.<block>.<name>``);
 ``PLAN.png`` charts each block's sensitivity and capacity.
 The JSON is written last, each file atomically, so a plan that is there is complete.

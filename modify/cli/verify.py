@@ -4,11 +4,15 @@ Checks: the routers load (none missing, none unexpected); every weight but the r
 converting the source at capacity 1.0 reproduces its logits (within 1e-4); the FLOPs of OUT equal those of
 the source converted with OUT's plan. With ``--text``, the perplexity of source and OUT on that text (the
 routers of a fresh conversion are untrained, so OUT's is expected to be far higher until it is trained).
+
+OUT records its source by name, size and SHA-256, not by path: the source is ``--source SRC``, else the
+recorded model id (in the local Hugging Face cache) or ``smollm2``; it must match the record.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,8 @@ from modify.cli.common import Progress, add_common_flags, emit_json, quiet_libra
 
 EXAMPLES = """examples:
   modify verify out/smollm2-mod
-  modify verify out/smollm2-mod --text play.txt --json"""
+  modify verify out/smollm2-mod --text play.txt --json
+  modify verify out/llama-mod --source ./my-llama      # a source that has no model id: say where it is"""
 
 _WINDOW, _WINDOWS = 256, 8
 
@@ -34,6 +39,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("out", metavar="OUT", help="a directory written by 'modify convert'")
     p.add_argument("--text", type=Path, help="a UTF-8 text file for perplexity (up to 8 windows of 256 tokens)")
+    p.add_argument(
+        "--source",
+        metavar="SRC",
+        help="the checkpoint OUT was converted from (default: its recorded model id, or smollm2); "
+        "checked against OUT's record of it",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_common_flags(p)
     p.set_defaults(run=run)
@@ -53,10 +64,42 @@ def _perplexity(model: torch.nn.Module, ids: torch.Tensor) -> float:
         return math.exp(model(ids, labels=ids, use_cache=False).loss.item())
 
 
+def find_source(record: dict[str, Any], given: str | None) -> Any:
+    """The source ``record`` describes: ``given``, else the path older versions recorded, the model id (hub
+    cache) or smollm2; refused (ModifyError) when none is found or its files don't match the record."""
+    from modify.checkpoint import DEFAULT_SOURCE, resolve_source, source_label
+    from modify.errors import ModifyError
+
+    label = source_label(record)
+    if given is not None:
+        candidates = [given]
+    else:
+        found = (record.get("path"), record.get("model_id"), DEFAULT_SOURCE if record.get("kind") == "smollm2" else "")
+        candidates = [c for c in found if c]
+    for candidate in candidates:
+        try:
+            source = resolve_source(candidate)
+        except ModifyError:
+            if given is not None:
+                raise
+            continue  # not here: try the next way
+        problem = source.mismatch(record)
+        if problem:
+            raise ModifyError(
+                f"{candidate} is not the source OUT was converted from ({label}): {problem}; "
+                "pass --source SRC with that checkpoint"
+            )
+        return source
+    raise ModifyError(
+        f"cannot find the source OUT was converted from ({label}); "
+        "pass --source SRC: the model directory or .gguf file it was converted from"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import modify
-    from modify.checkpoint import Source, is_converted_directory, load_source, load_tokenizer, resolve_source
-    from modify.config import MoDConfig
+    from modify.checkpoint import is_converted_directory, load_source, load_tokenizer, resolve_source
+    from modify.config import CONFIG_KEY, MoDConfig
     from modify.errors import ModifyError
 
     progress = Progress(args.quiet or args.json, args.debug)
@@ -66,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
         raise ModifyError(f"{target.path} is not a converted checkpoint (no Mixture-of-Depths plan in config.json)")
     if args.text is not None and not args.text.is_file():
         raise ModifyError(f"--text {args.text} is not a file")
+    # Found (and checked against its record) before anything is loaded.
+    with progress.step("finding the source"):
+        record = json.loads((target.path / "config.json").read_text())[CONFIG_KEY].get("source") or {}
+        source = find_source(record, args.source)
     checks: list[dict[str, Any]] = []
 
     def check(name: str, ok: bool, detail: str) -> None:
@@ -86,41 +133,35 @@ def run(args: argparse.Namespace) -> int:
     )
 
     result: dict[str, Any] = {}
-    source = Source.from_dict(plan.source) if plan.source else None
-    if source is None or not source.path.exists():
-        check("source", False, f"the recorded source {plan.source.get('path') if plan.source else '(none)'} is gone")
-    else:
-        with progress.step(f"loading the source {source.path.name}"):
-            src_model, tokenizer = load_source(source, str(next(out_model.parameters()).dtype).removeprefix("torch."))
-        src_state = src_model.state_dict()
-        out_state = {k: v for k, v in out_model.state_dict().items() if "router" not in k}
-        differ = [k for k, v in src_state.items() if k not in out_state or not torch.equal(out_state[k], v)]
-        check(
-            "weights", not differ, "equal to the source's" if not differ else f"{len(differ)} differ, e.g. {differ[0]}"
-        )
+    with progress.step(f"loading the source {source.path.name}"):
+        src_model, tokenizer = load_source(source, str(next(out_model.parameters()).dtype).removeprefix("torch."))
+    src_state = src_model.state_dict()
+    out_state = {k: v for k, v in out_model.state_dict().items() if "router" not in k}
+    differ = [k for k, v in src_state.items() if k not in out_state or not torch.equal(out_state[k], v)]
+    check("weights", not differ, "equal to the source's" if not differ else f"{len(differ)} differ, e.g. {differ[0]}")
 
-        tokenizer = load_tokenizer(target) or tokenizer
-        ids = _windows(tokenizer, args.text, out_model.config.get_text_config().vocab_size)
-        with torch.no_grad(), progress.step("checking capacity 1.0 against the source"):
-            reference = src_model(ids[:1], use_cache=False).logits
-            if args.text is not None:
-                result["ppl_source"] = _perplexity(src_model, ids)
-            modify.convert(src_model, capacity=1.0, layers=plan.routed)
-            identity = src_model(ids[:1], use_cache=False).logits
-        diff = (identity - reference).abs().max().item()
-        check("capacity 1.0 reproduces the source", diff <= 1e-4, f"max |logit difference| {diff:.3g}")
-
-        modify.revert(src_model)
-        modify.convert(src_model, plan=plan)
-        expected, actual = modify.flops(src_model, 2048), modify.flops(out_model, 2048)
-        check(
-            "FLOPs match the plan",
-            (expected.dense, expected.routed) == (actual.dense, actual.routed),
-            f"routed {actual.routed:.4g} of dense {actual.dense:.4g} at 2048 tokens ({actual.ratio:.1%})",
-        )
+    tokenizer = load_tokenizer(target) or tokenizer
+    ids = _windows(tokenizer, args.text, out_model.config.get_text_config().vocab_size)
+    with torch.no_grad(), progress.step("checking capacity 1.0 against the source"):
+        reference = src_model(ids[:1], use_cache=False).logits
         if args.text is not None:
-            with progress.step("perplexity"):
-                result["ppl_converted"] = _perplexity(out_model, ids)
+            result["ppl_source"] = _perplexity(src_model, ids)
+        modify.convert(src_model, capacity=1.0, layers=plan.routed)
+        identity = src_model(ids[:1], use_cache=False).logits
+    diff = (identity - reference).abs().max().item()
+    check("capacity 1.0 reproduces the source", diff <= 1e-4, f"max |logit difference| {diff:.3g}")
+
+    modify.revert(src_model)
+    modify.convert(src_model, plan=plan)
+    expected, actual = modify.flops(src_model, 2048), modify.flops(out_model, 2048)
+    check(
+        "FLOPs match the plan",
+        (expected.dense, expected.routed) == (actual.dense, actual.routed),
+        f"routed {actual.routed:.4g} of dense {actual.dense:.4g} at 2048 tokens ({actual.ratio:.1%})",
+    )
+    if args.text is not None:
+        with progress.step("perplexity"):
+            result["ppl_converted"] = _perplexity(out_model, ids)
 
     ok = all(c["ok"] for c in checks)
     if args.json:

@@ -5,12 +5,14 @@
 the weights, ``trainer/`` holds what resuming needs: the trained parameters exactly as they were
 (``trainable.safetensors``, unmerged), the optimizer (``optimizer.pt``), each process's data position and
 random state (``processes.pt``) and ``state.json`` (step, counters, the run's identity and data fingerprint,
-checked before resuming). A LoRA run also keeps its adapters in ``adapter/``. Each checkpoint is written into
-a hidden directory and renamed when complete, so one that is there is whole.
+checked before resuming; local paths only as names and digests). A LoRA run also keeps its adapters in
+``adapter/``. Each checkpoint is written into a hidden directory and renamed when complete, so one that is
+there is whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +42,30 @@ def _gather(obj: Any, d: distributed.Dist) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * d.world_size
     dist.all_gather_object(out, obj)
+    return out
+
+
+#: The settings that hold local paths (the model, the data, the run directory).
+_PATH_KEYS = ("model", "data", "eval_data", "out")
+
+
+def _located(value: str) -> str:
+    """A local path as its name and a digest of where it is; anything else (a model id, smollm2) as it is."""
+    path = Path(value).expanduser()
+    if not path.exists():
+        return value
+    return f"{path.name}@{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
+
+
+def _portable(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with every path named by :func:`_located`: a checkpoint is a model directory that may be
+    published, so it keeps no local path, yet resuming still tells one model directory from another."""
+    out = dict(settings)
+    for key in _PATH_KEYS:
+        if isinstance(out.get(key), str) and out[key]:
+            out[key] = _located(out[key])
+        elif isinstance(out.get(key), list):
+            out[key] = [_located(v) for v in out[key]]
     return out
 
 
@@ -94,9 +120,9 @@ def save(trainer: Trainer, path: Path) -> None:
                 "skipped": trainer.skipped,
                 "eval_history": trainer.eval_history,
                 "world_size": d.world_size,
-                "run": trainer.config.run_identity(),
+                "run": _portable(trainer.config.run_identity()),
                 "data": trainer.train_data.fingerprint(),
-                "config": trainer.config.to_dict(),
+                "config": _portable(trainer.config.to_dict()),
             }
             (tmp / "trainer" / "state.json").write_text(json.dumps(info, indent=2) + "\n")
     d.barrier()
@@ -123,7 +149,7 @@ def check_resume(config: TrainConfig, path: Path, world_size: int, fingerprint: 
         ) from None
     if info.get("format") != _FORMAT:
         raise ModifyError(f"{path} is not a checkpoint of 'modify train'; give a step-* directory it wrote")
-    mine = json.loads(json.dumps(config.run_identity()))
+    mine = json.loads(json.dumps(_portable(config.run_identity())))
     differ = [k for k in mine if info["run"].get(k) != mine[k]]
     if differ:
         k = differ[0]

@@ -43,8 +43,8 @@ def test_round_trip_equals_converting_in_memory(family: str, saved_models: dict,
     assert [b.capacity for b in modify.find_blocks(loaded)] == [0.25] * 4
     assert not getattr(loaded, "is_quantized", False)
     card = (out / "README.md").read_text()
-    assert str(src) in card and "FLOPs per token" in card
-    assert _run(capsys, "verify", str(out))[0] == 0
+    assert f"`{src.name}`" in card and str(src) not in card and "FLOPs per token" in card  # no local path
+    assert _run(capsys, "verify", str(out), "--source", str(src))[0] == 0
 
 
 def test_trained_routers_survive_the_round_trip(saved_models: dict, tmp_path: Path) -> None:

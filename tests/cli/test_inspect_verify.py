@@ -64,7 +64,9 @@ def test_verify_passes_and_fails_honestly(saved_models: dict, tmp_path: Path, ca
     capsys.readouterr()
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question. " * 40)
-    code, report = _json(capsys, "verify", str(out), "--text", str(text), "--json")
+    code, report = _json(
+        capsys, "verify", str(out), "--source", str(saved_models["llama"]), "--text", str(text), "--json"
+    )
     assert code == 0 and report["ok"] and all(c["ok"] for c in report["checks"])
     assert report["ppl_source"] > 1 and report["ppl_converted"] > 1
 
@@ -73,7 +75,7 @@ def test_verify_passes_and_fails_honestly(saved_models: dict, tmp_path: Path, ca
     key = next(k for k in weights if "router" not in k and k.endswith("q_proj.weight"))
     weights[key] = weights[key] + 1
     save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    code, report = _json(capsys, "verify", str(out), "--json")
+    code, report = _json(capsys, "verify", str(out), "--source", str(saved_models["llama"]), "--json")
     failed = [c["name"] for c in report["checks"] if not c["ok"]]
     assert code == 1 and not report["ok"] and failed == ["weights"]
 
@@ -86,8 +88,10 @@ def test_verify_when_the_source_is_gone(tmp_path: Path, capsys) -> None:
         f.unlink()
     src.rmdir()
     capsys.readouterr()
-    code, report = _json(capsys, "verify", str(out), "--json")
-    assert code == 1 and [c["name"] for c in report["checks"] if not c["ok"]] == ["source"]
+    assert main(["verify", str(out), "--json"]) == 1  # OUT records no path to look in: it says to pass --source
+    assert "cannot find the source" in capsys.readouterr().err
+    assert main(["verify", str(out), "--source", str(src)]) == 1
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_verify_refuses_an_unconverted_directory(saved_models: dict, capsys) -> None:
