@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from modify.archs import MOE_PARTS, UNROUTABLE_ATTENTION, UNROUTABLE_FAMILIES
-from modify.config import CONFIG_KEY, MoDConfig
+from modify.archs import MOE_PARTS, UNROUTABLE_FAMILIES, attention_refusal
+from modify.config import CONFIG_KEY, LOAD_MARKER_KEY, MoDConfig, mark_loadable, unmark_loadable
 from modify.errors import UnsupportedModelError
 from modify.generate.causal import install_model_hooks, remove_model_hooks
 from modify.moe.noop import (
@@ -27,6 +28,7 @@ from modify.moe.noop import (
 from modify.passes.capture_delta import capture_delta
 from modify.passes.find_block_stack import find_block_stack
 from modify.passes.probe_block_calls import BlockCallSpec, probe_block_calls
+from modify.placement import block_device, keep_resident, register_offloaded
 from modify.router import PREDICTOR_ATTR, ROUTER_ATTR, MoDPredictor, MoDRouter
 from modify.routing import STATE_ATTR, RoutingState, install, uninstall
 from modify.skip_path import SKIP_ATTR, make_skip_path, spec_name
@@ -208,12 +210,11 @@ def convert(
     """
     if is_converted(model):
         raise ValueError("the model is already converted; call modify.revert(model) first to convert it anew")
-    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if attention in UNROUTABLE_ATTENTION:
-        raise UnsupportedModelError(
-            "", f"{UNROUTABLE_ATTENTION[attention]}; load the model with attn_implementation='sdpa' or 'eager'"
-        )
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config = getattr(model, "config", None)
+    refusal = attention_refusal(config)
+    if refusal:
+        raise UnsupportedModelError("", refusal)
+    model_type = getattr(config, "model_type", None)
     if model_type in UNROUTABLE_FAMILIES:
         raise UnsupportedModelError("", UNROUTABLE_FAMILIES[model_type])
     stack_name, stack = find_block_stack(model)
@@ -243,58 +244,85 @@ def convert(
         plan = MoDConfig.from_dict(
             {**plan.to_dict(), "block_stack": stack_name, "causal": causal or plan.causal, "mode": mode or plan.mode}
         )
-    if plan.mode == "integrated":
-        _convert_integrated(model, plan, stack_name, blocks)
-    else:
-        _convert_staged(model, plan, stack_name, blocks, specs)
-    config = getattr(model, "config", None)
-    if config is not None:
-        setattr(config, CONFIG_KEY, plan.to_dict())
-    install_model_hooks(model, plan.aux_loss_coef)
+    saved = {key: config.__dict__[key] for key in (CONFIG_KEY, LOAD_MARKER_KEY) if config is not None and key in config.__dict__}
+    try:
+        if plan.mode == "integrated":
+            _convert_integrated(model, plan, stack_name, blocks)
+        else:
+            _convert_staged(model, plan, stack_name, blocks, specs)
+        if config is not None:
+            setattr(config, CONFIG_KEY, plan.to_dict())
+            mark_loadable(config)
+        install_model_hooks(model, plan.aux_loss_coef)
+    except BaseException:
+        # All or nothing: a late failure (a capture, a placement, an interrupt) leaves the model as it was.
+        _undo(model, config, saved)
+        raise
     return model
+
+
+def _undo(model: nn.Module, config: Any, saved: dict[str, Any]) -> None:
+    remove_model_hooks(model)
+    for block, state in routed_blocks(model):
+        uninstall(block, keep=state.kept)
+    for moe, _ in noop_layers(model):
+        uninstall_noop(moe)
+    if config is not None:
+        for key in (CONFIG_KEY, LOAD_MARKER_KEY):
+            config.__dict__.pop(key, None)
+        config.__dict__.update(saved)
 
 
 def _convert_staged(
     model: nn.Module, plan: MoDConfig, stack_name: str, blocks: list[nn.Module], specs: list[BlockCallSpec]
 ) -> None:
-    """Put a router in front of each routed block (all analysed before any is changed)."""
+    """Put a router in front of each routed block (all analysed and captured before any is changed)."""
     states = []
     for i, cap, skip in zip(plan.routed, plan.capacities, plan.skip_paths):
         name = f"{stack_name}.{i}"
         found = _analyse(blocks[i], specs[i], name)
         forward_fn = type(blocks[i]).forward
-        states.append(
-            RoutingState(
-                i,
-                name,
-                cap,
-                specs[i],
-                found.form,
-                found.delta,
-                forward_fn,
-                inspect.signature(forward_fn),
-                keep_first=plan.keep_first,
-                skip_path=skip,
-                input_norm=found.input_norm,
-                inline=found.inline,
-                causal=plan.causal,
-                cache_layer=_cache_layer(blocks[i], i),
-            )
+        state = RoutingState(
+            i,
+            name,
+            cap,
+            specs[i],
+            found.form,
+            found.delta,
+            forward_fn,
+            inspect.signature(forward_fn),
+            keep_first=plan.keep_first,
+            skip_path=skip,
+            input_norm=found.input_norm,
+            inline=found.inline,
+            causal=plan.causal,
+            cache_layer=_cache_layer(blocks[i], i),
+            device=block_device(model, name),
         )
-    first = next(model.parameters())
+        state.prepare(blocks[i])
+        states.append(state)
     for state, threshold in zip(states, plan.thresholds):
-        block = blocks[state.index]
-        router = getattr(block, ROUTER_ATTR, None) or MoDRouter(state.spec.hidden_size, device=first.device)
-        path = getattr(block, SKIP_ATTR, None) or make_skip_path(
-            state.skip_path, state.spec.hidden_size, first.device, first.dtype
-        )
+        block, device = blocks[state.index], state.device
+        dtype = next(block.parameters()).dtype
+        hidden = state.spec.hidden_size
+        state.kept = tuple(a for a in (ROUTER_ATTR, SKIP_ATTR, PREDICTOR_ATTR) if a in block._modules)
+        # A new router starts random, not at zero: zero scores tie, so top-k would take each sequence's first
+        # k tokens (a positional rule) and no score would pass a threshold of 0. Its gate scale starts at 0,
+        # so every gate is still exactly 1 (see MoDRouter).
+        router = getattr(block, ROUTER_ATTR, None) or MoDRouter(hidden, device=device, seed=state.index)
+        path = getattr(block, SKIP_ATTR, None) or make_skip_path(state.skip_path, hidden, device, dtype)
         predictor = None
         if plan.causal == "predictor":
-            predictor = getattr(block, PREDICTOR_ATTR, None) or MoDPredictor(
-                state.spec.hidden_size, plan.predictor_size, device=first.device
-            )
+            predictor = getattr(block, PREDICTOR_ATTR, None) or MoDPredictor(hidden, plan.predictor_size, device=device)
         install(block, state, router, path, predictor)
-        state.threshold = threshold
+        for attr in (ROUTER_ATTR, SKIP_ATTR, PREDICTOR_ATTR):
+            if attr in block._modules and attr not in state.kept:
+                register_offloaded(model, f"{state.name}.{attr}")
+        keep_resident(model, f"{state.name}.{ROUTER_ATTR}")
+        if ROUTER_ATTR in state.kept and bool(router.threshold.isfinite()):
+            state.fitted = True  # a loaded checkpoint's, newer than its plan (a Trainer save doesn't refresh that)
+        else:
+            state.threshold = math.nan if threshold is None else threshold
         moe = find_moe(block)
         handle = leave_out_of_load_balancing(getattr(moe[1], MOE_PARTS[0]), state) if moe is not None else None
         if handle is not None:
@@ -313,11 +341,11 @@ def _convert_integrated(model: nn.Module, plan: MoDConfig, stack_name: str, bloc
                 "with mode='staged' or leave it out of the layers",
             )
         layers.append(found)
-    first = next(model.parameters())
     for i, cap, (moe_name, moe) in zip(plan.routed, plan.capacities, layers):
         router = getattr(moe, MOE_PARTS[0]).weight
         state = NoOpState(f"{stack_name}.{i}.{moe_name}", i, cap, type(moe).forward, router.shape[0])
-        noop = getattr(moe, NOOP_ATTR, None) or NoOpExpert(router.shape[1], device=first.device)
+        device = block_device(model, f"{stack_name}.{i}.{moe_name}")
+        noop = getattr(moe, NOOP_ATTR, None) or NoOpExpert(router.shape[1], device=device)
         install_noop(moe, state, noop)
 
 
@@ -329,8 +357,9 @@ def revert(model: nn.Module) -> nn.Module:
     for moe, _ in noop_layers(model):
         uninstall_noop(moe)
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, CONFIG_KEY):
-        delattr(config, CONFIG_KEY)
+    if config is not None:
+        config.__dict__.pop(CONFIG_KEY, None)
+        unmark_loadable(config)
     return model
 
 

@@ -13,7 +13,9 @@ __all__ = [
     "MOE_PARTS",
     "NORM_CLASS_PATTERN",
     "TESTED_FAMILIES",
+    "ROUTABLE_ATTENTION",
     "UNROUTABLE_ATTENTION",
+    "attention_refusal",
     "UNROUTABLE_FAMILIES",
 ]
 
@@ -58,6 +60,30 @@ UNROUTABLE_FAMILIES: dict[str, str] = {
 }
 
 #: Hugging Face attention implementations whose masks can't follow the routed tokens, and why.
+ROUTABLE_ATTENTION = ("eager", "sdpa")
+#: attention implementation (its name, or a prefix of it) -> why routing refuses it. A gathered subsequence
+#: keeps its document boundaries and skipped positions only in the 4-D mask gathered with it, so an
+#: implementation must honour that mask; eager and sdpa do (tests/test_attention.py).
 UNROUTABLE_ATTENTION: dict[str, str] = {
     "flex_attention": "flex attention's BlockMask is built for the full sequence and can't be gathered",
+    "flash_attention": (
+        "flash attention takes no 4-D mask: it finds packed documents where position ids restart, which a "
+        "gathered subsequence loses when a document's first token is skipped, and in cached decoding it would "
+        "attend to the zero keys cached at skipped positions"
+    ),
+    "paged|": "paged attention (continuous batching) keeps its own block cache, which routing doesn't fill",
 }
+
+
+def attention_refusal(config: object) -> str:
+    """Why routing can't run with the attention implementation ``config`` (and its text config) selects, with
+    the fix; "" when it can (eager, sdpa, or a config that names none)."""
+    text = getattr(config, "get_text_config", lambda: None)() if config is not None else None
+    for cfg in (config, text):
+        name = getattr(cfg, "_attn_implementation", None)
+        if name is None or name in ROUTABLE_ATTENTION:
+            continue
+        reason = next((r for key, r in UNROUTABLE_ATTENTION.items() if name.startswith(key)), None)
+        reason = reason or "it is not one modify has tested with routing (eager, sdpa)"
+        return f"attention implementation {name!r} can't be routed: {reason}; load the model with attn_implementation='sdpa' or 'eager'"
+    return ""

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modify.config import CONFIG_KEY, MoDConfig
+from modify.config import CONFIG_KEY, LOAD_MARKER_KEY, MoDConfig
 from modify.errors import ModifyError
 
 __all__ = [
@@ -408,7 +408,6 @@ def write_converted(
     counted (a sharded model is counted by all its processes together, before one of them writes).
     """
     from modify.generate.causal import sync_plan
-    from modify.hf_integration import QUANT_METHOD
 
     sync_plan(model)  # thresholds that training's running statistics moved
     plan = MoDConfig.from_dict(getattr(model.config, CONFIG_KEY))
@@ -416,11 +415,8 @@ def write_converted(
         plan.source = source.to_dict()
     _drop_local_paths(plan)
     setattr(model.config, CONFIG_KEY, plan.to_dict())
+    # convert put the loading hook's marker on the config, so config.json carries it (as any save_pretrained's).
     model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
-    config_path = directory / "config.json"
-    config = json.loads(config_path.read_text())
-    config["quantization_config"] = {"quant_method": QUANT_METHOD}
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     (directory / "README.md").write_text(_model_card(model, plan, trained, flop_count))
@@ -444,10 +440,14 @@ def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     config = directory / "config.json"
     if not config.is_file():
         raise ModifyError(f"{directory} has no config.json; is it a directory written by 'modify convert'?")
-    if CONFIG_KEY not in json.loads(config.read_text()):
+    saved = json.loads(config.read_text())
+    if CONFIG_KEY not in saved:
         raise ModifyError(
             f"{directory} has no Mixture-of-Depths plan in config.json; convert it with 'modify convert' first"
         )
+    if LOAD_MARKER_KEY not in saved:
+        # Saved by a release whose save_pretrained dropped the marker: name the hook here instead.
+        kwargs.setdefault(LOAD_MARKER_KEY, modify.hf_integration.ModifyLoadConfig())
     return AutoModelForCausalLM.from_pretrained(directory, **kwargs).eval()
 
 

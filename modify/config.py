@@ -8,7 +8,18 @@ from typing import Any
 
 from modify.skip_path import parse_spec
 
-__all__ = ["MoDConfig", "CONFIG_KEY", "ROUTER_KINDS", "GATE_KINDS", "CAUSAL_RULES", "MODES"]
+__all__ = [
+    "MoDConfig",
+    "CONFIG_KEY",
+    "LOAD_MARKER_KEY",
+    "QUANT_METHOD",
+    "mark_loadable",
+    "unmark_loadable",
+    "ROUTER_KINDS",
+    "GATE_KINDS",
+    "CAUSAL_RULES",
+    "MODES",
+]
 
 #: The attribute of a Hugging Face config (and key of config.json) that holds the plan.
 CONFIG_KEY = "mixture_of_depths"
@@ -48,7 +59,9 @@ class MoDConfig:
             recorded by ``modify convert``; ``modify verify`` reloads it.
         causal: how a token decides alone when sampling; see ``CAUSAL_RULES``.
         thresholds: per routed block, the decision threshold of the "threshold" rule (router scores above it
-            are processed); empty means 0.0 everywhere. "aux" and "predictor" decide at 0.
+            are processed), or None where none was fitted or trained yet: then the first text the block sees
+            (a prompt, a batch) sets it to the capacity quantile of its scores. Empty means None everywhere.
+            "aux" decides at 0; "predictor" reads the router's margin over the threshold.
         aux_loss_coef: coefficient of the "aux" / "predictor" loss added to ``outputs.loss``.
         predictor_size: hidden units of each block's predictor MLP ("predictor" rule).
         calibration: for a calibrated plan, everything needed to reproduce and judge it (data fingerprint,
@@ -68,7 +81,7 @@ class MoDConfig:
     keep_first: int = field(default=0, metadata={"help": "leading tokens every routed block always processes"})
     skip_paths: list[str] = field(default_factory=list, metadata={"help": "skip path of each routed block"})
     causal: str = field(default="threshold", metadata={"help": "causal decision rule for sampling"})
-    thresholds: list[float] = field(default_factory=list, metadata={"help": "threshold of each routed block"})
+    thresholds: list[float | None] = field(default_factory=list, metadata={"help": "threshold of each routed block"})
     aux_loss_coef: float = field(default=0.01, metadata={"help": "coefficient of the causal routing loss"})
     predictor_size: int = field(default=128, metadata={"help": "hidden units of the predictor MLP"})
     source: dict[str, Any] = field(default_factory=dict, metadata={"help": "the checkpoint converted"})
@@ -80,7 +93,7 @@ class MoDConfig:
         self.routed = [int(i) for i in self.routed]
         self.capacities = [float(c) for c in self.capacities]
         self.skip_paths = [str(s) for s in self.skip_paths] or ["identity"] * len(self.routed)
-        self.thresholds = [float(t) for t in self.thresholds] or [0.0] * len(self.routed)
+        self.thresholds = [None if t is None else float(t) for t in self.thresholds] or [None] * len(self.routed)
         if self.version > _VERSION:
             raise ValueError(f"MoDConfig version {self.version} is newer than this modify ({_VERSION}); upgrade modify")
         if self.num_blocks < 1:
@@ -107,8 +120,8 @@ class MoDConfig:
             raise ValueError(
                 f"got {len(self.thresholds)} thresholds for {len(self.routed)} routed blocks; give one per routed block"
             )
-        if not all(math.isfinite(t) for t in self.thresholds):
-            raise ValueError(f"thresholds must be finite numbers, got {self.thresholds}")
+        if not all(t is None or math.isfinite(t) for t in self.thresholds):
+            raise ValueError(f"thresholds must be finite numbers or None (not fitted yet), got {self.thresholds}")
         if self.causal not in CAUSAL_RULES:
             raise ValueError(f"unknown causal routing rule {self.causal!r}; choose one of {CAUSAL_RULES}")
         if not (math.isfinite(self.aux_loss_coef) and self.aux_loss_coef >= 0):
@@ -141,4 +154,38 @@ class MoDConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown MoDConfig keys {unknown}; was it written by a newer modify?")
+        thresholds = data.get("thresholds") or []
+        if data.get("causal", "threshold") == "threshold" and thresholds and all(t == 0.0 for t in thresholds):
+            # Releases before None existed wrote 0.0 for "never fitted"; a fitted quantile is never exactly 0 in
+            # every block, and 0.0 taken literally would skip every token of an untrained router.
+            data = {**data, "thresholds": [None] * len(thresholds)}
         return cls(**data)
+
+
+#: The key of config.json through which ``transformers`` finds modify's loading hook (its quantizer extension
+#: point; see :mod:`modify.hf_integration`), and the method named there.
+LOAD_MARKER_KEY = "quantization_config"
+QUANT_METHOD = "modify"
+
+
+def mark_loadable(config: Any) -> None:
+    """Put the loading hook's marker on a Hugging Face config, so that every ``save_pretrained`` (the model's,
+    a Trainer checkpoint's, ``push_to_hub``'s) writes it and the checkpoint reloads with its routers.
+
+    A config that already names another quantization method keeps it: modify can't load through two hooks.
+    """
+    if not callable(getattr(config, "to_dict", None)):
+        return
+    current = config.__dict__.get(LOAD_MARKER_KEY)
+    if current is None or _method(current) == QUANT_METHOD:
+        setattr(config, LOAD_MARKER_KEY, {"quant_method": QUANT_METHOD})
+
+
+def unmark_loadable(config: Any) -> None:
+    """Remove the marker :func:`mark_loadable` put (a foreign quantization config stays)."""
+    if _method(config.__dict__.get(LOAD_MARKER_KEY)) == QUANT_METHOD:
+        del config.__dict__[LOAD_MARKER_KEY]
+
+
+def _method(value: Any) -> Any:
+    return value.get("quant_method") if isinstance(value, dict) else getattr(value, "quant_method", None)

@@ -18,14 +18,14 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from modify.config import CONFIG_KEY, MoDConfig
+from modify.config import CONFIG_KEY, QUANT_METHOD, MoDConfig
+from modify.errors import ModifyError
 from modify.moe.noop import NOOP_ATTR, NoOpExpert, find_moe
 from modify.router import PREDICTOR_ATTR, ROUTER_ATTR, MoDPredictor, MoDRouter
 from modify.skip_path import SKIP_ATTR, make_skip_path
 
-__all__ = ["QUANT_METHOD", "ModifyLoadConfig", "ModifyLoader"]
+__all__ = ["QUANT_METHOD", "ModifyLoadConfig", "ModifyLoader"]  # QUANT_METHOD from modify.config
 
-QUANT_METHOD = "modify"
 
 
 class ModifyLoadConfig(QuantizationConfigMixin):
@@ -48,6 +48,7 @@ class ModifyLoader(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         plan = self._plan(model)
+        keys = _check_checkpoint(plan, kwargs.get("checkpoint_files") or [])
         stack = model.get_submodule(plan.block_stack)
         hidden = model.config.get_text_config().hidden_size
         if plan.mode == "integrated":
@@ -60,7 +61,11 @@ class ModifyLoader(HfQuantizer):
         for i, skip in zip(plan.routed, plan.skip_paths):
             # Built on the meta device like the rest of the skeleton; the checkpoint's weights fill them.
             with torch.device("meta"):
-                stack[i].add_module(ROUTER_ATTR, MoDRouter(hidden))
+                router = MoDRouter(hidden)  # zeros: the checkpoint fills it
+                if f"{plan.block_stack}.{i}.{ROUTER_ATTR}.threshold" not in keys:
+                    # Saved before thresholds were weights: not expected, so the plan's value is used.
+                    router.register_buffer("threshold", router.threshold, persistent=False)
+                stack[i].add_module(ROUTER_ATTR, router)
                 path = make_skip_path(skip, hidden, dtype=next(stack[i].parameters()).dtype)
                 if path is not None:
                     stack[i].add_module(SKIP_ATTR, path)
@@ -81,6 +86,37 @@ class ModifyLoader(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+def _check_checkpoint(plan: MoDConfig, files: list[str]) -> set[str]:
+    """Refuse, before loading, a checkpoint whose routers don't match its plan: a router the plan doesn't
+    route would be dropped as an unexpected key, and one it routes but the files lack would start untrained;
+    transformers would only warn of either. Only safetensors files are read (their headers); returns their keys."""
+    from safetensors import safe_open
+
+    names = [f for f in files if str(f).endswith(".safetensors")]
+    if not names:
+        return set()
+    keys: set[str] = set()
+    for name in names:
+        with safe_open(str(name), framework="pt") as f:
+            keys.update(f.keys())
+    if plan.mode == "integrated":
+        return keys
+    prefix = f"{plan.block_stack}."
+    saved = {int(k[len(prefix) :].split(".")[0]) for k in keys if k.startswith(prefix) and f".{ROUTER_ATTR}." in k}
+    if saved - set(plan.routed):
+        raise ModifyError(
+            f"the checkpoint has routers in blocks {sorted(saved - set(plan.routed))} that its plan (config.json "
+            f"{CONFIG_KEY}.routed = {plan.routed}) doesn't route, so they would be dropped; save it again with "
+            "save_pretrained from the converted model"
+        )
+    if set(plan.routed) - saved:
+        raise ModifyError(
+            f"the checkpoint's plan routes blocks {sorted(set(plan.routed) - saved)} but its weights hold no router "
+            "for them; save it again with save_pretrained from the converted model"
+        )
+    return keys
 
 
 if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -49,29 +50,38 @@ def _float32_input(x: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
 class MoDRouter(_Float32):
     """r = w·x + b in float32 picks the tokens; the gate g(r) = 2·sigmoid(s·r) scales their contribution.
 
-    By default the weights start at zero and the gate scale s at 1: every score is 0, so every gate is
-    exactly 1 and the converted model computes the pretrained function on the tokens it routes (the
-    identity-preserving start of p-MoD's TanhNorm). The gate's slope at 0 is s/2, not 0, so the router's
-    weights receive gradient from the first step. Ties between equal scores go to earlier positions.
+    A new router starts with random weights (w ~ N(0, 1/D), seeded, so a conversion is reproducible) and the
+    gate scale s at 0: every gate is exactly 1, so capacity 1.0 reproduces the pretrained model, while the
+    scores already differ from token to token. A zero router would tie every score, and ties go to earlier
+    positions: top-k would route each sequence's first k tokens, a positional rule training starts from and
+    sampling can't follow (no score passes a threshold of 0). s receives gradient (through r) from the first
+    step, and w through s once s moves.
 
-    Routers fitted to calibration data (:mod:`modify.calibrate.calibration`) start with useful non-zero weights and
-    s = 0 instead: the gate is still exactly 1, so capacity 1.0 still reproduces the model, while the
-    scores already pick the tokens that matter. s receives gradient (through r) from the first step, and
-    w through s once s moves.
+    Routers fitted to calibration data (:mod:`modify.calibrate.calibration`) start the same way, with fitted
+    weights in place of random ones.
 
     Args:
         hidden_size: size of the hidden states scored.
+        device: where the parameters live.
+        seed: seeds the random start; None starts at zero with s = 1 (a skeleton whose weights a checkpoint
+            fills, or a router that must not depend on a seed; its gates are 1 too).
     """
 
-    def __init__(self, hidden_size: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, hidden_size: int, device: torch.device | str | None = None, seed: int | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(1, hidden_size, dtype=torch.float32, device=device))
+        weight = torch.zeros(1, hidden_size, dtype=torch.float32, device=device)
+        if seed is not None:
+            generator = torch.Generator().manual_seed(seed)
+            start = torch.randn(1, hidden_size, generator=generator, dtype=torch.float32) * hidden_size**-0.5
+            weight = start.to(weight.device)
+        self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.zeros(1, dtype=torch.float32, device=device))
-        self.scale = nn.Parameter(torch.ones(1, dtype=torch.float32, device=device))
-        # The "threshold" causal rule's threshold (modify.generate.causal). A buffer, so that training moves
-        # it in place without a host sync (torch.compile keeps one graph) and it follows the model's device;
-        # not persistent, since the plan in config.json records it.
-        self.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
+        self.scale = nn.Parameter(torch.full((1,), 0.0 if seed is not None else 1.0, dtype=torch.float32, device=device))
+        # The "threshold" causal rule's threshold (modify.generate.causal); NaN until fitted, trained or set from
+        # text. A buffer, so that training moves it in place without a host sync (torch.compile keeps one graph)
+        # and it follows the model's device; persistent, so that every save_pretrained (a Trainer checkpoint's
+        # too, which doesn't refresh the plan in config.json) keeps the value training left.
+        self.register_buffer("threshold", torch.full((), math.nan, dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, T, D] hidden states -> [B, T] float32 scores."""

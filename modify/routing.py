@@ -32,6 +32,7 @@ from modify.kernels.ops import route_gather, route_scatter_add
 from modify.passes.capture_block import CallStructure, call_structure, capture_block
 from modify.passes.extract_delta import ExtractDeltaPass
 from modify.passes.probe_block_calls import BlockCallSpec, Path, bind_call
+from modify.placement import Wrapped, unwrap_forward, wrap_forward
 from modify.router import PREDICTOR_ATTR, ROUTER_ATTR
 from modify.skip_path import SKIP_ATTR
 
@@ -222,6 +223,12 @@ class RoutingState:
         input_padding: [B, P + T] bool, True at padding, from the ``attention_mask`` the model was called with,
             while it runs; set only for blocks that get no mask of their own (see ``install_model_hooks``).
         handles: hooks on the block's modules that :func:`uninstall` removes.
+        device: where the block computes (its accelerate hook's execution device, else its weights' device).
+        wrapped: where :func:`install` put the routed forward, for :func:`uninstall`.
+        kept: the block's modules (router, skip path, predictor) that were there before conversion (a loaded
+            checkpoint's), which undoing a failed conversion leaves in place.
+        fitted: whether the threshold was fitted, trained or set from text; an unfitted one (NaN) is set from
+            the first scores the block sees (see :mod:`modify.generate.causal`).
     """
 
     index: int
@@ -248,6 +255,10 @@ class RoutingState:
     inline: tuple[str, ...] = ()
     input_padding: torch.Tensor | None = None
     handles: list[Any] = field(default_factory=list)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    wrapped: Wrapped | None = None
+    kept: tuple[str, ...] = ()
+    fitted: bool = False
 
     @property
     def threshold(self) -> float:
@@ -259,6 +270,7 @@ class RoutingState:
     def threshold(self, value: float) -> None:
         assert self.router is not None, "the block is not routed"
         self.router.threshold.fill_(value)
+        self.fitted = math.isfinite(value)
 
     def topk(self, scores: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
         """[B, k] the top-k rule's tokens of each row (see :func:`select_tokens`), k from the block's capacity."""
@@ -365,25 +377,31 @@ def install(
     block: nn.Module, state: RoutingState, router: nn.Module, skip: nn.Module | None = None,
     predictor: nn.Module | None = None,
 ) -> None:  # fmt: skip
-    """Route ``block``: add its router (skip path, predictor) and replace its forward on this instance only."""
+    """Route ``block``: add its router (skip path, predictor) and put the routed forward in place of the block's
+    own, under any hook accelerate has on it (see :mod:`modify.placement`)."""
     for attr, module in ((ROUTER_ATTR, router), (SKIP_ATTR, skip), (PREDICTOR_ATTR, predictor)):
         if module is not None and getattr(block, attr, None) is not module:
             block.add_module(attr, module)
-    if router.threshold.is_meta:  # loading builds routers on the meta device; a non-persistent buffer stays
-        router.register_buffer("threshold", torch.zeros((), device=router.weight.device), persistent=False)
+    if router.threshold.is_meta or "threshold" in router._non_persistent_buffers_set:
+        # A checkpoint that held no threshold (older, or offloaded): NaN, the plan's value follows; persistent
+        # from now on, so the next save keeps it.
+        value = torch.full((), math.nan) if router.threshold.is_meta else router.threshold.detach()
+        router.register_buffer("threshold", value.to(device=state.device, dtype=torch.float32))
     state.router = router
     setattr(block, STATE_ATTR, state)
     state.prepare(block)
-    block.forward = types.MethodType(routed_forward, block)  # type: ignore[method-assign]
+    state.wrapped = wrap_forward(block, types.MethodType(routed_forward, block))
 
 
-def uninstall(block: nn.Module) -> None:
-    """Undo :func:`install`; the block's own parameters were never touched."""
-    del block.forward
-    for handle in getattr(block, STATE_ATTR).handles:
+def uninstall(block: nn.Module, keep: tuple[str, ...] = ()) -> None:
+    """Undo :func:`install`; the block's own parameters were never touched, and its hooks are as they were.
+    The modules named in ``keep`` (of ROUTER_ATTR, SKIP_ATTR, PREDICTOR_ATTR) stay."""
+    state = getattr(block, STATE_ATTR)
+    if state.wrapped is not None:
+        unwrap_forward(block, routed_forward, state.wrapped)
+    for handle in state.handles:
         handle.remove()
-    delattr(block, ROUTER_ATTR)
-    for attr in (SKIP_ATTR, PREDICTOR_ATTR):
-        if hasattr(block, attr):
+    for attr in (ROUTER_ATTR, SKIP_ATTR, PREDICTOR_ATTR):
+        if attr in block._modules and attr not in keep:
             delattr(block, attr)
     delattr(block, STATE_ATTR)

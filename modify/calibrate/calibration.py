@@ -167,7 +167,7 @@ class Calibration:
             [self.capacities[i] for i in self.routed],
             keep_first=self.settings["keep_first"],
             skip_paths=[self.skip_paths[i] if self.skip_paths else "identity" for i in self.routed],
-            thresholds=[self.thresholds.get(str(i), 0.0) for i in self.routed],
+            thresholds=[self.thresholds.get(str(i)) for i in self.routed],
             calibration=self.to_dict(),
         )
 

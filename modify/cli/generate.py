@@ -74,6 +74,14 @@ def _check_args(args: argparse.Namespace) -> str:
     return text
 
 
+def _uncalibrated(model: object) -> list[int]:
+    """Routed blocks whose causal decision has nothing fitted or trained behind it (the threshold rule's
+    threshold not set; "aux" and "predictor" are trained rules and say nothing here)."""
+    from modify.api import routed_blocks
+
+    return sorted(s.index for _, s in routed_blocks(model) if not s.fitted and s.causal != "aux" and s.capacity < 1)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -97,8 +105,17 @@ def run(args: argparse.Namespace) -> int:
                                             return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
     else:
         ids = tokenizer(text, return_tensors="pt").input_ids
+    uncalibrated: list[int] = []
     if converted:
         modify.set_routing(model, args.routing)
+        uncalibrated = _uncalibrated(model)
+        if uncalibrated and not args.quiet and not args.json:
+            print(
+                f"note: the routers of blocks {uncalibrated} are uncalibrated (no threshold fitted or trained): "
+                "each block's threshold is set from this prompt to route its capacity share; calibrate "
+                "(modify calibrate) or train (modify train) the model for routing chosen with data",
+                file=sys.stderr,
+            )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample, "return_dict_in_generate": True,
               "pad_token_id": pad}  # fmt: skip
@@ -122,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(seconds, 3),
         "tokens_per_second": new.numel() / seconds,
         "text": continuation,
+        "uncalibrated_blocks": uncalibrated,
     }
     history = getattr(out.past_key_values, HISTORY_ATTR, None)
     if history:

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from modify.archs import attention_refusal
+from modify.errors import UnsupportedModelError
 from modify.router import PREDICTOR_ATTR
 
 __all__ = [
@@ -94,10 +96,22 @@ def causal_process(
     """[B, q] bool: the tokens the block processes under the causal rule (``seen``: real tokens before them)."""
     if state.capacity >= 1.0:
         return real.clone()
+    if not state.fitted and state.causal != "aux":
+        start_threshold(state, scores, real & (seen[:, None] + real.cumsum(-1) > state.keep_first))
     process = real & (decision_logits(state, block, x, scores) > decision_threshold(state))
     if state.keep_first:
         process |= real & (seen[:, None] + real.cumsum(-1) <= state.keep_first)
     return process
+
+
+def start_threshold(state: Any, scores: torch.Tensor, decided: torch.Tensor) -> None:
+    """Set a block's unfitted threshold from the first text it sees: the capacity quantile of the scores of
+    the tokens it decides (``decided``), so that about a capacity share of such tokens pass it. A fresh
+    conversion's prompt in ``generate()``, or its first top-k batch, is that text; fitting on calibration text
+    (:func:`fit_thresholds`) or training replaces it."""
+    quantile = torch.nanquantile(scores.detach().float().masked_fill(~decided, float("nan")), 1.0 - state.capacity)
+    state.router.threshold.copy_(quantile)
+    state.fitted = True
 
 
 def observe_topk(
@@ -107,11 +121,14 @@ def observe_topk(
     """In a top-k forward: the causal rule's loss, running threshold and agreement, on the tokens it decides."""
     learn = state.causal in ("aux", "predictor")
     track = state.causal == "threshold" and block.training and torch.is_grad_enabled()
-    if state.capacity >= 1.0 or not (learn or track or state.agreement is not None):
+    start = not state.fitted and state.causal != "aux"
+    if state.capacity >= 1.0 or not (learn or track or start or state.agreement is not None):
         return
     member = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
     real = ~padding if padding is not None else torch.ones_like(member)
     decided = real & (real.cumsum(-1) > state.keep_first)  # the leading tokens are always processed
+    if start and state.observer is None:  # (fit_thresholds observes with an observer, and fits them itself)
+        start_threshold(state, scores, decided)
     # Masks and sums rather than boolean indexing and host syncs: static shapes, so torch.compile keeps the
     # model one graph.
     logits = decision_logits(state, block, x, scores) if learn or state.agreement is not None else scores
@@ -167,7 +184,7 @@ def sync_plan(model: nn.Module) -> None:
     plan = getattr(config, CONFIG_KEY, None) if config is not None else None
     if isinstance(plan, dict):
         states = sorted(_states(model), key=lambda s: s.index)
-        plan["thresholds"] = [float(s.threshold) for s in states]
+        plan["thresholds"] = [float(s.threshold) if s.fitted else None for s in states]
 
 
 def _batches(batches: Iterable[Any]) -> Iterator[dict[str, Any]]:
@@ -255,6 +272,9 @@ class _Hooks:
         ]
 
     def clear(self, module: nn.Module, args: Any, kwargs: Any) -> None:
+        refusal = attention_refusal(getattr(module, "config", None))
+        if refusal:  # switched after conversion (set_attn_implementation, generate_batch's paged attention)
+            raise UnsupportedModelError("", refusal)
         recording = kwargs.get(
             "output_router_logits", getattr(getattr(module, "config", None), "output_router_logits", False)
         )

@@ -40,11 +40,16 @@ def test_capacity_one_continues_like_the_dense_model(models: dict, capsys) -> No
     assert sampled[0] == sampled[1]  # seeded
 
 
-def test_fresh_routers_skip_every_decision(models: dict, capsys) -> None:
-    """A fresh conversion's routers score 0, not above the threshold 0: only the routed blocks' hidden zeros."""
+def test_fresh_routers_route_about_their_capacity(models: dict, capsys) -> None:
+    """A fresh conversion (capacity 0.5): the prompt sets each threshold, so about half the positions are
+    processed, and the output says the routers are uncalibrated."""
     half = generate(models["half"], capsys=capsys)
     assert set(half["processed_share"]) == {"1", "3"}  # the routed blocks' cache layers
-    assert all(share == 0.0 for share in half["processed_share"].values())
+    assert all(0.25 <= share <= 0.75 for share in half["processed_share"].values()), half["processed_share"]
+    assert half["uncalibrated_blocks"] == [1, 3]
+    assert main(["generate", str(models["half"]), "--prompt", "the cat sat", "--max-new-tokens", "4"]) == 0
+    assert "blocks [1, 3] are uncalibrated" in capsys.readouterr().err
+    assert generate(models["full"], capsys=capsys)["uncalibrated_blocks"] == []  # capacity 1.0 decides nothing
 
 
 def test_text_goes_to_stdout(models: dict, capsys) -> None:
