@@ -163,7 +163,7 @@ def test_modify_train_trains_either_variant(tmp_path, mode: str) -> None:
     assert main(["convert", str(source), str(converted), "--mode", mode, "--capacity", "0.5", "-q"]) == 0
     out = tmp_path / "out"
     argv = ["train", str(converted), "--data", str(data), "--out", str(out), "--steps", "12", "--seq-len", "32"]
-    argv += ["--batch-size", "4", "--eval-fraction", "0.25", "--eval-tokens", "64", "--dtype", "float32", "-q"]
+    argv += ["--batch-size", "4", "--eval-fraction", "0.25", "--eval-tokens", "64", "--autocast", "none", "-q"]
     assert main([*argv, "--lr", "3e-3"]) == 0
     losses = [r["loss"] for r in read_metrics(out / "metrics.csv")]
     assert losses[-1] < losses[0]

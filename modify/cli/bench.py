@@ -3,11 +3,12 @@ implementations, forward and training step, in one process.
 
 MODEL is a named shape with random weights (smollm2-135m, llama-1b, llama-7b; --depth to keep fewer blocks),
 a converted directory (its own plan is "saved") or any source ``modify convert`` accepts (converted on the
-fly). For each batch size, sequence length and mode it times, interleaved and repeated, the dense model and,
-per plan, the converted model, a masked baseline (every token through every block, the update masked) and a
-per-sample baseline (a Python loop over the batch with boolean indexing). Reported per variant: median time,
-speedup over dense, analytic and measured FLOPs and their ratio (the speed limit), the converted model's
-routing share (profiler) and peak memory. CPU runs the PyTorch path; CUDA the Triton kernels.
+fly). For each batch size, sequence length and --measure (forward, training step) it times, interleaved and
+repeated, the dense model and, per plan, the converted model, a masked baseline (every token through every
+block, the update masked) and a per-sample baseline (a Python loop over the batch with boolean indexing).
+Reported per variant: median time, speedup over dense, analytic and measured FLOPs and their ratio (the speed
+limit), the converted model's routing share (profiler) and peak memory. CPU runs the PyTorch path; CUDA the
+Triton kernels.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 EXAMPLES = """examples:
   modify bench smollm2-135m --seq-len 512 1024 2048 --batch-size 1 4 16 --plans paper all@0.125 --json > bench.json
-  modify bench smollm2-135m --plans all@0.5 all@0.25 --mode forward --implementations dense converted
+  modify bench smollm2-135m --plans all@0.5 all@0.25 --measure forward --implementations dense converted
   modify bench llama-7b --depth 4 --seq-len 2048 --batch-size 1 --dtype bfloat16     # on a GPU: Triton path
   modify bench out/smollm2-mod --plans saved paper --csv bench.csv --plot bench.png   # a converted model
   modify bench smollm2-135m --compile --seq-len 1024 --batch-size 4                   # torch.compile too"""
@@ -44,21 +45,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", metavar="MODEL", help="a named shape (smollm2-135m, llama-1b, llama-7b) or a model")
-    p.add_argument("--seq-len", type=int, nargs="+", default=[1024], metavar="T", help="sequence lengths (1024)")
+    p.add_argument(
+        "--seq-len", type=int, nargs="+", default=[1024], metavar="T",
+        help="sequence lengths (default 1024: a timing length, the middle of docs/benchmarks.md's 512-2048 sweep; "
+        "eval, train and calibrate default to 512)",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, nargs="+", default=[4], metavar="B", help="batch sizes (4)")
     p.add_argument(
         "--plans", nargs="+", default=None, metavar="PLAN",
         help="paper, LAYERS@CAPACITY (all@0.125, every-other@0.5, 1,3,5@0.25), saved, or a PLAN.json "
         "(default: saved for a converted MODEL, else paper and all@0.125)",
     )  # fmt: skip
-    p.add_argument("--mode", choices=["forward", "train", "both"], default="both", help="what to time (both)")
+    # Not --mode: that is convert's Mixture-of-Depths mode (staged or integrated).
+    p.add_argument(
+        "--measure", choices=["forward", "train", "both"], default="both",
+        help="what to time: the forward, the training step or both (default both)",
+    )  # fmt: skip
     p.add_argument(
         "--implementations", nargs="+", default=["dense", "converted", "masked", "per-sample"],
         choices=["dense", "converted", "masked", "per-sample"], help="what to compare (all four)",
     )  # fmt: skip
     p.add_argument("--compile", action="store_true", help="also time dense and converted under torch.compile")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (3); the median is reported")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], help="weights dtype (default: float32 on CPU, bfloat16 on CUDA)"
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--depth", type=int, help="blocks of a named shape (default: the real model's)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
@@ -153,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         budget = 0.85 * torch.cuda.mem_get_info(device)[0]
     settings = BenchSettings(
         batch_sizes=args.batch_size, seq_lens=args.seq_len,
-        modes=MODES if args.mode == "both" else (args.mode,), implementations=tuple(args.implementations),
+        modes=MODES if args.measure == "both" else (args.measure,), implementations=tuple(args.implementations),
         repeats=args.repeats, compile=args.compile, profile=not args.no_profile, profile_dense=args.profile_dense,
         memory_budget=int(budget),
     )  # fmt: skip

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from modify.cli.common import Progress, add_common_flags, emit_json, quiet_libraries
+from modify.cli.common import Parser, Progress, add_common_flags, emit_json, quiet_libraries
 from modify.errors import ModifyError, UsageError
 from modify.skip_path import SKIP_KINDS
 
@@ -75,51 +75,81 @@ def skip_spec(args: argparse.Namespace) -> str:
         raise UsageError(f"--skip-rank {args.skip_rank}: {exc}") from None
 
 
-def add_calibration_flags(p: argparse.ArgumentParser, required: bool) -> None:
+def add_calibration_flags(p: Parser, required: bool) -> None:
+    """The calibration settings, shared by calibrate and convert; with ``required`` False (convert, where
+    calibration is optional) they are refused unless ``--calibrate`` is given, instead of silently ignored."""
     from modify.calibrate.calibration import CalibrationSettings
 
     d = CalibrationSettings()  # the flags' defaults are the library's
-    p.add_argument(
-        "--flops-budget", type=budget_type, required=required, help="blocks cost at most F x dense FLOPs, F in (0, 1)"
-    )
-    p.add_argument("--tokens", type=int, default=d.tokens, help=f"calibration tokens (default {d.tokens})")
-    p.add_argument(
+    added: list[argparse.Action] = []
+
+    def flag(*names: str, **kwargs: Any) -> None:
+        added.append(p.add_argument(*names, **kwargs))
+
+    flag("--flops-budget", type=budget_type, required=required, help="blocks cost at most F x dense FLOPs, F in (0, 1)")
+    flag("--tokens", type=int, default=d.tokens, help=f"calibration tokens (default {d.tokens})")
+    flag(
         "--seq-len",
         type=int,
         default=d.seq_len,
-        help=f"tokens per window; the budget holds at this length (default {d.seq_len})",
+        help=f"tokens per window; the budget holds at this length (default {d.seq_len}, as train's and eval's)",
     )
-    p.add_argument(
+    flag(
         "--grid",
         type=grid_type,
         default=d.grid,
         help=f"capacities to choose from (default {','.join(f'{c:g}' for c in d.grid)})",
     )
-    p.add_argument(
+    flag(
         "--sensitivity-tokens",
         type=int,
         default=d.sensitivity_tokens,
         help=f"tokens for the per-block measurements (default {d.sensitivity_tokens})",
     )
-    p.add_argument("--seed", type=int, default=d.seed, help=f"picks the sensitivity windows (default {d.seed})")
-    p.add_argument(
+    flag("--seed", type=int, default=d.seed, help=f"picks the sensitivity windows (default {d.seed})")
+    flag(
         "--keep-first",
         type=int,
         default=d.keep_first,
         help=f"leading tokens always routed: the attention sink (default {d.keep_first})",
     )
-    p.add_argument(
+    flag(
         "--refine-rounds",
         type=int,
         default=d.refine_rounds,
         help=f"re-measure around the plan and plan again this many times (default {d.refine_rounds})",
     )
-    p.add_argument(
+    flag(
         "--calibration-dtype",
         default=d.dtype,
         choices=["bfloat16", "float32", "float16"],
-        help=f"dtype calibration runs in (default {d.dtype})",
+        help=f"weights dtype of the model copy that calibration runs (default {d.dtype})",
     )
+    if not required:
+        _only_with_calibrate(p, added)
+
+
+def _only_with_calibrate(p: Parser, actions: list[argparse.Action]) -> None:
+    """Parse ``actions`` as None in convert, so that one given without ``--calibrate`` (dest ``data``) shows and
+    is a usage error; with ``--calibrate``, the ones not given get their defaults back."""
+    defaults = {a.dest: a.default for a in actions}
+    for action in actions:
+        action.default = None
+        action.help = f"with --calibrate: {action.help}"
+
+    def check(parser: Parser, args: argparse.Namespace) -> None:
+        given = [a.option_strings[0] for a in actions if getattr(args, a.dest) is not None]
+        if given and args.data is None:
+            several = len(given) > 1
+            parser.error(
+                f"{', '.join(given)}: calibration setting{'s' * several}, used only with --calibrate FILE...; "
+                f"add --calibrate or drop {'them' if several else 'it'}"
+            )
+        for dest, value in defaults.items():
+            if getattr(args, dest) is None:
+                setattr(args, dest, value)
+
+    p.checks.append(check)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

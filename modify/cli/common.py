@@ -10,7 +10,7 @@ import logging
 import math
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from modify.errors import UsageError
@@ -19,7 +19,23 @@ __all__ = ["Parser", "capacity_type", "parse_layers", "Progress", "emit_json", "
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with usage errors on one line: ``modify convert: error: ...`` and exit code 2."""
+    """argparse with usage errors on one line: ``modify convert: error: ...`` and exit code 2.
+
+    ``checks`` run on the namespace after parsing, for rules between flags that argparse can't state (a flag
+    that means something only beside another); they report through :meth:`error`, so the same one line.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.checks: list[Callable[[Parser, argparse.Namespace], None]] = []
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extras = super().parse_known_args(args, namespace)
+        for check in self.checks:
+            check(self, namespace)
+        return namespace, extras
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")

@@ -40,7 +40,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data", nargs="+", type=Path, required=True, metavar="PATH", help="UTF-8 text files or directories"
     )
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence, at least 2 (default 512)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=512,
+        help="tokens per sequence, at least 2 (default 512, train's and calibrate's default, so that perplexities "
+        "compare; inspect reports FLOPs at 2048, the model card's length)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
     p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens (default: all the data)")
     p.add_argument(

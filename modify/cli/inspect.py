@@ -23,7 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "src", metavar="SRC_OR_OUT", help="model directory, .gguf file, cached model id, 'smollm2', or a converted OUT"
     )
-    p.add_argument("--seq-len", type=int, default=2048, help="sequence length for the FLOPs (default 2048)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=2048,  # modify.checkpoint.CARD_SEQ_LEN, not imported: --help stays fast
+        help="sequence length for the FLOPs (default 2048, the length convert's summary and the model card report; "
+        "eval, train and calibrate default to 512, bench to 1024)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_common_flags(p)
     p.set_defaults(run=run)

@@ -19,18 +19,23 @@ EXAMPLES = """examples:
   modify train out/smollm2-mod --data corpus.jsonl --steps 2000 --train lora --lr 2e-4 --out runs/lora
   modify train out/smollm2-mod --config train.yaml --lr 3e-5                          # flags override the file
   modify train out/smollm2-mod --config runs/mod/train_config.yaml --resume            # continue after a kill
+  modify train out/smollm2-mod --data plays/ --steps 200 --autocast none --out runs/fp32  # float32 compute, no autocast
   torchrun --nproc_per_node 4 -m modify train out/smollm2-mod --data plays/ --steps 1000 --out runs/fsdp
 
 DIR receives: the trained model (loadable with modify.from_pretrained; LoRA merged, adapters in DIR/adapter),
 train_config.yaml (the resolved settings), metrics.csv (and DIR/tensorboard where installed), report.png,
 train.log, and checkpoints/step-N/ every --save-every steps. --resume alone continues from DIR's latest
-checkpoint; --resume CKPT from that one. Data: text files, directories of them, JSON-lines with a "text" field."""
+checkpoint; --resume CKPT from that one. Data: text files, directories of them, JSON-lines with a "text" field.
+--dtype is the weights' dtype (float32; bfloat16 halves weights and optimizer state), as in every subcommand;
+--autocast the compute dtype (auto: bfloat16 where the hardware has it)."""
 
 _TYPES = {"steps": int, "tokens": int, "seq_len": int, "batch_size": int, "grad_accum": int, "lr": float,
           "router_lr": float, "warmup": int, "weight_decay": float, "clip": float, "capacity_anneal": int,
           "aux_weight": float, "lora_rank": int, "lora_alpha": float, "eval_fraction": float, "eval_every": int,
           "eval_tokens": int, "save_every": int, "seed": int, "max_bad_steps": int, "log_every": int}  # fmt: skip
-_CHOICES = {"train": "TRAIN_MODES", "schedule": "SCHEDULES", "strategy": "STRATEGIES"}
+# --dtype is the weights' dtype, as in every subcommand; the compute dtype is --autocast.
+_CHOICES = {"train": "TRAIN_MODES", "schedule": "SCHEDULES", "strategy": "STRATEGIES", "dtype": "DTYPES",
+            "autocast": "AUTOCASTS"}  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,7 +62,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, table in _CHOICES.items():
         choices = getattr(cfg, table)
         p.add_argument(f"--{name}", choices=choices, help=f"{helps[name]} (default {defaults[name]})")
-    p.add_argument("--dtype", choices=cfg.DTYPES, help=f"{helps['dtype']} (default auto)")
     p.add_argument(
         "--resume",
         nargs="?",

@@ -15,13 +15,24 @@ from typing import Any
 
 from modify.errors import UsageError
 
-__all__ = ["TrainConfig", "TRAIN_MODES", "SCHEDULES", "STRATEGIES", "load_config_file", "RUN_KEYS"]
+__all__ = [
+    "TrainConfig",
+    "TRAIN_MODES",
+    "SCHEDULES",
+    "STRATEGIES",
+    "DTYPES",
+    "AUTOCASTS",
+    "load_config_file",
+    "RUN_KEYS",
+]
 
 TRAIN_MODES = ("full", "lora", "routers", "routers+norms", "routers+skip")
 SCHEDULES = ("cosine", "linear", "constant")
 STRATEGIES = ("auto", "fsdp", "ddp")
-DTYPES = ("auto", "float32", "bfloat16")
-_VERSION = 1
+DTYPES = ("float32", "bfloat16")  # of the weights, as --dtype everywhere in the command line
+AUTOCASTS = ("auto", "bfloat16", "none")
+#: 2: ``dtype`` is the weights' dtype and ``autocast`` the compute dtype; version 1 called the latter ``dtype``.
+_VERSION = 2
 
 #: Settings that decide which tokens each step sees and what learns: a checkpoint resumes only a run that
 #: agrees on all of them (the step count and the schedule's length may change).
@@ -59,8 +70,9 @@ class TrainConfig:
             tokens.
         save_every: write a checkpoint every that many steps (0: only at the end).
         seed: data order and initialisation of anything new (LoRA).
-        dtype: compute dtype under autocast: ``auto`` is bfloat16 where the hardware has it, else float32.
-            Weights and optimizer state stay float32.
+        dtype: the weights' dtype (and so the optimizer state's): float32, or bfloat16 to halve both.
+        autocast: compute dtype under autocast: ``auto`` is bfloat16 where the hardware has it, else none (the
+            weights' dtype).
         strategy: under torchrun, ``fsdp`` (FSDP2, one shard unit per block, routers included) or ``ddp``.
         max_bad_steps: consecutive steps with a non-finite loss or gradient after which the run stops.
         log_every: steps between log lines when not on a terminal.
@@ -73,7 +85,7 @@ class TrainConfig:
     dense: bool = field(default=False, metadata=_help("train an unconverted model: the baseline"))
     steps: int | None = field(default=None, metadata=_help("optimizer steps"))
     tokens: int | None = field(default=None, metadata=_help("training tokens (instead of --steps)"))
-    seq_len: int = field(default=512, metadata=_help("tokens per sequence"))
+    seq_len: int = field(default=512, metadata=_help("tokens per sequence; eval's and calibrate's default is the same"))
     batch_size: int = field(default=8, metadata=_help("sequences per process and micro-step"))
     grad_accum: int = field(default=1, metadata=_help("micro-steps per optimizer step"))
     lr: float = field(default=1e-4, metadata=_help("peak learning rate"))
@@ -93,7 +105,12 @@ class TrainConfig:
     eval_tokens: int = field(default=65536, metadata=_help("tokens per evaluation, at most"))
     save_every: int = field(default=0, metadata=_help("steps between checkpoints (0: at the end)"))
     seed: int = field(default=0, metadata=_help("seed of data order and new weights"))
-    dtype: str = field(default="auto", metadata=_help("autocast compute dtype: auto, float32 or bfloat16"))
+    dtype: str = field(default="float32", metadata=_help("weights dtype (and the optimizer state's)"))
+    autocast: str = field(
+        default="auto",
+        metadata=_help("compute dtype: auto (bfloat16 where the hardware has it, else none), bfloat16, or none "
+                       "(no autocast: the weights' dtype)"),
+    )  # fmt: skip
     strategy: str = field(default="auto", metadata=_help("auto, fsdp or ddp under torchrun"))
     max_bad_steps: int = field(default=5, metadata=_help("consecutive non-finite steps before stopping"))
     log_every: int = field(default=10, metadata=_help("steps between log lines in a pipe"))
@@ -129,11 +146,11 @@ class TrainConfig:
             raise UsageError("--lr and --router-lr are both 0: nothing would learn")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UsageError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction!r}")
-        for name, choices in (("train", TRAIN_MODES), ("schedule", SCHEDULES), ("strategy", STRATEGIES)):
+        choices_of = {"train": TRAIN_MODES, "schedule": SCHEDULES, "strategy": STRATEGIES}
+        for name, choices in {**choices_of, "dtype": DTYPES, "autocast": AUTOCASTS}.items():
             if getattr(self, name) not in choices:
-                raise UsageError(f"{_flag(name)} {getattr(self, name)!r} is not one of {', '.join(choices)}")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+                hint = "; the compute dtype is --autocast" if name == "dtype" and self.dtype in AUTOCASTS else ""
+                raise UsageError(f"{_flag(name)} {getattr(self, name)!r} is not one of {', '.join(choices)}{hint}")
         if self.dense and self.train != "full" and self.train != "lora":
             raise UsageError(f"--train {self.train} trains routers, and a --dense model has none; use full or lora")
 
@@ -199,7 +216,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a mapping of settings, not a {type(data).__name__}")
-    resolved = {str(k).replace("-", "_"): v for k, v in data.items()}
+    resolved = _upgrade({str(k).replace("-", "_"): v for k, v in data.items()})
     unknown = sorted(set(resolved) - TrainConfig.keys())
     if unknown:
         raise UsageError(
@@ -209,3 +226,16 @@ def load_config_file(path: Path) -> dict[str, Any]:
         if isinstance(resolved.get(key), str):
             resolved[key] = [resolved[key]]
     return resolved
+
+
+def _upgrade(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings saved by an older modify, in this version's terms: so a run's own ``train_config.yaml`` still
+    resumes it. Only a file that states its version is upgraded; one without is taken as this version's."""
+    version = settings.get("version", _VERSION)
+    if isinstance(version, int) and version < 2 and "dtype" in settings:
+        # Version 1's dtype was the autocast dtype (float32: no autocast); its weights were always float32.
+        old = settings.pop("dtype")
+        settings["autocast"] = "none" if old == "float32" else old
+    if isinstance(version, int) and version < _VERSION:
+        settings["version"] = _VERSION
+    return settings

@@ -33,8 +33,8 @@ __all__ = ["Trainer", "autocast_dtype", "lr_factor"]
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The compute dtype under autocast: None for float32 (no autocast)."""
-    if name == "float32":
+    """The compute dtype under autocast: None for none (no autocast)."""
+    if name == "none":
         return None
     if name == "bfloat16":
         return torch.bfloat16
@@ -96,7 +96,7 @@ class Trainer:
         self.d = d
         # transformers' GGUF loader draws its own progress bar on stderr, whatever its verbosity.
         with contextlib.nullcontext() if self.verbose_load else contextlib.redirect_stderr(io.StringIO()):
-            model, tokenizer, self.source, converted = load_any(c.model, "float32")
+            model, tokenizer, self.source, converted = load_any(c.model, c.dtype)
         if tokenizer is None:
             raise ModifyError(f"{c.model} has no tokenizer; save one beside the model (tokenizer.save_pretrained)")
         self.tokenizer = tokenizer
@@ -139,7 +139,7 @@ class Trainer:
         self.tokens_per_step = per_step
         self.total_steps = c.steps if c.steps is not None else max(1, math.ceil(c.tokens / per_step))
         self.warmup = c.warmup_steps(self.total_steps)
-        self.amp = autocast_dtype(c.dtype, d.device)
+        self.amp = autocast_dtype(c.autocast, d.device)
         self.step = 0
         self.bad_steps = 0
         self.skipped = 0

@@ -48,7 +48,7 @@ def test_dense_source_converted_on_the_fly(saved_models: dict[str, Path], tmp_pa
 
 def test_memory_guard_skips_larger_settings(saved_models: dict[str, Path], capsys) -> None:
     out = bench(str(saved_models["llama"]), "--seq-len", "8", "64", "--batch-size", "1", "--plans", "paper",
-                "--mode", "forward", "--memory-budget", "0.000001", "--implementations", "dense", "converted",
+                "--measure", "forward", "--memory-budget", "0.000001", "--implementations", "dense", "converted",
                 capsys=capsys)  # fmt: skip
     assert [r["seq_len"] for r in out["records"] if "results" in r] == [8]  # nothing to project from yet
     assert out["skipped"][0]["seq_len"] == 64 and "exceeds" in out["skipped"][0]["skipped"]
@@ -57,14 +57,14 @@ def test_memory_guard_skips_larger_settings(saved_models: dict[str, Path], capsy
 def test_converted_model_benchmarks_its_own_plan(saved_models: dict[str, Path], tmp_path: Path, capsys) -> None:
     out_dir = tmp_path / "mod"
     assert main(["convert", str(saved_models["gpt2"]), str(out_dir), "--capacity", "0.5", "-q"]) == 0
-    out = bench(str(out_dir), "--seq-len", "16", "--batch-size", "2", "--mode", "forward", capsys=capsys)
+    out = bench(str(out_dir), "--seq-len", "16", "--batch-size", "2", "--measure", "forward", capsys=capsys)
     assert [s["plan"] for s in out["summary"]] == ["saved"]
     assert out["plans"]["saved"] == "2 blocks at 0.5"
 
 
 def test_table_on_stdout(saved_models: dict[str, Path], capsys) -> None:
     assert main(["bench", str(saved_models["llama"]), "--seq-len", "16", "--batch-size", "1", "--repeats", "1",
-                 "--mode", "forward", "--plans", "all@0.5", "-q"]) == 0  # fmt: skip
+                 "--measure", "forward", "--plans", "all@0.5", "-q"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "converted@all@0.5" in out and "per-sample@all@0.5" in out and "float32" in out
 

@@ -37,5 +37,5 @@ def train_args(inputs: dict[str, Path], out: Path, *extra: str, model: str = "co
     return [
         "train", str(inputs[model]), "--data", str(inputs["data"]), "--out", str(out), "--steps", "4",
         "--seq-len", "16", "--batch-size", "2", "--eval-fraction", "0.25", "--eval-tokens", "64",
-        "--dtype", "float32", "-q", *extra,
+        "--autocast", "none", "-q", *extra,
     ]  # fmt: skip
