@@ -319,9 +319,8 @@ def _convert_staged(
             if attr in block._modules and attr not in state.kept:
                 register_offloaded(model, f"{state.name}.{attr}")
         keep_resident(model, f"{state.name}.{ROUTER_ATTR}")
-        if ROUTER_ATTR in state.kept and bool(router.threshold.isfinite()):
-            state.fitted = True  # a loaded checkpoint's, newer than its plan (a Trainer save doesn't refresh that)
-        else:
+        if not (ROUTER_ATTR in state.kept and bool(router.threshold.isfinite())):
+            # (else a loaded checkpoint's, newer than its plan: a Trainer save doesn't refresh the plan)
             state.threshold = math.nan if threshold is None else threshold
         moe = find_moe(block)
         handle = leave_out_of_load_balancing(getattr(moe[1], MOE_PARTS[0]), state) if moe is not None else None

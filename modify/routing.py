@@ -227,8 +227,6 @@ class RoutingState:
         wrapped: where :func:`install` put the routed forward, for :func:`uninstall`.
         kept: the block's modules (router, skip path, predictor) that were there before conversion (a loaded
             checkpoint's), which undoing a failed conversion leaves in place.
-        fitted: whether the threshold was fitted, trained or set from text; an unfitted one (NaN) is set from
-            the first scores the block sees (see :mod:`modify.generate.causal`).
     """
 
     index: int
@@ -258,11 +256,11 @@ class RoutingState:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     wrapped: Wrapped | None = None
     kept: tuple[str, ...] = ()
-    fitted: bool = False
 
     @property
     def threshold(self) -> float:
-        """The block's decision threshold for the "threshold" rule (its router's ``threshold`` buffer)."""
+        """The block's decision threshold for the "threshold" rule (its router's ``threshold`` buffer); NaN
+        until fitted, trained or set from the first text it decides on (see :mod:`modify.generate.causal`)."""
         assert self.router is not None, "the block is not routed"
         return float(self.router.threshold)
 
@@ -270,7 +268,6 @@ class RoutingState:
     def threshold(self, value: float) -> None:
         assert self.router is not None, "the block is not routed"
         self.router.threshold.fill_(value)
-        self.fitted = math.isfinite(value)
 
     def topk(self, scores: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
         """[B, k] the top-k rule's tokens of each row (see :func:`select_tokens`), k from the block's capacity."""

@@ -64,12 +64,23 @@ class Recorder:
 
 
 def set_router_weights(model: nn.Module, std: float = 1.0, seed: int = 1) -> None:
-    """Give every router random weights and bias (gate scale kept), so that top-k picks by content."""
+    """Give every router random weights and bias and gate scale 1, so that top-k picks by content and the
+    gates follow the scores (a trained router; a fresh one's gate scale is 0, every gate exactly 1)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "router" in name and not name.endswith("scale"):
                 p.copy_(torch.randn(p.shape, generator=gen) * std / max(1, p.shape[-1]) ** 0.5)
+    open_gates(model)
+
+
+def open_gates(model: nn.Module, scale: float = 1.0) -> None:
+    """Set every router's gate scale, as training moves it: a fresh router's is 0 (its gates are exactly 1,
+    and its weights get gradient only once the scale moves), so gradient tests of one step open the gates."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "router" in name and name.endswith("scale"):
+                p.fill_(scale)
 
 
 class BlockIO:

@@ -12,7 +12,7 @@ from torch import nn
 import modify
 from modify import MoDConfig, UnsupportedModelError
 from modify.testing import tiny_model
-from tests.helpers import ToyModel, toy_inputs
+from tests.helpers import ToyModel, open_gates, toy_inputs
 
 
 def _snapshot(model: nn.Module) -> tuple[dict, str]:
@@ -135,6 +135,7 @@ def test_flex_attention_is_refused_with_the_fix() -> None:
 
 def test_gradient_checkpointing_keeps_the_router_on_the_gradient_path() -> None:
     model = modify.convert(tiny_model("llama"), capacity=0.5)
+    open_gates(model)
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable()
     model.train()

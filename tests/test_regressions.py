@@ -16,7 +16,7 @@ import torch
 import modify
 from modify.routing import capacity_tokens
 from modify.testing import tiny_model
-from tests.helpers import BlockIO, Recorder, set_router_weights
+from tests.helpers import BlockIO, Recorder, open_gates, set_router_weights
 
 
 def _loop_reference(model: torch.nn.Module, block: torch.nn.Module, x: torch.Tensor, capacity: float) -> torch.Tensor:
@@ -116,6 +116,7 @@ def test_skipped_tokens_ride_the_residual_stream_unchanged() -> None:
 def test_router_is_on_the_gradient_path() -> None:
     model = tiny_model("llama")
     modify.convert(model, capacity=0.5, layers=[1])
+    open_gates(model)
     ids = torch.randint(3, 97, (2, 16))
     loss = model(ids, labels=ids).loss
     loss.backward()

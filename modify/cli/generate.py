@@ -77,9 +77,12 @@ def _check_args(args: argparse.Namespace) -> str:
 def _uncalibrated(model: object) -> list[int]:
     """Routed blocks whose causal decision has nothing fitted or trained behind it (the threshold rule's
     threshold not set; "aux" and "predictor" are trained rules and say nothing here)."""
+    import math
+
     from modify.api import routed_blocks
 
-    return sorted(s.index for _, s in routed_blocks(model) if not s.fitted and s.causal != "aux" and s.capacity < 1)
+    blocks = routed_blocks(model)  # type: ignore[arg-type]
+    return sorted(s.index for _, s in blocks if math.isnan(s.threshold) and s.causal != "aux" and s.capacity < 1)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ Which rule runs is the routing mode (:func:`set_routing`): "topk" (the training 
 from __future__ import annotations
 
 import contextlib
+import math
 import types
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -96,7 +97,7 @@ def causal_process(
     """[B, q] bool: the tokens the block processes under the causal rule (``seen``: real tokens before them)."""
     if state.capacity >= 1.0:
         return real.clone()
-    if not state.fitted and state.causal != "aux":
+    if state.causal != "aux":
         start_threshold(state, scores, real & (seen[:, None] + real.cumsum(-1) > state.keep_first))
     process = real & (decision_logits(state, block, x, scores) > decision_threshold(state))
     if state.keep_first:
@@ -105,13 +106,14 @@ def causal_process(
 
 
 def start_threshold(state: Any, scores: torch.Tensor, decided: torch.Tensor) -> None:
-    """Set a block's unfitted threshold from the first text it sees: the capacity quantile of the scores of
-    the tokens it decides (``decided``), so that about a capacity share of such tokens pass it. A fresh
-    conversion's prompt in ``generate()``, or its first top-k batch, is that text; fitting on calibration text
-    (:func:`fit_thresholds`) or training replaces it."""
+    """Set a block's unfitted (NaN) threshold from the first text it decides on: the capacity quantile of the
+    scores of the tokens it decides (``decided``), so that about a capacity share of such tokens pass it. A
+    fresh conversion's prompt in ``generate()`` is that text; fitting on calibration text
+    (:func:`fit_thresholds`) or training replaces it. Tensor operations only, no flag: no host sync, and a
+    compiled model doesn't recompile once the threshold is set."""
+    threshold = state.router.threshold
     quantile = torch.nanquantile(scores.detach().float().masked_fill(~decided, float("nan")), 1.0 - state.capacity)
-    state.router.threshold.copy_(quantile)
-    state.fitted = True
+    threshold.copy_(torch.where(threshold.isnan(), quantile, threshold))
 
 
 def observe_topk(
@@ -120,14 +122,14 @@ def observe_topk(
 ) -> None:  # fmt: skip
     """In a top-k forward: the causal rule's loss, running threshold and agreement, on the tokens it decides."""
     learn = state.causal in ("aux", "predictor")
-    track = state.causal == "threshold" and block.training and torch.is_grad_enabled()
-    start = not state.fitted and state.causal != "aux"
-    if state.capacity >= 1.0 or not (learn or track or start or state.agreement is not None):
+    # The predictor reads the router's margin over the threshold, so its threshold follows the router too.
+    track = state.causal in ("threshold", "predictor") and block.training and torch.is_grad_enabled()
+    if state.capacity >= 1.0 or not (learn or track or state.agreement is not None):
         return
     member = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
     real = ~padding if padding is not None else torch.ones_like(member)
     decided = real & (real.cumsum(-1) > state.keep_first)  # the leading tokens are always processed
-    if start and state.observer is None:  # (fit_thresholds observes with an observer, and fits them itself)
+    if state.causal == "predictor":  # its logit reads the margin over the threshold, which must be a number
         start_threshold(state, scores, decided)
     # Masks and sums rather than boolean indexing and host syncs: static shapes, so torch.compile keeps the
     # model one graph.
@@ -139,8 +141,9 @@ def observe_topk(
     if track:
         threshold = state.router.threshold
         quantile = torch.nanquantile(scores.detach().float().masked_fill(~decided, float("nan")), 1.0 - state.capacity)
-        moved = threshold + THRESHOLD_MOMENTUM * (quantile - threshold)
-        threshold.copy_(torch.where(quantile.isnan(), threshold, moved))  # no token decided: no quantile
+        # An unfitted threshold (NaN) starts at the first batch's quantile; no token decided: no quantile.
+        moved = torch.where(threshold.isnan(), quantile, threshold + THRESHOLD_MOMENTUM * (quantile - threshold))
+        threshold.copy_(torch.where(quantile.isnan(), threshold, moved))
     if state.agreement is not None:
         decide = logits.detach() > decision_threshold(state)
         stats = [(decide == member) & decided, decide & decided, member & decided, decided]
@@ -184,7 +187,7 @@ def sync_plan(model: nn.Module) -> None:
     plan = getattr(config, CONFIG_KEY, None) if config is not None else None
     if isinstance(plan, dict):
         states = sorted(_states(model), key=lambda s: s.index)
-        plan["thresholds"] = [float(s.threshold) if s.fitted else None for s in states]
+        plan["thresholds"] = [None if math.isnan(s.threshold) else s.threshold for s in states]
 
 
 def _batches(batches: Iterable[Any]) -> Iterator[dict[str, Any]]:

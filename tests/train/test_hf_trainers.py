@@ -125,16 +125,19 @@ def test_sft_trainer(tmp_path: Path) -> None:
 
 
 def test_trainer_trains_the_causal_predictor(tmp_path: Path) -> None:
-    """The predictor's loss rides in outputs.loss: Trainer trains it with nothing added, and its decisions
-    come to agree with top-k more often."""
+    """The predictor's loss rides in outputs.loss: Trainer trains it with nothing added, and its loss on held-out
+    text falls. (A fresh predictor starts at the threshold rule's decisions, which already agree with top-k on
+    about 93% of these tokens; five steps at 1e-2 lower the loss it is trained on, not its hard decisions.)"""
     from transformers import Trainer
 
     model = modify.convert(tiny_model("llama"), capacity=0.5, layers="every-other", causal="predictor")
-    held_out = [_sequences(8, seed=1)]
-    agreement = sum(b["agreement"] for b in modify.measure_agreement(model, held_out).values())
+    held_out = _sequences(8, seed=1)
+    with torch.no_grad():
+        loss_before = float(model(held_out).aux_loss)
     predictors = {n: p.detach().clone() for n, p in model.named_parameters() if "mod_predictor" in n}
     trainer = Trainer(model=model, args=_training_args(tmp_path / "run"), train_dataset=_Sequences(_sequences(16)))
     trainer.train()
     moved = [n for n, p in model.named_parameters() if n in predictors and not torch.equal(p, predictors[n])]
     assert sorted(moved) == sorted(predictors)
-    assert sum(b["agreement"] for b in modify.measure_agreement(model, held_out).values()) > agreement
+    with torch.no_grad():
+        assert float(model.eval()(held_out).aux_loss) < loss_before - 0.05  # 0.68 -> 0.54 here
