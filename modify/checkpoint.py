@@ -371,7 +371,7 @@ Converted with [modify](https://pypi.org/project/modify/) from `{source_label(pl
 ({plan.source.get("kind", "unknown")}).
 
 - Routed blocks (capacity): {routed} of {plan.num_blocks}
-- Router: {plan.router}, gate: {plan.gate} (routers start at zero: every gate is 1)
+- Router: {plan.router}, gate: {plan.gate} (every gate starts at exactly 1)
 - Skipped tokens get: {skipped}
 - Sampling (`generate()`): causal routing, rule `{plan.causal}` ({_CAUSAL_CARD[plan.causal]})
 - Forward FLOPs per token at {seq_len} tokens (skip paths included): dense {count.dense / seq_len:,.0f}, \

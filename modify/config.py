@@ -24,8 +24,8 @@ __all__ = [
 #: The attribute of a Hugging Face config (and key of config.json) that holds the plan.
 CONFIG_KEY = "mixture_of_depths"
 ROUTER_KINDS = ("linear",)
-#: "sigmoid": g(r) = 2 * sigmoid(s * r) with a learnt scale s. Equal to 1 when r = 0 (zero-initialised
-#: router, s = 1) or s = 0 (calibrated router), so conversion keeps the pretrained function; bounded in
+#: "sigmoid": g(r) = 2 * sigmoid(s * r) with a learnt scale s. Equal to 1 when s = 0 (a new router, random or
+#: calibrated) or r = 0 (a zero router), so conversion keeps the pretrained function; bounded in
 #: (0, 2), so a router that drifts can neither blow up a block's contribution nor flip its sign (the
 #: instability reported by users of unbounded routers).
 GATE_KINDS = ("sigmoid",)

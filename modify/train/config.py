@@ -32,7 +32,11 @@ STRATEGIES = ("auto", "fsdp", "ddp")
 DTYPES = ("float32", "bfloat16")  # of the weights, as --dtype everywhere in the command line
 AUTOCASTS = ("auto", "bfloat16", "none")
 #: 2: ``dtype`` is the weights' dtype and ``autocast`` the compute dtype; version 1 called the latter ``dtype``.
-_VERSION = 2
+#: 3: existing paths are written relative to the file's directory (a run directory carries no local path), and
+#: a file of version 3 or later is read that way; older and unversioned files are read relative to the cwd.
+_VERSION = 3
+#: The settings that hold paths.
+PATH_KEYS = ("model", "data", "eval_data", "out")
 
 #: Settings that decide which tokens each step sees and what learns: a checkpoint resumes only a run that
 #: agrees on all of them (the step count and the schedule's length may change).
@@ -177,8 +181,14 @@ class TrainConfig:
     def save(self, path: Path) -> None:
         import yaml
 
-        header = "# modify train: the resolved settings of this run; rerun with: modify train --config THIS_FILE\n"
-        path.write_text(header + yaml.safe_dump(self.to_dict(), sort_keys=False))
+        header = (
+            "# modify train: the resolved settings of this run; rerun with: modify train --config THIS_FILE\n"
+            "# (paths are relative to this file's directory)\n"
+        )
+        settings = self.to_dict()
+        for key in PATH_KEYS:
+            settings[key] = _map_paths(settings[key], lambda v: _relative(v, path.parent))
+        path.write_text(header + yaml.safe_dump(settings, sort_keys=False))
 
     @classmethod
     def keys(cls) -> set[str]:
@@ -187,6 +197,22 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _map_paths(value: Any, fn: Any) -> Any:
+    return [fn(v) for v in value] if isinstance(value, list) else fn(value) if isinstance(value, str) and value else value
+
+
+def _relative(value: str, base: Path) -> str:
+    """``value`` relative to ``base`` when it names an existing path, else as it is (a model id, 'smollm2')."""
+    import os
+
+    return os.path.relpath(Path(value).resolve(), base.resolve()) if Path(value).exists() else value
+
+
+def _from_file(value: str, base: Path) -> str:
+    found = base / value
+    return str(found) if not Path(value).is_absolute() and found.exists() else value
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -216,6 +242,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a mapping of settings, not a {type(data).__name__}")
+    if isinstance(data.get("version"), int) and data["version"] >= 3:
+        data = {k: _map_paths(v, lambda x: _from_file(x, path.parent)) if k in PATH_KEYS else v for k, v in data.items()}
     resolved = _upgrade({str(k).replace("-", "_"): v for k, v in data.items()})
     unknown = sorted(set(resolved) - TrainConfig.keys())
     if unknown:

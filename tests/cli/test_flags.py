@@ -182,17 +182,20 @@ def test_train_dtype_loads_the_weights_in_it(tiny_converted: tuple[Path, Path], 
     assert (saved["dtype"], saved["autocast"]) == ("bfloat16", "none")
 
 
-def test_a_run_saved_by_version_1_resumes(tiny_converted: tuple[Path, Path], tmp_path: Path) -> None:
+def test_a_run_saved_by_version_1_resumes(
+    tiny_converted: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A train_config.yaml written before --autocast (its dtype: float32 meant no autocast) resumes its run."""
     out = tmp_path / "run"
     assert main(_train(tiny_converted, out, "--autocast", "none", "--save-every", "1")) == 0
     saved = out / "train_config.yaml"
-    text = saved.read_text().replace("autocast: none\n", "").replace("version: 2", "version: 1")
+    monkeypatch.chdir(out)  # version 1 reads its paths from the cwd; version 3 wrote them relative to the file
+    text = saved.read_text().replace("autocast: none\n", "").replace("version: 3", "version: 1")
     assert "dtype: float32" in text and "autocast" not in text
     saved.write_text(text)
     assert main(["train", "--config", str(saved), "--steps", "3", "--resume", "-q"]) == 0
     resumed = load_config_file(saved)
-    assert (resumed["dtype"], resumed["autocast"], resumed["version"], resumed["steps"]) == ("float32", "none", 2, 3)
+    assert (resumed["dtype"], resumed["autocast"], resumed["version"], resumed["steps"]) == ("float32", "none", 3, 3)
 
 
 @pytest.mark.parametrize(("old", "autocast"), [("float32", "none"), ("bfloat16", "bfloat16"), ("auto", "auto")])
@@ -201,7 +204,7 @@ def test_a_version_1_train_config_still_loads(old: str, autocast: str, tmp_path:
     path = tmp_path / "train_config.yaml"
     path.write_text(f"model: m\ndata: [d]\nout: o\nsteps: 4\ndtype: {old}\nversion: 1\n")
     settings = load_config_file(path)
-    assert settings["autocast"] == autocast and "dtype" not in settings and settings["version"] == 2
+    assert settings["autocast"] == autocast and "dtype" not in settings and settings["version"] == 3
     config = TrainConfig(**settings)
     assert (config.dtype, config.autocast) == ("float32", autocast)  # version 1 trained float32 weights
     config.save(tmp_path / "again.yaml")

@@ -59,10 +59,11 @@ def test_nothing_written_holds_a_local_path(src: Path, tmp_path: Path, capsys) -
 
     forbidden = {str(p) for p in (tmp_path, tmp_path.resolve(), src, src.resolve(), Path.home())}
     written = [p for root in (plan.parent, out, run) for p in root.rglob("*") if p.is_file()]
-    # train_config.yaml is the run's own settings, written to run it again on this machine ("rerun with:
-    # modify train --config THIS_FILE"), so it keeps the paths it was given; train.log is the run's log.
-    scanned = [p for p in written if p.suffix in (".json", ".csv", ".md", ".txt")]
-    assert {"PLAN.json", "config.json", "README.md", "metrics.csv", "state.json"} <= {p.name for p in scanned}
+    # train_config.yaml writes its paths relative to its own directory, so the run reruns from anywhere.
+    scanned = [p for p in written if p.suffix in (".json", ".csv", ".md", ".txt", ".yaml", ".log")]
+    assert {"PLAN.json", "config.json", "README.md", "metrics.csv", "state.json", "train_config.yaml"} <= {
+        p.name for p in scanned
+    }
     for path in scanned:
         text = path.read_text(errors="replace")
         leaked = [f for f in forbidden if f in text]
