@@ -4,8 +4,9 @@ Files are plain text (one document per file) or JSON lines (``.jsonl``: one docu
 the ``"text"`` field). :class:`PackedStream` tokenises documents (a huge one in ~1 MB pieces cut at line
 ends), appends the end-of-text id after each, packs the stream into sequences of exactly ``seq_len`` tokens
 and shuffles them through a bounded buffer, so a corpus larger than memory trains. Everything is
-deterministic for a seed: the held-out split (by document, see :func:`in_eval_split`), the order of each
-epoch, each rank's share, and the position saved by :meth:`PackedStream.state_dict`.
+deterministic for a seed: the held-out split (by document, see :func:`in_eval_split`, or by token window
+where there are too few documents, see :func:`held_out_window`), the order of each epoch, each rank's share,
+and the position saved by :meth:`PackedStream.state_dict`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ __all__ = [
     "Document",
     "PackedStream",
     "collect_files",
+    "held_out_window",
     "in_eval_split",
     "iter_documents",
 ]
@@ -161,6 +164,12 @@ def in_eval_split(doc_id: str, eval_fraction: float, seed: int = 0) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
 
 
+def held_out_window(index: int, eval_fraction: float) -> bool:
+    """Whether token window ``index`` is held out when the split falls back to windows: window 0, then evenly
+    spread ones, ``ceil(n * eval_fraction)`` of the first n in all (so even a short text holds one out)."""
+    return math.ceil((index + 1) * eval_fraction) > math.ceil(index * eval_fraction)
+
+
 class PackedStream:
     """Sequences of exactly ``seq_len`` token ids from text files, packed across document boundaries.
 
@@ -172,7 +181,11 @@ class PackedStream:
             passes sequences through a shuffle buffer seeded from (seed, e).
         split: "all", "train" (documents not held out) or "eval" (those held out, see :func:`in_eval_split`;
             the split hashes with seed 0 whatever ``seed`` is, so the held-out set stays put across seeds).
-        eval_fraction: the fraction of documents held out.
+            Where that leaves either side without a sequence per rank (a single file is one document), the
+            split is by token window instead (``by_windows``): every document packed in file order, the windows
+            :func:`held_out_window` picks held out, the rest trained on (the files' order is then not shuffled
+            per epoch, so the windows stay put; the shuffle buffer still mixes the training ones).
+        eval_fraction: the fraction of documents (or windows) held out.
         rank, world_size: global sequence i goes to rank ``i % world_size``; a pass's last group of fewer than
             ``world_size`` sequences is dropped, so every rank gets the same number per pass.
         loop: repeat epochs forever; else one pass (epoch 0) per iteration.
@@ -221,16 +234,39 @@ class PackedStream:
             raise ModifyError("the tokenizer has no eos token to end documents: give it an eos_token or pass eos_id")
         self._epoch, self._consumed, self._loaded = 0, 0, False
         self._count: int | None = None
+        # Both sides of a train/eval split decide alike, so the two streams of a run always agree.
+        self.by_windows = split != "all" and 0 < eval_fraction < 1 and not self._document_split_fills()
         self._check_enough()
 
     # -- the pipeline -------------------------------------------------------------------------------------
 
+    @property
+    def _need(self) -> int:
+        return self.seq_len * self.world_size  # tokens for one sequence per rank
+
     def _keep(self, doc_id: str) -> bool:
-        if self.split == "all":
+        if self.split == "all" or self.by_windows:
             return True
         return in_eval_split(doc_id, self.eval_fraction) == (self.split == "eval")
 
-    def _token_lists(self, files: Iterable[Path]) -> Iterator[list[int]]:
+    def _document_split_fills(self) -> bool:
+        """Whether both sides of the split by document give every rank a sequence."""
+
+        def side(held: bool) -> Callable[[str], bool]:
+            return lambda doc_id: in_eval_split(doc_id, self.eval_fraction) == held
+
+        return all(self._tokens(side(held)) >= self._need for held in (False, True))
+
+    def _tokens(self, keep: Callable[[str], bool]) -> int:
+        """Tokens of the documents ``keep`` accepts, counted up to ``_need``."""
+        tokens = 0
+        for ids in self._token_lists(self.files, keep):
+            tokens += len(ids)
+            if tokens >= self._need:
+                break
+        return tokens
+
+    def _token_lists(self, files: Iterable[Path], keep: Callable[[str], bool] | None = None) -> Iterator[list[int]]:
         """Token ids piece by piece, the eos id after each document; pieces tokenised in batches of ~1 MB."""
         batch: list[tuple[str, bool]] = []
         size = 0  # characters in the batch
@@ -244,7 +280,7 @@ class PackedStream:
                     tokens.append(self.eos_id)
                 yield tokens
 
-        for _, piece, last in _pieces(files, self._keep):
+        for _, piece, last in _pieces(files, keep or self._keep):
             batch.append((piece, last))
             size += len(piece)
             if size >= CHUNK_CHARS or len(batch) >= 1024:
@@ -267,9 +303,12 @@ class PackedStream:
     def _global(self, epoch: int) -> Iterator[torch.Tensor]:
         """The epoch's sequences in global (pre-sharding) order."""
         files = list(self.files)
-        if self.shuffle:
+        if self.shuffle and not self.by_windows:  # windows are cut in one fixed order, or they would overlap
             random.Random(self.seed * 1000003 + epoch).shuffle(files)
         sequences = self._packed(files)
+        if self.by_windows:
+            held = self.split == "eval"
+            sequences = (s for i, s in enumerate(sequences) if held_out_window(i, self.eval_fraction) == held)
         if not self.shuffle or self.shuffle_buffer <= 1:
             yield from sequences
             return
@@ -297,19 +336,50 @@ class PackedStream:
 
     def _check_enough(self) -> None:
         """Read just far enough to know that every rank gets a sequence; else say what is missing."""
-        tokens = 0
-        for ids in self._token_lists(self.files):
-            tokens += len(ids)
-            if tokens >= self.seq_len * self.world_size:
-                return
+        ranks = f" x {self.world_size} ranks" if self.world_size > 1 else ""
+        if self.by_windows:
+            counts = [0, 0]  # windows trained on, held out
+            for held in self._held_out_flags():
+                counts[held] += 1
+                if min(counts) >= self.world_size:
+                    return
+            raise ModifyError(
+                f"the data ({self._documents()}, too few to split by document) makes {sum(counts)} windows of "
+                f"--seq-len {self.seq_len}, too few to train on one and hold out one{ranks}: "
+                "give more text, a shorter --seq-len or --eval-data"
+            )
+        tokens = self._tokens(self._keep)
+        if tokens >= self._need:
+            return
         if not any(last for _, _, last in _pieces(self.files, self._keep)):
             fix = {"all": "give files with text", "train": "lower --eval-fraction or give more documents"}
             fix["eval"] = f"raise --eval-fraction (now {self.eval_fraction}) or give more documents"
             raise ModifyError(f"{_SPLITS[self.split]} has no documents ({len(self.files)} files): {fix[self.split]}")
-        ranks = f" x {self.world_size} ranks" if self.world_size > 1 else ""
         raise ModifyError(
             f"{_SPLITS[self.split]} has {tokens} tokens, fewer than --seq-len {self.seq_len}{ranks}: "
             "give more data or a shorter --seq-len"
+        )
+
+    def _held_out_flags(self) -> Iterator[bool]:
+        """For a split by windows: whether each window of the data, in order, is held out."""
+        return (held_out_window(i, self.eval_fraction) for i, _ in enumerate(self._packed(self.files)))
+
+    def _documents(self) -> str:
+        docs = sum(last for _, _, last in _pieces(self.files))
+        return "1 document" if docs == 1 else f"{docs} documents"
+
+    def held_out_note(self) -> str | None:
+        """One line on what a split by windows holds out and why (None for a split by document); reads the
+        whole data once."""
+        if not self.by_windows:
+            return None
+        held = total = 0
+        for flag in self._held_out_flags():
+            held, total = held + flag, total + 1
+        return (
+            f"eval split: {held} of {total} token windows held out ({held * self.seq_len:,} tokens), "
+            f"by window because the data has {self._documents()}, too few to hold out "
+            f"{self.eval_fraction * 100:g}% by document at --seq-len {self.seq_len}"
         )
 
     # -- iteration and state ------------------------------------------------------------------------------
@@ -386,6 +456,9 @@ class PackedStream:
     def count_tokens(self) -> int:
         """Tokens this rank gets in one pass of the split (full sequences only); reads the whole split once."""
         if self._count is None:
-            total = sum(len(ids) for ids in self._token_lists(self.files))
-            self._count = total // self.seq_len // self.world_size * self.seq_len
+            if self.by_windows:
+                count = sum(held == (self.split == "eval") for held in self._held_out_flags())
+            else:
+                count = sum(len(ids) for ids in self._token_lists(self.files)) // self.seq_len
+            self._count = count // self.world_size * self.seq_len
         return self._count

@@ -134,7 +134,10 @@ class Trainer:
                 )  # fmt: skip
 
             self.make_eval_data = make_eval_data
-            make_eval_data()  # an empty or too short held-out split is an error now, not after training
+            held_out = make_eval_data()  # an empty or too short held-out split is an error now, not after training
+            note = held_out.held_out_note() if d.main else None  # a split by windows says so: it is not by document
+            if note:
+                self.log(note)
         per_step = c.batch_size * c.seq_len * c.grad_accum * d.world_size
         self.tokens_per_step = per_step
         self.total_steps = c.steps if c.steps is not None else max(1, math.ceil(c.tokens / per_step))

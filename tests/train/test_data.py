@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from modify.train.data import (
     Document,
     PackedStream,
     collect_files,
+    held_out_window,
     in_eval_split,
     iter_documents,
 )
@@ -180,6 +182,52 @@ def test_held_out_split_is_disjoint_complete_and_stable(tmp_path: Path, tok: Any
         got = tokens(split)
         assert got == expected(keep)[: len(got)] and got == tokens(split)
     assert len(tokens("all")) > len(tokens("train")) > 0
+
+
+def test_held_out_windows_are_evenly_spread_and_at_least_one() -> None:
+    for fraction in (0.05, 0.25, 0.3):
+        for n in (1, 2, 7, 20, 101):
+            held = [i for i in range(n) if held_out_window(i, fraction)]
+            assert held[0] == 0 and len(held) == math.ceil(n * fraction)
+    assert [i for i in range(12) if held_out_window(i, 0.25)] == [0, 4, 8]
+
+
+def test_one_document_falls_back_to_disjoint_token_windows(tmp_path: Path, tok: Any) -> None:
+    path = tmp_path / "play.txt"
+    path.write_text(" ".join(f"{i:04d}" for i in range(400)) + "\n")  # every 8-token window is distinct
+    files = collect_files([path])
+    all_windows = [s.tolist() for s in PackedStream(files, tok, 8, loop=False, shuffle=False)]
+    streams = {
+        "train": PackedStream(files, tok, 8, split="train", eval_fraction=0.05, seed=3),
+        "eval": PackedStream(files, tok, 8, split="eval", eval_fraction=0.05, loop=False, shuffle=False),
+    }
+    assert all(s.by_windows for s in streams.values())
+    held = [w for i, w in enumerate(all_windows) if held_out_window(i, 0.05)]
+    train = [s.tolist() for s in itertools.islice(streams["train"], 3 * len(all_windows))]  # three epochs
+    evals = [s.tolist() for s in streams["eval"]]
+    assert evals == held and len(held) == math.ceil(len(all_windows) * 0.05)
+    assert {tuple(w) for w in train} == {tuple(w) for w in all_windows if w not in held}  # the rest, every epoch
+    assert streams["eval"].count_tokens() == 8 * len(held)
+    assert streams["train"].count_tokens() == 8 * (len(all_windows) - len(held))
+    note = streams["eval"].held_out_note()
+    assert note is not None and "\n" not in note
+    assert f"{len(held)} of {len(all_windows)} token windows held out ({8 * len(held)} tokens)" in note
+    assert "because the data has 1 document, too few" in note
+    # enough documents: still split by document, no note
+    corpus = write_corpus(tmp_path / "corpus", n=20)
+    by_docs = PackedStream(corpus, tok, 4, split="eval", eval_fraction=0.3)
+    assert not by_docs.by_windows and by_docs.held_out_note() is None
+
+
+def test_a_text_too_short_for_a_window_each_way_is_one_line(tmp_path: Path, tok: Any) -> None:
+    path = tmp_path / "short.txt"
+    path.write_text("abcdefghijklmno")  # 16 tokens with the eos: two windows of 8
+    PackedStream([path], tok, 8, split="eval", eval_fraction=0.05)  # one each way is enough
+    message = one_line_error(PackedStream, [path], tok, 9, split="train", eval_fraction=0.05)
+    assert "(1 document, too few to split by document) makes 1 windows of --seq-len 9" in message
+    assert "shorter --seq-len" in message
+    message = one_line_error(PackedStream, [path], tok, 8, split="eval", eval_fraction=0.05, world_size=2)
+    assert "x 2 ranks" in message
 
 
 def test_ranks_are_disjoint_and_interleave_to_the_single_process_order(tmp_path: Path, tok: Any) -> None:

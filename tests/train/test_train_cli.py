@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -44,6 +47,38 @@ def test_train_writes_a_loadable_model_metrics_and_report(tiny_run: dict[str, Pa
     again = tmp_path / "again"
     assert main(["train", "--config", str(out / "train_config.yaml"), "--out", str(again), "-q"]) == 0
     assert [r["loss"] for r in read_metrics(again / "metrics.csv")] == [r["loss"] for r in rows]
+
+
+def test_one_text_file_trains_on_windows_and_evaluates_on_others(
+    tiny_run: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoTokenizer
+
+    from modify.train.data import PackedStream, held_out_window
+
+    play = tmp_path / "play.txt"
+    play.write_text(" ".join(f"{i:04d}" for i in range(1000)) + "\n")  # every 16-token window is distinct
+    seen: dict[str, set[tuple[int, ...]]] = {"train": set(), "eval": set()}
+    batches = PackedStream.batches
+
+    def spy(self: PackedStream, *args: Any, **kwargs: Any) -> Iterator[torch.Tensor]:
+        for batch in batches(self, *args, **kwargs):
+            seen[self.split].update(tuple(row) for row in batch.tolist())
+            yield batch
+
+    monkeypatch.setattr(PackedStream, "batches", spy)
+    out = tmp_path / "run"
+    argv = ["train", str(tiny_run["converted"]), "--data", str(play), "--out", str(out), "--steps", "3",
+            "--seq-len", "16", "--batch-size", "2", "--dtype", "float32"]  # fmt: skip
+    assert main(argv) == 0  # the default --eval-fraction, and one file is one document
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    windows = [tuple(s.tolist()) for s in PackedStream([play], tokenizer, 16, loop=False, shuffle=False)]
+    held = {w for i, w in enumerate(windows) if held_out_window(i, 0.05)}
+    assert seen["eval"] == held and len(held) == math.ceil(len(windows) * 0.05)  # each held-out one evaluated
+    assert len(seen["train"]) == 3 * 2 and not seen["train"] & held and seen["train"] <= set(windows)
+    note = f"eval split: {len(held)} of {len(windows)} token windows held out ({16 * len(held)} tokens), by window"
+    assert note in (out / "train.log").read_text()
+    assert read_metrics(out / "metrics.csv")[-1]["eval_ppl"] > 1
 
 
 _KILLER = """
