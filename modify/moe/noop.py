@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modify.archs import MOE_PARTS
+from modify.placement import Wrapped, unwrap_forward, wrap_forward
 from modify.routing import capacity_tokens, recent_padding, select_tokens
 
 __all__ = [
@@ -89,6 +90,7 @@ class NoOpState:
         fitted: the no-op's sampling threshold has been set (kept here so that a forward needn't read it back).
         counts: (dispatched real tokens, real tokens) of the last forward, as tensors: read on demand, so that
             a forward doesn't wait for the device.
+        wrapped: where :func:`install_noop` put the forward (under any accelerate hook; see modify.placement).
     """
 
     name: str
@@ -101,6 +103,7 @@ class NoOpState:
     generating: bool = False
     fitted: bool = False
     counts: tuple[torch.Tensor, torch.Tensor] | None = None
+    wrapped: Wrapped | None = None
 
     @property
     def last_share(self) -> float:
@@ -216,11 +219,12 @@ def install_noop(moe: nn.Module, state: NoOpState, noop: NoOpExpert) -> None:
     if not noop.threshold.is_meta:
         state.fitted = not bool(noop.threshold.isnan())  # a loaded checkpoint's threshold
     setattr(moe, NOOP_STATE_ATTR, state)
-    moe.forward = types.MethodType(noop_forward, moe)  # type: ignore[method-assign]
+    state.wrapped = wrap_forward(moe, types.MethodType(noop_forward, moe))
 
 
 def uninstall_noop(moe: nn.Module) -> None:
     if NOOP_ATTR in moe._modules:
         del moe._modules[NOOP_ATTR]
-    moe.__dict__.pop(NOOP_STATE_ATTR, None)
-    moe.__dict__.pop("forward", None)
+    state = moe.__dict__.pop(NOOP_STATE_ATTR, None)
+    if state is not None and state.wrapped is not None:
+        unwrap_forward(moe, noop_forward, state.wrapped)

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from modify.errors import ModifyError
 from modify.train import distributed
+from modify.router import ROUTER_ATTR
 from modify.train.trainable import base_model, merged_state_dict
 
 if TYPE_CHECKING:
@@ -109,7 +110,9 @@ def save(trainer: Trainer, path: Path) -> None:
         with atomic_directory(path, force=True) as tmp:
             _write_model(trainer, tmp, state, count)
             (tmp / "trainer").mkdir()
-            trainable = {k: state[k].contiguous() for k in trainer.trainable}
+            # and the routers' running thresholds, which the forward moves (buffers: not trainable)
+            kept = [*trainer.trainable, *(k for k in state if k.endswith(f".{ROUTER_ATTR}.threshold"))]
+            trainable = {k: state[k].contiguous() for k in kept}
             save_file(trainable, tmp / "trainer" / "trainable.safetensors")
             torch.save(optimizer, tmp / "trainer" / "optimizer.pt")
             torch.save(processes, tmp / "trainer" / "processes.pt")
