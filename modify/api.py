@@ -244,7 +244,11 @@ def convert(
         plan = MoDConfig.from_dict(
             {**plan.to_dict(), "block_stack": stack_name, "causal": causal or plan.causal, "mode": mode or plan.mode}
         )
-    saved = {key: config.__dict__[key] for key in (CONFIG_KEY, LOAD_MARKER_KEY) if config is not None and key in config.__dict__}
+    saved = {
+        key: config.__dict__[key]
+        for key in (CONFIG_KEY, LOAD_MARKER_KEY)
+        if config is not None and key in config.__dict__
+    }
     try:
         if plan.mode == "integrated":
             _convert_integrated(model, plan, stack_name, blocks)

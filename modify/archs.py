@@ -85,5 +85,6 @@ def attention_refusal(config: object) -> str:
             continue
         reason = next((r for key, r in UNROUTABLE_ATTENTION.items() if name.startswith(key)), None)
         reason = reason or "it is not one modify has tested with routing (eager, sdpa)"
-        return f"attention implementation {name!r} can't be routed: {reason}; load the model with attn_implementation='sdpa' or 'eager'"
+        fix = "load the model with attn_implementation='sdpa' or 'eager'"
+        return f"attention implementation {name!r} can't be routed: {reason}; {fix}"
     return ""

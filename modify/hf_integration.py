@@ -27,7 +27,6 @@ from modify.skip_path import SKIP_ATTR, make_skip_path
 __all__ = ["QUANT_METHOD", "ModifyLoadConfig", "ModifyLoader"]  # QUANT_METHOD from modify.config
 
 
-
 class ModifyLoadConfig(QuantizationConfigMixin):
     """The marker in config.json; the plan itself is under ``mixture_of_depths``."""
 

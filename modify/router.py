@@ -76,7 +76,9 @@ class MoDRouter(_Float32):
             weight = start.to(weight.device)
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(torch.zeros(1, dtype=torch.float32, device=device))
-        self.scale = nn.Parameter(torch.full((1,), 0.0 if seed is not None else 1.0, dtype=torch.float32, device=device))
+        self.scale = nn.Parameter(
+            torch.full((1,), 0.0 if seed is not None else 1.0, dtype=torch.float32, device=device)
+        )
         # The "threshold" causal rule's threshold (modify.generate.causal); NaN until fitted, trained or set from
         # text. A buffer, so that training moves it in place without a host sync (torch.compile keeps one graph)
         # and it follows the model's device; persistent, so that every save_pretrained (a Trainer checkpoint's

@@ -121,7 +121,9 @@ def test_routers_that_would_be_dropped_fail_loudly(damage: str, tmp_path: Path) 
     if damage == "router dropped":
         tensors = {k: v for k, v in tensors.items() if not k.startswith("model.layers.3.mod_router")}
     else:
-        tensors.update({k.replace("layers.3", "layers.2"): v.clone() for k, v in tensors.items() if "layers.3.mod_router" in k})
+        tensors.update(
+            {k.replace("layers.3", "layers.2"): v.clone() for k, v in tensors.items() if "layers.3.mod_router" in k}
+        )
     save_file(tensors, str(weights), metadata={"format": "pt"})
     with pytest.raises(ModifyError, match="save it again") as info:
         modify.from_pretrained(tmp_path / "out")
@@ -185,10 +187,14 @@ def test_convert_under_a_block_offload_hook() -> None:
     plain = tiny_model("llama", attn_implementation="sdpa")
     placed = tiny_model("llama", attn_implementation="sdpa")
     block = placed.model.layers[1]
-    weights = OffloadedWeightsLoader(state_dict={f"model.layers.1.{k}": v.clone() for k, v in block.state_dict().items()})
+    weights = OffloadedWeightsLoader(
+        state_dict={f"model.layers.1.{k}": v.clone() for k, v in block.state_dict().items()}
+    )
     for name, _ in list(block.named_parameters()):
         set_module_tensor_to_device(block, name, "meta")
-    hook = AlignDevicesHook("cpu", offload=True, weights_map=PrefixedDataset(weights, "model.layers.1."), place_submodules=True)
+    hook = AlignDevicesHook(
+        "cpu", offload=True, weights_map=PrefixedDataset(weights, "model.layers.1."), place_submodules=True
+    )
     add_hook_to_module(block, hook)
     torch.testing.assert_close(placed(IDS).logits, plain(IDS).logits, rtol=0, atol=0)
     modify.convert(plain, capacity=0.5)

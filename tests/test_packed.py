@@ -18,6 +18,8 @@ from tests.helpers import set_router_weights
 
 DOCS = [[5, 7, 4], [9, 7]]  # document lengths per row: 16 tokens each
 FAMILIES = ["llama", "qwen2", "gemma2"]
+#: (family, attention implementation): eager everywhere, sdpa where transformers has it (not Gemma2).
+CASES = [(f, "eager") for f in FAMILIES] + [("llama", "sdpa"), ("qwen2", "sdpa")]
 
 
 def _packed() -> tuple[torch.Tensor, torch.Tensor, list[list[torch.Tensor]]]:
@@ -43,19 +45,19 @@ def _check_documents_alone(model: torch.nn.Module) -> None:
                 start += len(doc)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_packed_documents_match_each_document_alone_at_capacity_one(family: str) -> None:
-    model = tiny_model(family)
+@pytest.mark.parametrize("family,attention", CASES)
+def test_packed_documents_match_each_document_alone_at_capacity_one(family: str, attention: str) -> None:
+    model = tiny_model(family, attn_implementation=attention)
     _check_documents_alone(model)  # what transformers itself guarantees for the dense model
     modify.convert(model, capacity=1.0, layers="all")
     _check_documents_alone(model)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_routed_tokens_attend_only_within_their_document(family: str) -> None:
+@pytest.mark.parametrize("family,attention", CASES)
+def test_routed_tokens_attend_only_within_their_document(family: str, attention: str) -> None:
     """At capacity 0.5 the routed block's attention sees the gathered block-diagonal mask and the tokens'
     own restarted positions: no routed token attends to another document or to a later token."""
-    model = modify.convert(tiny_model(family), capacity=0.5, layers="all")
+    model = modify.convert(tiny_model(family, attn_implementation=attention), capacity=0.5, layers="all")
     set_router_weights(model, std=10.0)
     block, state = routed_blocks(model)[1]
     picked: list[torch.Tensor] = []

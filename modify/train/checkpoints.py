@@ -25,8 +25,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from modify.errors import ModifyError
-from modify.train import distributed
 from modify.router import ROUTER_ATTR
+from modify.train import distributed
 from modify.train.trainable import base_model, merged_state_dict
 
 if TYPE_CHECKING:

@@ -200,7 +200,9 @@ def _flag(name: str) -> str:
 
 
 def _map_paths(value: Any, fn: Any) -> Any:
-    return [fn(v) for v in value] if isinstance(value, list) else fn(value) if isinstance(value, str) and value else value
+    return (
+        [fn(v) for v in value] if isinstance(value, list) else fn(value) if isinstance(value, str) and value else value
+    )
 
 
 def _relative(value: str, base: Path) -> str:
@@ -243,7 +245,9 @@ def load_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"config file {path} must hold a mapping of settings, not a {type(data).__name__}")
     if isinstance(data.get("version"), int) and data["version"] >= 3:
-        data = {k: _map_paths(v, lambda x: _from_file(x, path.parent)) if k in PATH_KEYS else v for k, v in data.items()}
+        data = {
+            k: _map_paths(v, lambda x: _from_file(x, path.parent)) if k in PATH_KEYS else v for k, v in data.items()
+        }
     resolved = _upgrade({str(k).replace("-", "_"): v for k, v in data.items()})
     unknown = sorted(set(resolved) - TrainConfig.keys())
     if unknown:
