@@ -32,8 +32,9 @@ STRATEGIES = ("auto", "fsdp", "ddp")
 DTYPES = ("float32", "bfloat16")  # of the weights, as --dtype everywhere in the command line
 AUTOCASTS = ("auto", "bfloat16", "none")
 #: 2: ``dtype`` is the weights' dtype and ``autocast`` the compute dtype; version 1 called the latter ``dtype``.
-#: 3: existing paths are written relative to the file's directory (a run directory carries no local path), and
-#: a file of version 3 or later is read that way; older and unversioned files are read relative to the cwd.
+#: 3: existing paths are written relative to the file's directory, or to the home directory (``~/``) when they
+#: share no directory but the root (a run directory carries no local path), and a file of version 3 or later
+#: is read that way; older and unversioned files are read relative to the cwd.
 _VERSION = 3
 #: The settings that hold paths.
 PATH_KEYS = ("model", "data", "eval_data", "out")
@@ -69,7 +70,8 @@ class TrainConfig:
         train: what learns: ``full``, ``lora`` (LoRA on the blocks' linears plus the routers, with peft),
             ``routers``, ``routers+norms`` or ``routers+skip``.
         lora_rank, lora_alpha: LoRA's rank and scale.
-        eval_data: held-out text; without it, ``eval_fraction`` of the documents of ``data`` are held out.
+        eval_data: held-out text; without it, ``eval_fraction`` of the documents of ``data`` are held out (of
+            its token windows, when it has too few documents, as one text file; see :mod:`modify.train.data`).
         eval_every, eval_tokens: evaluate every that many steps (0: only at the end) on at most that many
             tokens.
         save_every: write a checkpoint every that many steps (0: only at the end).
@@ -104,7 +106,7 @@ class TrainConfig:
     lora_rank: int = field(default=16, metadata=_help("LoRA rank"))
     lora_alpha: float = field(default=32.0, metadata=_help("LoRA alpha"))
     eval_data: list[str] = field(default_factory=list, metadata=_help("held-out text"))
-    eval_fraction: float = field(default=0.05, metadata=_help("documents held out when no --eval-data"))
+    eval_fraction: float = field(default=0.05, metadata=_help("share held out when no --eval-data: of the documents, or of the token windows when too few"))
     eval_every: int = field(default=0, metadata=_help("steps between evaluations (0: at the end)"))
     eval_tokens: int = field(default=65536, metadata=_help("tokens per evaluation, at most"))
     save_every: int = field(default=0, metadata=_help("steps between checkpoints (0: at the end)"))
@@ -183,7 +185,7 @@ class TrainConfig:
 
         header = (
             "# modify train: the resolved settings of this run; rerun with: modify train --config THIS_FILE\n"
-            "# (paths are relative to this file's directory)\n"
+            "# (paths are relative to this file's directory, or to the home directory: ~/)\n"
         )
         settings = self.to_dict()
         for key in PATH_KEYS:
@@ -206,13 +208,22 @@ def _map_paths(value: Any, fn: Any) -> Any:
 
 
 def _relative(value: str, base: Path) -> str:
-    """``value`` relative to ``base`` when it names an existing path, else as it is (a model id, 'smollm2')."""
+    """``value`` as this file records it: relative to ``base`` when the two share a directory below the root,
+    else under the home directory as ``~/...``; a value that names no existing path (a model id, 'smollm2')
+    as it is."""
     import os
 
-    return os.path.relpath(Path(value).resolve(), base.resolve()) if Path(value).exists() else value
+    if not Path(value).exists():
+        return value
+    target, base = Path(value).resolve(), base.resolve()
+    home = Path.home().resolve()
+    if os.path.commonpath([target, base]) == os.sep and target.is_relative_to(home):
+        return str(Path("~") / target.relative_to(home))
+    return os.path.relpath(target, base)
 
 
 def _from_file(value: str, base: Path) -> str:
+    value = str(Path(value).expanduser())
     found = base / value
     return str(found) if not Path(value).is_absolute() and found.exists() else value
 
