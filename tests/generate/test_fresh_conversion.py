@@ -74,3 +74,13 @@ def test_threshold_set_from_text_is_saved(tmp_path) -> None:  # type: ignore[no-
     model.save_pretrained(tmp_path)
     loaded = modify.from_pretrained(tmp_path)
     assert [state.threshold for _, state in routed_blocks(loaded)] == thresholds
+
+
+def test_an_old_plan_with_zero_thresholds_reads_as_unfitted() -> None:
+    """Releases before unfitted thresholds existed wrote 0.0 for "never fitted" (no score passed it)."""
+    from modify.config import MoDConfig
+
+    old = {"num_blocks": 4, "routed": [1, 3], "capacities": [0.5, 0.5], "thresholds": [0.0, 0.0]}
+    assert MoDConfig.from_dict(old).thresholds == [None, None]
+    assert MoDConfig.from_dict({**old, "thresholds": [0.0, 0.25]}).thresholds == [0.0, 0.25]  # a fitted plan
+    assert MoDConfig.from_dict({**old, "causal": "aux"}).thresholds == [0.0, 0.0]  # aux decides at 0 anyway
