@@ -59,11 +59,12 @@ UNROUTABLE_FAMILIES: dict[str, str] = {
     ),
 }
 
-#: Hugging Face attention implementations whose masks can't follow the routed tokens, and why.
+#: Hugging Face attention implementations routing is tested with (tests/test_packed.py, tests/generate/).
 ROUTABLE_ATTENTION = ("eager", "sdpa")
-#: attention implementation (its name, or a prefix of it) -> why routing refuses it. A gathered subsequence
-#: keeps its document boundaries and skipped positions only in the 4-D mask gathered with it, so an
-#: implementation must honour that mask; eager and sdpa do (tests/test_attention.py).
+#: Attention implementations (a name, or a prefix of one) whose masks can't follow the routed tokens, and why.
+#: A gathered subsequence keeps its document boundaries and skipped positions only in the 4-D mask gathered
+#: with it, so an implementation must honour that mask; eager and sdpa do (tests/test_loading.py refuses
+#: the rest).
 UNROUTABLE_ATTENTION: dict[str, str] = {
     "flex_attention": "flex attention's BlockMask is built for the full sequence and can't be gathered",
     "flash_attention": (

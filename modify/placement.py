@@ -67,8 +67,8 @@ def unwrap_forward(block: nn.Module, func: Callable[..., Any], wrapped: Wrapped)
 
 def _align_hooks(module: nn.Module) -> list[Any]:
     hook = module.__dict__.get(_HOOK)
-    hooks = list(getattr(hook, "hooks", ())) if hook is not None and hasattr(hook, "hooks") else [hook]
-    return [h for h in hooks if h is not None and hasattr(h, "execution_device")]
+    hooks = getattr(hook, "hooks", [hook])  # a SequentialHook holds several
+    return [h for h in hooks if hasattr(h, "execution_device")]
 
 
 def _covering_hooks(model: nn.Module, name: str) -> list[tuple[str, Any]]:
@@ -120,7 +120,8 @@ def register_offloaded(model: nn.Module, name: str) -> None:
         relative = name[len(owner) + 1 :] if owner else name
         for tensor_name, tensor in module.named_parameters():
             key = f"{prefix}{relative}.{tensor_name}"
-            if key in store or tensor.is_meta:
+            # (by its keys: a Mapping's `in` would load an offloaded tensor from disk to answer)
+            if key in target or key in getattr(store, "index", {}) or tensor.is_meta:
                 continue
             target[key] = tensor.detach().cpu()
             if isinstance(store, OffloadedWeightsLoader):

@@ -375,7 +375,8 @@ def install(
     predictor: nn.Module | None = None,
 ) -> None:  # fmt: skip
     """Route ``block``: add its router (skip path, predictor) and put the routed forward in place of the block's
-    own, under any hook accelerate has on it (see :mod:`modify.placement`)."""
+    own, under any hook accelerate has on it (see :mod:`modify.placement`). ``state`` is prepared
+    (:meth:`RoutingState.prepare`): convert captures every block before it changes any."""
     for attr, module in ((ROUTER_ATTR, router), (SKIP_ATTR, skip), (PREDICTOR_ATTR, predictor)):
         if module is not None and getattr(block, attr, None) is not module:
             block.add_module(attr, module)
@@ -386,7 +387,6 @@ def install(
         router.register_buffer("threshold", value.to(device=state.device, dtype=torch.float32))
     state.router = router
     setattr(block, STATE_ATTR, state)
-    state.prepare(block)
     state.wrapped = wrap_forward(block, types.MethodType(routed_forward, block))
 
 

@@ -97,22 +97,27 @@ def causal_process(
     """[B, q] bool: the tokens the block processes under the causal rule (``seen``: real tokens before them)."""
     if state.capacity >= 1.0:
         return real.clone()
+    decided = real & (seen[:, None] + real.cumsum(-1) > state.keep_first)  # the leading ones are processed
     if state.causal != "aux":
-        start_threshold(state, scores, real & (seen[:, None] + real.cumsum(-1) > state.keep_first))
+        start_threshold(state, capacity_quantile(state, scores, decided))
     process = real & (decision_logits(state, block, x, scores) > decision_threshold(state))
     if state.keep_first:
-        process |= real & (seen[:, None] + real.cumsum(-1) <= state.keep_first)
+        process |= real & ~decided
     return process
 
 
-def start_threshold(state: Any, scores: torch.Tensor, decided: torch.Tensor) -> None:
-    """Set a block's unfitted (NaN) threshold from the first text it decides on: the capacity quantile of the
-    scores of the tokens it decides (``decided``), so that about a capacity share of such tokens pass it. A
-    fresh conversion's prompt in ``generate()`` is that text; fitting on calibration text
-    (:func:`fit_thresholds`) or training replaces it. Tensor operations only, no flag: no host sync, and a
-    compiled model doesn't recompile once the threshold is set."""
+def capacity_quantile(state: Any, scores: torch.Tensor, decided: torch.Tensor) -> torch.Tensor:
+    """The (1 - c) quantile of the scores of the tokens a block decides (``decided``): about a capacity
+    share of such tokens score above it. NaN when no token is decided."""
+    return torch.nanquantile(scores.detach().float().masked_fill(~decided, float("nan")), 1.0 - state.capacity)
+
+
+def start_threshold(state: Any, quantile: torch.Tensor) -> None:
+    """Set a block's unfitted (NaN) threshold to ``quantile`` (:func:`capacity_quantile` of the first text it
+    decides on: a fresh conversion's prompt in ``generate()``, or a training batch); fitting on calibration
+    text (:func:`fit_thresholds`) or training replaces it. Tensor operations only, no flag: no host sync, and
+    a compiled model doesn't recompile once the threshold is set."""
     threshold = state.router.threshold
-    quantile = torch.nanquantile(scores.detach().float().masked_fill(~decided, float("nan")), 1.0 - state.capacity)
     threshold.copy_(torch.where(threshold.isnan(), quantile, threshold))
 
 
@@ -129,8 +134,9 @@ def observe_topk(
     member = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
     real = ~padding if padding is not None else torch.ones_like(member)
     decided = real & (real.cumsum(-1) > state.keep_first)  # the leading tokens are always processed
+    quantile = capacity_quantile(state, scores, decided) if track or state.causal == "predictor" else None
     if state.causal == "predictor":  # its logit reads the margin over the threshold, which must be a number
-        start_threshold(state, scores, decided)
+        start_threshold(state, quantile)
     # Masks and sums rather than boolean indexing and host syncs: static shapes, so torch.compile keeps the
     # model one graph.
     logits = decision_logits(state, block, x, scores) if learn or state.agreement is not None else scores
@@ -140,7 +146,6 @@ def observe_topk(
         state.aux_losses.append(loss / weight.sum().clamp(min=1.0))
     if track:
         threshold = state.router.threshold
-        quantile = torch.nanquantile(scores.detach().float().masked_fill(~decided, float("nan")), 1.0 - state.capacity)
         # An unfitted threshold (NaN) starts at the first batch's quantile; no token decided: no quantile.
         moved = torch.where(threshold.isnan(), quantile, threshold + THRESHOLD_MOMENTUM * (quantile - threshold))
         threshold.copy_(torch.where(quantile.isnan(), threshold, moved))

@@ -106,7 +106,9 @@ class TrainConfig:
     lora_rank: int = field(default=16, metadata=_help("LoRA rank"))
     lora_alpha: float = field(default=32.0, metadata=_help("LoRA alpha"))
     eval_data: list[str] = field(default_factory=list, metadata=_help("held-out text"))
-    eval_fraction: float = field(default=0.05, metadata=_help("share held out when no --eval-data: of the documents, or of the token windows when too few"))
+    eval_fraction: float = field(
+        default=0.05, metadata=_help("share held out without --eval-data: of the documents (of windows if too few)")
+    )
     eval_every: int = field(default=0, metadata=_help("steps between evaluations (0: at the end)"))
     eval_tokens: int = field(default=65536, metadata=_help("tokens per evaluation, at most"))
     save_every: int = field(default=0, metadata=_help("steps between checkpoints (0: at the end)"))
