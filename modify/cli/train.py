@@ -21,18 +21,26 @@ EXAMPLES = """examples:
   modify train out/smollm2-mod --config runs/mod/train_config.yaml --resume            # continue after a kill
   modify train out/smollm2-mod --data plays/ --steps 200 --autocast none --out runs/fp32  # float32 compute, no autocast
   torchrun --nproc_per_node 4 -m modify train out/smollm2-mod --data plays/ --steps 1000 --out runs/fsdp
+  modify train out/smollm2-mod --data plays/ --tokens 262144 --distill --out runs/kd     # KL to the original
+  modify train out/smollm2-mod --data plays/ --steps 100 --distill --distill-weight 0.5 --distill-temperature 2 \
+      --distill-hidden 0.1 --train lora --out runs/kd-lora        # the teacher: the student with routing off
+  modify train pruned/ --dense --data plays/ --steps 100 --distill --teacher smollm2 --out runs/kd-pruned
 
 DIR receives: the trained model (loadable with modify.from_pretrained; LoRA merged, adapters in DIR/adapter),
 train_config.yaml (the resolved settings), metrics.csv (and DIR/tensorboard where installed), report.png,
 train.log, and checkpoints/step-N/ every --save-every steps. --resume alone continues from DIR's latest
 checkpoint; --resume CKPT from that one. Data: text files, directories of them, JSON-lines with a "text" field.
 --dtype is the weights' dtype (float32; bfloat16 halves weights and optimizer state), as in every subcommand;
---autocast the compute dtype (auto: bfloat16 where the hardware has it)."""
+--autocast the compute dtype (auto: bfloat16 where the hardware has it). --distill trains on
+(1 - W) * LM + W * tau^2 * KL(teacher || student) per token (W --distill-weight, default 1; tau
+--distill-temperature); the teacher is the conversion's source: the student with routing (and LoRA) off for
+--train routers/routers+norms/routers+skip/lora, a frozen copy for --train full, or --teacher SRC."""
 
 _TYPES = {"steps": int, "tokens": int, "seq_len": int, "batch_size": int, "grad_accum": int, "lr": float,
           "router_lr": float, "warmup": int, "weight_decay": float, "clip": float, "capacity_anneal": int,
           "aux_weight": float, "lora_rank": int, "lora_alpha": float, "eval_fraction": float, "eval_every": int,
-          "eval_tokens": int, "save_every": int, "seed": int, "max_bad_steps": int, "log_every": int}  # fmt: skip
+          "eval_tokens": int, "save_every": int, "seed": int, "max_bad_steps": int, "log_every": int,
+          "distill_weight": float, "distill_temperature": float, "distill_hidden": float}  # fmt: skip
 # --dtype is the weights' dtype, as in every subcommand; the compute dtype is --autocast.
 _CHOICES = {"train": "TRAIN_MODES", "schedule": "SCHEDULES", "strategy": "STRATEGIES", "dtype": "DTYPES",
             "autocast": "AUTOCASTS"}  # fmt: skip
@@ -57,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, metavar="FILE", help="YAML or TOML file of settings; flags override it")
     p.add_argument("--dense", action="store_true", help=helps["dense"])
     p.add_argument("--eval-data", nargs="+", metavar="PATH", help=helps["eval_data"])
+    p.add_argument("--distill", action="store_true", help=helps["distill"])
+    p.add_argument("--teacher", metavar="SRC", help=helps["teacher"])
     for name, kind in _TYPES.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"{helps[name]} (default {defaults[name]})")
     for name, table in _CHOICES.items():
@@ -99,6 +109,8 @@ def _check_model(config: Any) -> None:
     converted = is_converted_directory(source)
     if config.dense and converted:
         raise UsageError(f"{config.model} is a converted model; --dense trains an unconverted one: give its source")
+    if config.teacher:
+        validate_source(resolve_source(config.teacher))
     if not config.dense and not converted:
         raise UsageError(
             f"{config.model} is not a converted model; convert it first (modify convert {config.model} OUT) "

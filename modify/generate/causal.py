@@ -337,6 +337,12 @@ def _generate(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             s.generating = False
 
 
+def aux_loss_coef(model: nn.Module) -> float | None:
+    """The coefficient the model's output hook adds its routers' auxiliary loss with (None: no hook)."""
+    hooks = getattr(model, _HOOKS_ATTR, None)
+    return None if hooks is None else hooks.coef
+
+
 def install_model_hooks(model: nn.Module, coef: float) -> None:
     """Add the causal-routing loss to the model's outputs and make its ``generate()`` route causally."""
     remove_model_hooks(model)

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +48,7 @@ def _gather(obj: Any, d: distributed.Dist) -> list[Any]:
 
 
 #: The settings that hold local paths (the model, the data, the run directory).
-_PATH_KEYS = ("model", "data", "eval_data", "out")
+_PATH_KEYS = ("model", "data", "eval_data", "out", "teacher")
 
 
 def _located(value: str) -> str:
@@ -153,11 +154,16 @@ def check_resume(config: TrainConfig, path: Path, world_size: int, fingerprint: 
     if info.get("format") != _FORMAT:
         raise ModifyError(f"{path} is not a checkpoint of 'modify train'; give a step-* directory it wrote")
     mine = json.loads(json.dumps(_portable(config.run_identity())))
-    differ = [k for k in mine if info["run"].get(k) != mine[k]]
+    # A key the checkpoint lacks was added later with its default (a run before distillation did not distil).
+    from modify.train.config import TrainConfig
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    theirs = {k: info["run"].get(k, defaults.get(k)) for k in mine}
+    differ = [k for k in mine if theirs[k] != mine[k]]
     if differ:
         k = differ[0]
         raise ModifyError(
-            f"--resume {path} is from another run: its {k} is {info['run'].get(k)!r}, this run's {mine[k]!r}; "
+            f"--resume {path} is from another run: its {k} is {theirs[k]!r}, this run's {mine[k]!r}; "
             "resume with the same settings or start a new --out"
         )
     if info["world_size"] != world_size:

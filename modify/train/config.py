@@ -37,11 +37,14 @@ AUTOCASTS = ("auto", "bfloat16", "none")
 #: is read that way; older and unversioned files are read relative to the cwd.
 _VERSION = 3
 #: The settings that hold paths.
-PATH_KEYS = ("model", "data", "eval_data", "out")
+PATH_KEYS = ("model", "data", "eval_data", "out", "teacher")
 
 #: Settings that decide which tokens each step sees and what learns: a checkpoint resumes only a run that
 #: agrees on all of them (the step count and the schedule's length may change).
-RUN_KEYS = ("model", "dense", "seq_len", "batch_size", "grad_accum", "seed", "train", "lora_rank", "eval_fraction")
+RUN_KEYS = (
+    "model", "dense", "seq_len", "batch_size", "grad_accum", "seed", "train", "lora_rank", "eval_fraction",
+    "distill", "teacher", "distill_weight", "distill_temperature", "distill_hidden",
+)  # fmt: skip
 
 
 def _help(text: str) -> dict[str, str]:
@@ -79,6 +82,12 @@ class TrainConfig:
         dtype: the weights' dtype (and so the optimizer state's): float32, or bfloat16 to halve both.
         autocast: compute dtype under autocast: ``auto`` is bfloat16 where the hardware has it, else none (the
             weights' dtype).
+        distill: train on the distillation loss from the original model (see :mod:`modify.train.distill`).
+        teacher: the model to distil from (a source ``load_any`` accepts); empty: the conversion's source, i.e.
+            the student with routing and adapters off, or (``--train full``) a frozen copy of ``model``.
+        distill_weight: W of (1 − W)·LM + W·τ²·KL.
+        distill_temperature: τ of the softmaxes compared.
+        distill_hidden: weight of the per-routed-block hidden-state loss (0: none).
         strategy: under torchrun, ``fsdp`` (FSDP2, one shard unit per block, routers included) or ``ddp``.
         max_bad_steps: consecutive steps with a non-finite loss or gradient after which the run stops.
         log_every: steps between log lines when not on a terminal.
@@ -119,6 +128,13 @@ class TrainConfig:
         metadata=_help("compute dtype: auto (bfloat16 where the hardware has it, else none), bfloat16, or none "
                        "(no autocast: the weights' dtype)"),
     )  # fmt: skip
+    distill: bool = field(
+        default=False, metadata=_help("distil from the original model (KL to its next-token distribution)")
+    )
+    teacher: str = field(default="", metadata=_help("model to distil from (default: the conversion's source)"))
+    distill_weight: float = field(default=1.0, metadata=_help("W in (1-W)*LM + W*tau^2*KL"))
+    distill_temperature: float = field(default=1.0, metadata=_help("temperature tau of the distillation softmaxes"))
+    distill_hidden: float = field(default=0.0, metadata=_help("weight of the per-routed-block hidden-state loss"))
     strategy: str = field(default="auto", metadata=_help("auto, fsdp or ddp under torchrun"))
     max_bad_steps: int = field(default=5, metadata=_help("consecutive non-finite steps before stopping"))
     log_every: int = field(default=10, metadata=_help("steps between log lines in a pipe"))
@@ -159,8 +175,35 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 hint = "; the compute dtype is --autocast" if name == "dtype" and self.dtype in AUTOCASTS else ""
                 raise UsageError(f"{_flag(name)} {getattr(self, name)!r} is not one of {', '.join(choices)}{hint}")
+        self._check_distill()
         if self.dense and self.train != "full" and self.train != "lora":
             raise UsageError(f"--train {self.train} trains routers, and a --dense model has none; use full or lora")
+
+    def _check_distill(self) -> None:
+        for name in ("distill_weight", "distill_temperature", "distill_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise UsageError(f"{_flag(name)} must be a non-negative number, got {value!r}")
+            setattr(self, name, float(value))
+        if self.distill_weight > 1:
+            raise UsageError(
+                f"--distill-weight must be in [0, 1] (the KL's share of the loss), got {self.distill_weight}"
+            )
+        if self.distill_temperature == 0:
+            raise UsageError("--distill-temperature must be positive, e.g. 1.0")
+        if not self.distill:
+            given = [f for f in ("teacher", "distill_hidden") if getattr(self, f)]
+            given += [f for f in ("distill_weight", "distill_temperature") if getattr(self, f) != 1.0]
+            if given:
+                raise UsageError(f"{_flag(given[0])} needs --distill; add --distill or drop it")
+            return
+        if self.dense and not self.teacher:
+            raise UsageError(
+                "--distill with --dense needs --teacher SRC: an unconverted model is its own original; "
+                "give the model to distil from"
+            )
+        if self.dense and self.distill_hidden:
+            raise UsageError("--distill-hidden compares routed blocks, and a --dense model has none; drop it")
 
     @property
     def held_out(self) -> bool:

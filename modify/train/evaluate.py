@@ -34,6 +34,8 @@ class EvalResult:
             model, dense otherwise; see :func:`modify.flops`), nan for a model without a block stack.
         predicted_tokens: tokens the loss is averaged over, B·(T − 1) per batch: each sequence's first token
             has no prediction.
+        kl: mean KL(teacher ‖ model) of the next-token distributions over the predicted tokens, with a
+            ``teacher``; else nan.
     """
 
     loss: float
@@ -43,6 +45,7 @@ class EvalResult:
     tokens_per_second: float
     flops_per_token: float
     predicted_tokens: int = 0
+    kl: float = math.nan
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -68,6 +71,7 @@ def evaluate(
     autocast_dtype: torch.dtype | None = None,
     max_batches: int | None = None,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``batches`` of token ids.
 
@@ -79,7 +83,9 @@ def evaluate(
         autocast_dtype: run the forward under ``torch.autocast`` in this dtype (None: the model's own dtype).
             The cross entropy is always taken in float32.
         max_batches: stop after this many batches (None: all of them).
-        reduce: applied to a float64 tensor ``[loss sum, predicted tokens, input tokens]`` before dividing,
+        teacher: ids -> logits of a model of the same vocabulary, called under the same autocast: the result's
+            ``kl`` is then the held-out KL from it (see :mod:`modify.train.distill`).
+        reduce: applied to a float64 tensor ``[loss sum, predicted tokens, input tokens, KL sum]`` before dividing,
             e.g. an all-reduce SUM across ranks (it must return the reduced tensor). Every rank must call
             it, so a rank with no batches still does, and its result counts what the others saw.
 
@@ -88,7 +94,7 @@ def evaluate(
         a rank without data does not leave the others waiting in ``reduce``).
     """
     device = next(model.parameters()).device
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
     flops_total = 0.0
     flops_by_length: dict[int, float] = {}
     was_training = model.training
@@ -109,8 +115,18 @@ def evaluate(
                 loss = torch.nn.functional.cross_entropy(
                     logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
                 )
+                kl = totals.new_zeros(())
+                if teacher is not None:
+                    from modify.train.distill import kl_per_token
+
+                    with autocast:
+                        reference = teacher(ids)
+                    vocab = logits.shape[-1]
+                    rows = kl_per_token(logits[:, :-1].reshape(-1, vocab), reference[:, :-1].reshape(-1, vocab))
+                    kl = rows.double().sum()
+                    del reference
                 totals += torch.stack(
-                    [loss.double(), totals.new_tensor(targets.numel()), totals.new_tensor(ids.numel())]
+                    [loss.double(), totals.new_tensor(targets.numel()), totals.new_tensor(ids.numel()), kl]
                 )
                 length = ids.shape[1]
                 if length not in flops_by_length:
@@ -122,7 +138,7 @@ def evaluate(
     seconds = time.perf_counter() - start
     if reduce is not None:
         totals = reduce(totals)
-    loss_sum, predicted, tokens = (float(v) for v in totals.tolist())
+    loss_sum, predicted, tokens, kl_sum = (float(v) for v in totals.tolist())
     loss = loss_sum / predicted if predicted else math.nan
     return EvalResult(
         loss=loss,
@@ -132,4 +148,5 @@ def evaluate(
         tokens_per_second=tokens / seconds if seconds > 0 else math.inf,
         flops_per_token=flops_total / local_tokens if local_tokens else math.nan,
         predicted_tokens=int(predicted),
+        kl=kl_sum / predicted if teacher is not None and predicted else math.nan,
     )

@@ -147,6 +147,36 @@ class Trainer:
         self.bad_steps = 0
         self.skipped = 0
         self.eval_history: list[tuple[int, float]] = []
+        self.teacher = self._make_teacher(model, tokenizer) if c.distill else None
+
+    def _make_teacher(self, model: torch.nn.Module, tokenizer: Any) -> Any:
+        """The conversion's source to distil from (see :class:`modify.train.distill.Teacher`)."""
+        from modify.api import is_converted, revert
+        from modify.checkpoint import load_any
+        from modify.train.distill import Teacher, vocabulary_check
+        from modify.train.trainable import _is_router, _is_skip_path
+
+        c = self.config
+        if not c.teacher and c.train != "full":
+            # Only routers, skip paths, adapters (and norms, put back for the teacher) move: the student with
+            # routing and adapters off is the original model, with no second copy of its weights.
+            restore = [
+                p for name, p in self.inner.named_parameters()
+                if p.requires_grad and not (_is_router(name) or _is_skip_path(name) or ".lora_" in name)
+            ]  # fmt: skip
+            self.log(
+                f"distilling from the model itself with routing off ({len(restore)} trained norm tensors put back)"
+            )
+            return Teacher(self.inner, restore=restore)
+        name = c.teacher or c.model
+        with contextlib.nullcontext() if self.verbose_load else contextlib.redirect_stderr(io.StringIO()):
+            frozen, teacher_tokenizer, _, _ = load_any(name, c.dtype)
+        if is_converted(frozen):
+            revert(frozen)
+        vocabulary_check(base_model(self.inner), frozen, tokenizer, teacher_tokenizer, name)
+        frozen.to(self.d.device)
+        self.log(f"distilling from a frozen copy of {'--teacher' if c.teacher else 'the source'}")
+        return Teacher(self.inner, frozen=frozen)
 
     # -- one step ---------------------------------------------------------------------------------------------
     def _set_capacity(self, step: int | None) -> None:
@@ -159,15 +189,43 @@ class Trainer:
             plan = self.plan_capacities[state.index]
             state.capacity = 1.0 - (1.0 - plan) * share
 
-    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(language-model loss, auxiliary loss or None, the loss to train on) of one micro-batch."""
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(the loss to train on, its parts detached: lm, and aux, kd, hidden where there are) of one micro-batch."""
         with torch.autocast(self.d.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            if self.teacher is not None:
+                return self._distill_forward(batch)
             out = self.model(input_ids=batch, labels=batch)
         aux = getattr(out, "aux_loss", None)
         lm = getattr(out, "lm_loss", None)
+        parts = {} if aux is None else {"aux": aux.detach()}
         if lm is not None:  # the model added its auxiliary loss itself (causal routing, modify.generate.causal)
-            return lm, aux, out.loss
-        return out.loss, aux, out.loss if aux is None else out.loss + self.config.aux_weight * aux
+            return out.loss, {"lm": lm.detach(), **parts}
+        return out.loss if aux is None else out.loss + self.config.aux_weight * aux, {"lm": out.loss.detach(), **parts}
+
+    def _distill_forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from modify.generate.causal import aux_loss_coef
+        from modify.train.distill import block_outputs, distill_loss, hidden_loss
+
+        c = self.config
+        hidden = c.distill_hidden > 0
+        assert self.teacher is not None
+        teacher = self.teacher(self.model, batch, hidden=hidden)
+        out = self.model(input_ids=batch, use_cache=False, **({"output_hidden_states": True} if hidden else {}))
+        distilled = distill_loss(out.logits, teacher.logits, batch, c.distill_weight, c.distill_temperature)
+        loss = distilled.loss
+        parts = {"lm": distilled.lm, "kd": distilled.kd}
+        del teacher.logits
+        if hidden:
+            blocks = sorted(self.plan_capacities)
+            term = hidden_loss(block_outputs(out.hidden_states, blocks), block_outputs(teacher.hidden_states, blocks))
+            loss = loss + c.distill_hidden * term
+            parts["hidden"] = term.detach()
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None:
+            coef = aux_loss_coef(base_model(self.inner))
+            loss = loss + (c.aux_weight if coef is None else coef) * aux
+            parts["aux"] = aux.detach()
+        return loss, parts
 
     def train_step(self, batches: Iterator[torch.Tensor]) -> dict[str, float]:
         c, d = self.config, self.d
@@ -175,9 +233,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         self._set_capacity(self.step + 1)
-        lm_total = torch.zeros((), device=d.device)
-        aux_total = torch.zeros((), device=d.device)
-        has_aux = False
+        totals: dict[str, torch.Tensor] = {}
         for micro in range(c.grad_accum):
             batch = next(batches).to(d.device)
             if micro == 0 and self.step == 0 and int(batch.max()) >= self.vocab_size:
@@ -186,15 +242,16 @@ class Trainer:
                     "entries; use the model's own tokenizer"
                 )
             with distributed.no_sync(self.model, micro < c.grad_accum - 1):
-                lm, aux, loss = self._forward(batch)
+                loss, parts = self._forward(batch)
                 (loss / c.grad_accum).backward()
-            lm_total += lm.detach().float() / c.grad_accum
-            if aux is not None:
-                has_aux = True
-                aux_total += aux.detach().float() / c.grad_accum
-        lm_mean = float(d.all_sum(lm_total).item()) / d.world_size
-        aux_mean = float(d.all_sum(aux_total).item()) / d.world_size if has_aux else math.nan
-        bad = d.any(not math.isfinite(lm_mean) or (has_aux and not math.isfinite(aux_mean)))
+            for key, value in parts.items():
+                totals[key] = totals.get(key, torch.zeros((), device=d.device)) + value.float() / c.grad_accum
+        # Every rank has the same parts (the same model and loss), so one all-reduce carries them all.
+        keys = [k for k in ("lm", "aux", "kd", "hidden") if k in totals]
+        means = d.all_sum(torch.stack([totals[k] for k in keys])) / d.world_size
+        mean = dict(zip(keys, (float(v) for v in means.tolist())))
+        lm_mean = mean["lm"]
+        bad = d.any(not all(math.isfinite(v) for v in mean.values()))
         grad_norm = math.nan
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not bad:
@@ -220,27 +277,31 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps = 0
         row = {"step": self.step, "tokens": self.step * self.tokens_per_step, "lr": c.lr * factor,
-               "router_lr": c.router_lr * factor, "loss": lm_mean, "aux_loss": aux_mean, "grad_norm": grad_norm,
-               "skipped": float(bad)}  # fmt: skip
+               "router_lr": c.router_lr * factor, "loss": lm_mean, "aux_loss": mean.get("aux", math.nan),
+               "kd_loss": mean.get("kd", math.nan), "hidden_loss": mean.get("hidden", math.nan),
+               "grad_norm": grad_norm, "skipped": float(bad)}  # fmt: skip
         if self.monitor is not None:
             row.update(self.monitor.end_step(self.step))
         return row
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> tuple[float, float]:
+        """Held-out (perplexity, KL to the teacher: nan without --distill)."""
         from modify.train.evaluate import evaluate
 
         assert self.make_eval_data is not None
         c = self.config
         batches = max(1, c.eval_tokens // (c.batch_size * c.seq_len * self.d.world_size))
         self._set_capacity(None)
+        teacher = self.teacher
         with self.monitor.paused() if self.monitor is not None else contextlib.nullcontext():
             result = evaluate(
                 self.model, self.make_eval_data().batches(c.batch_size), autocast_dtype=self.amp,
                 max_batches=batches, reduce=self.d.all_sum,
+                teacher=None if teacher is None else lambda ids: teacher(self.model, ids).logits,
             )  # fmt: skip
         self.model.train()
         self.eval_history.append((self.step, result.ppl))
-        return result.ppl
+        return result.ppl, result.kl
 
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -266,7 +327,7 @@ class Trainer:
                 row["elapsed"] = time.perf_counter() - start
                 last = self.step == self.total_steps
                 if self.make_eval_data is not None and ((c.eval_every and self.step % c.eval_every == 0) or last):
-                    row["eval_ppl"] = self.evaluate()
+                    row["eval_ppl"], row["eval_kl"] = self.evaluate()
                 metrics.write(row)
                 done = self.step - start_step
                 remaining = (self.total_steps - self.step) * row["elapsed"] / max(1, done)
@@ -318,8 +379,12 @@ class Trainer:
 
 def _line(row: dict[str, float], total: int, remaining: float) -> str:
     text = f"step {row['step']}/{total}  loss {row['loss']:.4f}  {row['tokens_per_second']:.0f} tok/s"
+    if math.isfinite(row.get("kd_loss", math.nan)):
+        text += f"  kd {row['kd_loss']:.4f}"
     if "eval_ppl" in row:
         text += f"  eval ppl {row['eval_ppl']:.2f}"
+    if math.isfinite(row.get("eval_kl", math.nan)):
+        text += f"  eval kl {row['eval_kl']:.4f}"
     return text + f"  {remaining:.0f} s left"
 
 

@@ -1,7 +1,8 @@
 """What a run records: ``metrics.csv`` (and TensorBoard where installed), and ``report.png``.
 
-Columns of metrics.csv: step, tokens, lr, router_lr, loss (language model), aux_loss, grad_norm, skipped,
-tokens_per_second, elapsed, eval_ppl (on evaluation steps), then per routed block N gate_N, entropy_N and
+Columns of metrics.csv: step, tokens, lr, router_lr, loss (language model), aux_loss, kd_loss and hidden_loss
+(with ``--distill``), grad_norm, skipped, tokens_per_second, elapsed, eval_ppl and eval_kl (on evaluation steps;
+the KL to the teacher with ``--distill``), then per routed block N gate_N, entropy_N and
 overlap_N (see :mod:`modify.train.stats`). A resumed run keeps the rows up to its checkpoint and appends.
 """
 
@@ -15,8 +16,8 @@ from typing import Any
 __all__ = ["MetricsLog", "plot_report", "read_metrics", "BASE_COLUMNS"]
 
 BASE_COLUMNS = [
-    "step", "tokens", "lr", "router_lr", "loss", "aux_loss", "grad_norm", "skipped", "tokens_per_second", "elapsed",
-    "eval_ppl",
+    "step", "tokens", "lr", "router_lr", "loss", "aux_loss", "kd_loss", "hidden_loss", "grad_norm", "skipped",
+    "tokens_per_second", "elapsed", "eval_ppl", "eval_kl",
 ]  # fmt: skip
 
 
