@@ -12,6 +12,7 @@ from modify.config import MoDConfig
 from modify.errors import UnsupportedModelError
 from modify.flops import FlopCount, flops
 from modify.generate import fit_thresholds, measure_agreement, routing_mode, set_routing
+from modify.removal import export_pruned, remove_blocks
 
 __version__ = "0.1.0"
 
@@ -27,11 +28,13 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "convert",
+    "export_pruned",
     "find_blocks",
     "fit_thresholds",
     "flops",
     "from_pretrained",
     "measure_agreement",
+    "remove_blocks",
     "revert",
     "routing_disabled",
     "routing_mode",

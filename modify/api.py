@@ -180,8 +180,8 @@ def convert(
 
     Args:
         model: a transformer, e.g. a Hugging Face ``AutoModelForCausalLM``.
-        capacity: fraction of each sequence's tokens routed through a routed block, in (0, 1]; one value,
-            or one per routed block. 1.0 reproduces the model.
+        capacity: fraction of each sequence's tokens routed through a routed block, in [0, 1]; one value,
+            or one per routed block. 1.0 reproduces the model; 0 removes the block (no token runs it).
         layers: "every-other" (blocks 1, 3, 5, ...: the paper's plan), "all", or a list of block indices.
             "all" and "every-other" leave out blocks that don't run on token ids alone (Mllama's
             cross-attention layers); a list naming one is refused.
@@ -205,7 +205,7 @@ def convert(
 
     Raises:
         UnsupportedModelError: the model has no routable block stack, or a chosen block can't be routed.
-        ValueError: a capacity outside (0, 1], a block index out of range, or an already converted model.
+        ValueError: a capacity outside [0, 1], a block index out of range, or an already converted model.
             Nothing is changed when an error is raised.
     """
     if is_converted(model):

@@ -47,7 +47,8 @@ class MoDConfig:
     Args:
         num_blocks: number of blocks in the model's block stack.
         routed: indices of the routed blocks, ascending.
-        capacities: fraction of each sequence's tokens that pass through each routed block, in (0, 1].
+        capacities: fraction of each sequence's tokens that pass through each routed block, in [0, 1]; 0 removes
+            the block (no token runs it, nor its router; a skip path, if any, still gives every token its estimate).
         router: router kind; "linear" is one linear map from the hidden state to a float32 score.
         gate: gate applied to the router score; see ``GATE_KINDS``.
         block_stack: qualified name of the module list holding the blocks (filled in by ``convert``).
@@ -114,8 +115,8 @@ class MoDConfig:
         for spec in self.skip_paths:
             parse_spec(spec)
         for c in self.capacities:
-            if not (math.isfinite(c) and 0.0 < c <= 1.0):
-                raise ValueError(f"capacity {c} is out of range: it must be in (0, 1], e.g. 0.125")
+            if not (math.isfinite(c) and 0.0 <= c <= 1.0):
+                raise ValueError(f"capacity {c} is out of range: it must be in [0, 1] (0 removes a block), e.g. 0.125")
         if len(self.thresholds) != len(self.routed):
             raise ValueError(
                 f"got {len(self.thresholds)} thresholds for {len(self.routed)} routed blocks; give one per routed block"
@@ -128,6 +129,8 @@ class MoDConfig:
             raise ValueError(f"aux_loss_coef must be a finite number >= 0, got {self.aux_loss_coef}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {MODES}")
+        if self.mode == "integrated" and 0.0 in self.capacities:
+            raise ValueError("capacity 0 (removing a block) is staged only; use mode='staged' or a capacity above 0")
         if self.predictor_size < 1:
             raise ValueError(f"predictor_size must be >= 1, got {self.predictor_size}")
         if self.keep_first < 0:
@@ -140,6 +143,11 @@ class MoDConfig:
     def capacity_of(self, index: int) -> float | None:
         """The capacity of block ``index``, or None when it is not routed."""
         return self.capacities[self.routed.index(index)] if index in self.routed else None
+
+    @property
+    def removed(self) -> list[int]:
+        """The blocks at capacity 0: removed, no token runs them."""
+        return [i for i, c in zip(self.routed, self.capacities) if c == 0.0]
 
     def skip_path_of(self, index: int) -> str | None:
         """The skip path of block ``index``, or None when it is not routed."""

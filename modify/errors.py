@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["UnsupportedModelError", "ModifyError", "UsageError"]
+__all__ = ["UnsupportedModelError", "ModifyError", "UsageError", "NotRemovalOnlyError"]
 
 
 class UnsupportedModelError(ValueError):
@@ -33,3 +33,16 @@ class UsageError(ModifyError):
     """A malformed or out-of-range command-line value (exit code 2, like argparse's own errors)."""
 
     exit_code = 2
+
+
+class NotRemovalOnlyError(ModifyError):
+    """A plan that does more than remove blocks (capacity 0) was asked to become a plain checkpoint.
+
+    Args:
+        blocks: the indices of the blocks that a checkpoint with fewer layers can't express.
+        reason: what they do and what to do instead.
+    """
+
+    def __init__(self, blocks: list[int], reason: str) -> None:
+        self.blocks = blocks
+        super().__init__(reason)

@@ -13,7 +13,8 @@ linear-attention block that pads to its chunk size, say) is measured at each len
 probes are cached per model until its parameters change.
 
 A routed block runs the block on k = ceil(c·T) tokens per sequence, its router on all T, its skip path (if
-any, :mod:`modify.skip_path`) on the other T - k, and its causal predictor (if any) on all T. A block whose
+any, :mod:`modify.skip_path`) on the other T - k, and its causal predictor (if any) on all T; a removed block
+(capacity 0) runs none of them but its skip path, on all T. A block whose
 Mixture-of-Experts layer has a no-op expert (:mod:`modify.moe.noop`) runs that layer, probed as a part of its
 own, on k tokens, and the layer's router and no-op row on all T.
 """
@@ -237,7 +238,9 @@ class _Probe:
         hidden = _hidden_size(self.model, self.stack[index])
         k = capacity_tokens(capacity, seq_len)
         skipped = (seq_len - k) * skip_path_flops(skip_path, hidden)
-        return self.cost(index, k) + 2 * hidden * seq_len + skipped
+        # A removed block (capacity 0) doesn't run its router either: only its skip path costs anything.
+        router = 2 * hidden * seq_len if capacity > 0 else 0
+        return self.cost(index, k) + router + skipped
 
     def noop_extra(self, index: int, moe: nn.Module, capacity: float, seq_len: int) -> int:
         """What a no-op expert changes in block ``index``'s cost (:mod:`modify.moe.noop`): the layer runs on
@@ -266,7 +269,8 @@ def routed_block_flops(
     example_inputs: Callable[[int], dict[str, Any]] | None = None,
 ) -> int:
     """FLOPs of block ``index`` routed at ``capacity`` over one sequence: the block on k = ceil(c·T) tokens,
-    the router on all T and the skip path on the T - k others (the router and path need not exist yet)."""
+    the router on all T and the skip path on the T - k others (the router and path need not exist yet). At
+    capacity 0 (removed) only the skip path's, on all T."""
     return _Probe.of(model, example_inputs).routed(index, capacity, seq_len, skip_path)
 
 
@@ -319,7 +323,7 @@ def flops(
             continue
         routed = probe.routed(i, state.capacity, seq_len, state.skip_path)
         predictor = getattr(block, PREDICTOR_ATTR, None)  # the causal predictor reads every token
-        if predictor is not None:
+        if predictor is not None and state.capacity > 0:  # a removed block has no decision to make
             routed += seq_len * sum(2 * m.weight.numel() for m in predictor.modules() if isinstance(m, nn.Linear))
         per_block.append((full, routed))
     dense = outside + sum(d for d, _ in per_block)

@@ -7,6 +7,10 @@ by part in the block's own order of additions (see :mod:`modify.passes.extract_d
 Skipped tokens leave the block unchanged and cost nothing inside it, unless the block has a skip path
 (:mod:`modify.skip_path`): then they get its cheap estimate of Δ instead. Shapes depend only on B, T and c.
 
+A block at capacity 0 is removed: every call returns the hidden states as they came (plus the skip path's
+estimate for every token, where it has one), without running its router or any part of the block; with a
+cache, its layer only keeps count of the positions (:func:`modify.generate.selective.hold_positions`).
+
 That is top-k routing, the training rule. Calls where each token decides alone (causal routing, as when
 sampling) and calls inside ``generate()`` or that continue a cache take the per-token path of
 :mod:`modify.generate.selective` instead.
@@ -26,7 +30,14 @@ import torch
 from torch import fx, nn
 
 from modify.generate.causal import causal_process, observe_topk
-from modify.generate.selective import cached_length, find_cache, history_of, mark_topk_filled, selective_forward
+from modify.generate.selective import (
+    cached_length,
+    find_cache,
+    history_of,
+    hold_positions,
+    mark_topk_filled,
+    selective_forward,
+)
 from modify.kernels import gather_token_dim
 from modify.kernels.ops import route_gather, route_scatter_add
 from modify.passes.capture_block import CallStructure, call_structure, capture_block
@@ -54,11 +65,14 @@ STATE_ATTR = "_modify_routing"
 
 
 def capacity_tokens(capacity: float, length: int) -> int:
-    """k = ceil(capacity · length), at least 1 and at most ``length``.
+    """k = ceil(capacity · length), at least 1 and at most ``length``; 0 for capacity 0 (a removed block).
 
     The product is rounded to 6 decimals first, because capacities such as 0.3 are not exact in binary and
-    ``0.3 * 10`` is 3.0000000000000004, whose ceiling would route one token too many.
+    ``0.3 * 10`` is 3.0000000000000004, whose ceiling would route one token too many. Any capacity above 0
+    routes at least one token: only 0 means "none" (removal), however short the sequence.
     """
+    if capacity <= 0.0:
+        return 0
     return min(length, max(1, math.ceil(round(capacity * length, 6))))
 
 
@@ -303,6 +317,8 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not state.enabled:
         return state.forward_fn(block, *args, **kwargs)
     named = bind_call(state.signature, block, args, kwargs)
+    if state.capacity == 0.0:
+        return _removed(block, state, named)
     spec = state.spec
     x = named[spec.hidden]
     batch, length, _ = x.shape
@@ -350,6 +366,25 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
         # router's score says nothing about how well the path estimates a token it rated low.
         y = route_scatter_add(y, rest, estimate.to(y.dtype), torch.ones(rest.shape, dtype=gate.dtype, device=y.device))
     return (y, *out[1:]) if spec.output_is_tuple else y
+
+
+def _removed(block: nn.Module, state: RoutingState, named: dict[str, Any]) -> Any:
+    """A block at capacity 0: no token runs it (nor its router); a skip path gives every token its estimate.
+
+    Why the cache is touched at all: transformers reads positions and mask sizes off the first cache layer
+    (``get_seq_length()``), so a removed first block must still keep count of the positions it was passed.
+    """
+    spec = state.spec
+    x = named[spec.hidden]
+    cache_arg = find_cache(named)
+    if cache_arg is not None:
+        hold_positions(cache_arg[1], state.cache_layer, x)
+    y = x
+    skip = getattr(block, SKIP_ATTR, None)
+    if skip is not None:
+        y = x + skip(state.skip_input(block, x)).to(x.dtype)
+    # As the per-token path returns when no token ran: the block's other outputs (attention weights) are None.
+    return (y, None) if spec.output_is_tuple else y
 
 
 def _per_token(

@@ -22,7 +22,7 @@ def _snapshot(model: nn.Module) -> tuple[dict, str]:
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"capacity": 0.0}, r"capacity 0.0 is out of range: it must be in \(0, 1\]"),
+        ({"capacity": -0.5}, r"capacity -0.5 is out of range: it must be in \[0, 1\] \(0 removes a block\)"),
         ({"capacity": 1.5}, r"capacity 1.5 is out of range"),
         ({"capacity": float("nan")}, r"capacity nan is out of range"),
         ({"capacity": [0.5]}, r"got 1 capacities for 2 routed blocks"),

@@ -46,10 +46,12 @@ def capacity_type(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"capacity {text!r} is not a number; use a value in (0, 1], e.g. 0.125"
+            f"capacity {text!r} is not a number; use a value in [0, 1] (0 removes the block), e.g. 0.125"
         ) from None
-    if not (math.isfinite(value) and 0.0 < value <= 1.0):
-        raise argparse.ArgumentTypeError(f"capacity {text} is out of range; use a value in (0, 1], e.g. 0.125")
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise argparse.ArgumentTypeError(
+            f"capacity {text} is out of range; use a value in [0, 1] (0 removes the block), e.g. 0.125"
+        )
     return value
 
 

@@ -39,7 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", metavar="SRC", help="model directory, .gguf file, cached model id, or 'smollm2'")
     p.add_argument("out", metavar="OUT", type=Path, help="directory to write (must not exist unless --force)")
     p.add_argument(
-        "--capacity", type=capacity_type, default=0.125, help="fraction of tokens routed, in (0, 1] (default 0.125)"
+        "--capacity",
+        type=capacity_type,
+        default=0.125,
+        help="fraction of tokens routed, in [0, 1]; 0 removes the blocks (default 0.125)",
     )
     p.add_argument("--layers", default="every-other", help="every-other (default), all, 1,3,5 or 4-20")
     p.add_argument(

@@ -28,7 +28,7 @@ from torch import nn
 
 from modify.kernels import gated_scatter_add, gather_tokens
 
-__all__ = ["selective_forward", "find_cache", "cached_length", "history_of", "mark_topk_filled"]
+__all__ = ["selective_forward", "find_cache", "cached_length", "history_of", "mark_topk_filled", "hold_positions"]
 
 #: Attribute of a cache object holding, per cache layer, which positions of the layer are real keys.
 HISTORY_ATTR = "_modify_history"
@@ -64,6 +64,31 @@ def mark_topk_filled(cache: Any, layer: int) -> None:
 
 #: Cache layers whose update appends along the sequence, as the hidden zeros of skipped positions need.
 _APPENDING_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+
+def hold_positions(cache: Any, layer: int, x: torch.Tensor) -> None:
+    """Keep count of the positions of ``x`` [B, T, D] in a removed block's layer of the cache (capacity 0).
+
+    The block's attention never runs, but transformers reads every step's positions and mask sizes off the first
+    attention layer of the cache (``get_seq_length()``, ``get_mask_sizes``), which may be this one. So the layer
+    gets one [B, 1, T, 1] zero entry per call: the length is right, no key is ever attended to (nothing reads
+    them), and it costs B·T numbers instead of the B·H·T·d of real keys and values. A layer of another kind
+    (static, quantized: fixed shapes) is refused; a linear-attention layer keeps no length and is left alone.
+    """
+    from transformers.cache_utils import CacheLayerMixin
+
+    if layer < len(cache.layers):
+        current = cache.layers[layer]
+        kind = type(current).__name__
+        if not isinstance(current, CacheLayerMixin):
+            return
+        if kind not in _APPENDING_LAYERS:
+            raise ValueError(
+                f"a {kind} cache can't hold a removed block (capacity 0), whose layer only counts positions; use "
+                "the default dynamic cache (drop cache_implementation), or export the plan with 'modify export'"
+            )
+    marker = x.new_zeros(x.shape[0], 1, x.shape[1], 1)
+    cache.update(marker, marker, layer)
 
 
 def history_of(cache: Any, layer: int, batch: int, device: torch.device) -> _History:

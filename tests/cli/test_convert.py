@@ -113,7 +113,7 @@ SOURCE_CASES = {
     "no routable blocks": (_one_block, 1, "no nn.ModuleList of two or more blocks"),
 }
 ARG_CASES = {
-    "capacity zero": (["--capacity", "0"], 2, "capacity 0 is out of range; use a value in (0, 1]"),
+    "capacity below zero": (["--capacity", "-0.1"], 2, "capacity -0.1 is out of range; use a value in [0, 1]"),
     "capacity above one": (["--capacity", "1.5"], 2, "capacity 1.5 is out of range"),
     "capacity not a number": (["--capacity", "lots"], 2, "capacity 'lots' is not a number"),
     "layer out of range": (["--layers", "1,9"], 2, "block index 9 is out of range: valid indices are 0..3"),
