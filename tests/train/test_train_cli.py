@@ -231,9 +231,10 @@ def test_non_finite_steps_are_skipped_and_a_streak_stops_the_run(
     forward = loop.Trainer._forward
 
     def poisoned(self: loop.Trainer, batch: torch.Tensor):  # type: ignore[no-untyped-def]
-        lm, aux, loss = forward(self, batch)
-        nan = float("nan")
-        return (lm * nan, aux, loss * nan) if self.step + 1 in bad_steps else (lm, aux, loss)
+        loss, parts = forward(self, batch)
+        if self.step + 1 not in bad_steps:
+            return loss, parts
+        return loss * float("nan"), {k: v * float("nan") for k, v in parts.items()}
 
     monkeypatch.setattr(loop.Trainer, "_forward", poisoned)
     weights: list[dict[str, torch.Tensor]] = []
