@@ -6,14 +6,17 @@ initialise the routers, all from text run through the dense model.
 2. **Dense pass** over every window, with hooks on the blocks: each block's input x and contribution Δ.
    A token's *importance* for a block is log ‖Δ‖: how much the block changes it.
 3. **Sensitivity**, on a seeded subset of ``sensitivity_tokens`` tokens: the loss increase when block i is
-   skipped entirely, and when it routes only the most important fraction c of tokens for each c of the grid
-   (its true routed forward, with the importance as an oracle router and the gate held at 1). Blocks before
-   i replay their cached dense outputs, so each measurement costs only the blocks from i on.
+   removed (capacity 0: skipped by every token), and when it routes only the most important fraction c of
+   tokens for each c of the grid (its true routed forward, with the importance as an oracle router and the
+   gate held at 1). Blocks before i replay their cached dense outputs, so each measurement costs only the
+   blocks from i on.
 4. **Plan**: :func:`modify.calibrate.planning.plan_under_budget` picks the capacities minimising the predicted loss
-   increase, Σ_i ΔL_i(c_i), under the FLOP budget. The prediction assumes the blocks' effects add up; they
-   compound instead. Each optional refinement round measures every block's tables again with the other blocks
-   routed as planned (fitted routers) and plans again on them, keeping the new plan only if it measures
-   better. The report gives each round's predicted and measured increase.
+   increase, Σ_i ΔL_i(c_i), under the FLOP budget; removal (capacity 0, costing nothing) is one of the options
+   unless ``removal`` says otherwise ("only": the static baseline, each block kept or removed; "never"). The
+   prediction assumes the blocks' effects add up; they compound instead. Each optional refinement round
+   measures every block's tables again with the other blocks routed as planned (fitted routers) and plans
+   again on them, keeping the new plan only if it measures better. The report gives each round's predicted
+   and measured increase.
 5. **Skip paths** (optional, :mod:`modify.skip_path`): with candidates besides ``identity``, a second pass
    fits each block's skip paths for every grid capacity on the tokens the fitted router skips there
    (:mod:`modify.calibrate.skip_fit`); the sensitivity is measured for each (capacity, skip path) option and
@@ -50,7 +53,14 @@ from modify.calibrate.measure import (
     sensitivity_tables,
     set_plan,
 )
-from modify.calibrate.planning import DEFAULT_GRID, BudgetPlan, Option, plan_under_budget
+from modify.calibrate.planning import (
+    DEFAULT_GRID,
+    REMOVAL_MODES,
+    BudgetPlan,
+    Option,
+    plan_under_budget,
+    restrict_removal,
+)
 from modify.calibrate.skip_fit import NormalSums, attach_skip, block_hidden, features, fit_skip_paths
 from modify.checkpoint import file_record
 from modify.config import MoDConfig
@@ -87,7 +97,7 @@ class CalibrationSettings:
         tokens: calibration tokens for the dense pass and the router fit.
         seq_len: tokens per window (the FLOP budget is met at this length).
         budget: F in (0, 1): routed blocks cost at most F times the dense blocks' forward FLOPs.
-        grid: capacities the planner may choose (1.0 = not routed).
+        grid: capacities the planner may choose (1.0 = not routed, 0.0 = removed; ``removal`` adds or drops 0).
         sensitivity_tokens: tokens on which each block's tolerance is measured.
         batch_size: windows per forward.
         seed: picks the sensitivity windows.
@@ -99,6 +109,9 @@ class CalibrationSettings:
             "mlp-64"; see :mod:`modify.skip_path`); "identity" (pure Mixture-of-Depths) is always one of them.
         dtype: dtype of the copy of the model that calibration runs ("bfloat16": about 3.7x faster than
             float32 on CPUs with AMX, as measured on SmolLM2-135M here; the model passed in is not touched).
+        removal: "allow" (capacity 0 on the grid: removal competes with routing and skip paths under the same
+            budget), "only" (each block kept dense or removed, nothing routed: ShortGPT's static baseline, which
+            ``modify export`` writes as a plain checkpoint with fewer layers) or "never" (0 off the grid).
     """
 
     tokens: int = 65536
@@ -112,17 +125,29 @@ class CalibrationSettings:
     refine_rounds: int = 0
     skip_paths: tuple[str, ...] = ("identity",)
     dtype: str = "bfloat16"
+    removal: str = "allow"
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bfloat16", "float32", "float16"):
             raise ValueError(f"calibration dtype {self.dtype!r} must be bfloat16, float32 or float16")
         if self.seq_len < 2 or self.tokens < self.seq_len:
             raise ValueError(f"need seq_len >= 2 and tokens >= seq_len, got {self.seq_len} and {self.tokens}")
-        if 1.0 not in self.grid or any(not 0 < c <= 1 for c in self.grid):
-            raise ValueError(f"the grid {self.grid} must hold capacities in (0, 1], 1.0 (not routed) included")
+        if 1.0 not in self.grid or any(not 0 <= c <= 1 for c in self.grid):
+            raise ValueError(f"the grid {self.grid} must hold capacities in [0, 1], 1.0 (not routed) included")
         for spec in self.skip_paths:
             parse_spec(spec)
         object.__setattr__(self, "skip_paths", tuple(dict.fromkeys(("identity", *self.skip_paths))))
+        if self.removal not in REMOVAL_MODES:
+            raise ValueError(f"unknown removal mode {self.removal!r}; choose one of {', '.join(REMOVAL_MODES)}")
+        if self.removal == "only" and len(self.skip_paths) > 1:
+            raise ValueError(
+                "removal 'only' removes blocks outright, with no skip path; drop the skip path, or allow removal "
+                "beside routing ('allow') to let the planner give a removed block a skip path"
+            )
+        # The grid says which capacities route; whether 0 (removal) is an option is the removal mode's to say.
+        routed = {1.0} if self.removal == "only" else set(self.grid) - {0.0}
+        grid = routed | ({0.0} if self.removal != "never" else set())
+        object.__setattr__(self, "grid", tuple(sorted(grid, reverse=True)))
 
 
 @dataclass
@@ -332,12 +357,18 @@ def loss_tables(
 
 
 def replan(
-    calibration: Calibration, model: nn.Module, budget: float, seq_len: int, specs: Sequence[str] = ("identity",)
+    calibration: Calibration,
+    model: nn.Module,
+    budget: float,
+    seq_len: int,
+    specs: Sequence[str] = ("identity",),
+    removal: str = "allow",
 ) -> BudgetPlan:
     """The planner's choice under ``budget`` from a calibration's measurements, with only the skip paths
-    ``specs`` as candidates (re-planning with fewer candidates is what calibrating with fewer computes)."""
-    grid = sorted(set(calibration.settings["grid"]), reverse=True)
-    costs = option_costs(model, grid, seq_len, specs)
+    ``specs`` as candidates and removal as ``removal`` allows (re-planning with fewer candidates is what
+    calibrating with fewer computes). Removal ("0") is measured by every calibration, on the grid or not."""
+    grid = sorted(set(calibration.settings["grid"]) | ({0.0} if removal != "never" else set()), reverse=True)
+    costs = restrict_removal(option_costs(model, grid, seq_len, specs), removal)
     return plan_under_budget(loss_tables(calibration.sensitivity, costs), costs, budget)
 
 
@@ -359,7 +390,7 @@ def _overlap(
     """Per routed block: the share of the fitted router's top-k that is also the oracle's top-k."""
     overlap = {}
     for i, c in enumerate(capacities):
-        if c < 1.0:
+        if 0.0 < c < 1.0:  # a removed block routes no token: nothing to compare
             hits = total = 0
             for x, oracle in zip(dense.inputs[i], dense.importance[i]):
                 r = torch.nn.functional.linear(x.float(), routers[i]["weight"], routers[i]["bias"]).squeeze(-1)
@@ -457,7 +488,8 @@ def _calibrate(
     # The causal rule's thresholds, on the text the routers were fitted to, in the routed model (top-k).
     set_plan(blocks, states, chosen.capacities, routers, fits)
     fitted = fit_thresholds(model, (windows[b] for b in sens_batches + other_batches))
-    thresholds = {str(i): round(t, 6) for i, (t, (c, _)) in enumerate(zip(fitted, chosen.capacities)) if c < 1.0}
+    # A removed block has no decision to make (no token runs it): no threshold.
+    thresholds = {str(i): round(t, 6) for i, (t, (c, _)) in enumerate(zip(fitted, chosen.capacities)) if 0.0 < c < 1.0}
     set_plan(blocks, states, chosen.capacities, None, fits)
     untrained = plan_loss(model, windows, sens_batches)
     capacities = [c for c, _ in chosen.capacities]

@@ -1,7 +1,7 @@
 """What calibration measures: the loss of the model with one block, or every block, routed in a given way.
 
 Blocks before the one measured replay their cached outputs (:func:`replay`), so a measurement costs only the
-blocks from it on. :func:`variant` routes a block at a capacity with its gate held at 1 (or skips it);
+blocks from it on. :func:`variant` routes a block at a capacity with its gate held at 1 (or removes it: capacity 0);
 :func:`set_plan` routes every block as a plan says, with fitted routers and skip paths.
 """
 
@@ -17,7 +17,6 @@ from torch import nn
 
 from modify.calibrate.planning import Option
 from modify.calibrate.skip_fit import attach_skip
-from modify.passes.probe_block_calls import bind_call
 from modify.router import ROUTER_ATTR
 from modify.routing import routed_forward
 
@@ -62,10 +61,11 @@ def sensitivity_tables(
     fits: dict[tuple[int, float, str], dict[str, torch.Tensor]],
     report: Callable,
 ) -> dict[str, dict[str, float]]:
-    """Loss increase per block: skipped ("0"), and routing its most important tokens at each capacity, with
-    each candidate skip path (keys as :func:`option_key`)."""
+    """Loss increase per block: removed ("0"), and routing its most important tokens at each capacity, with
+    each candidate skip path (keys as :func:`option_key`; at capacity 0 a path runs on every token)."""
     routed = sorted((c for c in grid if c < 1.0), reverse=True)
-    variants = [(0.0, "identity")] + [(c, spec) for c in routed for spec in specs]
+    # Removal ("0") is always measured, on the grid or not: the chart's baseline, and replan's removal options.
+    variants = list(dict.fromkeys([(0.0, "identity")] + [(c, spec) for c in routed for spec in specs]))
     table: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for i, block in enumerate(blocks):
@@ -178,20 +178,12 @@ def load_router(router: nn.Module, values: dict[str, torch.Tensor] | None) -> No
 
 @contextlib.contextmanager
 def variant(block: nn.Module, state: Any, capacity: float, router: nn.Module) -> Iterator[None]:
-    """Block skipped (capacity 0) or routed at ``capacity`` with its gate held at exactly 1."""
+    """Block routed at ``capacity`` with its gate held at exactly 1, or removed (capacity 0: the routed
+    forward's own removal, so a skip path attached to the block gives every token its estimate)."""
     saved_scale = router.scale.detach().clone()
-    if capacity == 0.0:
-        spec = state.spec
-
-        def identity(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            x = bind_call(state.signature, self, args, kwargs)[spec.hidden]
-            return (x,) if spec.output_is_tuple else x
-
-        block.forward = types.MethodType(identity, block)  # type: ignore[method-assign]
-    else:
-        state.enabled, state.capacity = True, capacity
-        with torch.no_grad():
-            router.scale.zero_()
+    state.enabled, state.capacity = True, capacity
+    with torch.no_grad():
+        router.scale.zero_()
     try:
         yield
     finally:

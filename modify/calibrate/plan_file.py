@@ -28,7 +28,7 @@ _VERSION = 1
 
 
 def plot_plan(calibration: Calibration, path: Path) -> None:
-    """Per block: loss increase when skipped and at each grid capacity (log scale), and the chosen capacity."""
+    """Per block: loss increase when removed and at each grid capacity (log scale), and the chosen capacity."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +40,7 @@ def plot_plan(calibration: Calibration, path: Path) -> None:
     keys = [k for k in next(iter(calibration.sensitivity.values())) if k != "1" and " " not in k]
     for key in sorted(keys, key=float):
         values = [max(calibration.sensitivity[str(i)][key], 1e-4) for i in blocks]
-        top.plot(blocks, values, marker="o", ms=3, label="skipped" if key == "0" else f"capacity {key}")
+        top.plot(blocks, values, marker="o", ms=3, label="removed" if key == "0" else f"capacity {key}")
     top.set_yscale("log")
     top.set_ylabel("loss increase (nats)")
     top.set_title(f"per-block sensitivity ({calibration.data['tokens']} calibration tokens)")
@@ -49,8 +49,9 @@ def plot_plan(calibration: Calibration, path: Path) -> None:
         blocks, calibration.capacities, color=["tab:blue" if c < 1 else "lightgray" for c in calibration.capacities]
     )
     for i, (c, spec) in enumerate(zip(calibration.capacities, calibration.skip_paths)):
-        if c < 1 and spec != "identity":
-            bottom.text(i, c + 0.02, spec, rotation=90, ha="center", va="bottom", fontsize=6)
+        label = ("removed" + (f", {spec}" if spec != "identity" else "")) if c == 0 else spec
+        if c < 1 and label != "identity":
+            bottom.text(i, c + 0.02, label, rotation=90, ha="center", va="bottom", fontsize=6)
     bottom.set_ylim(0, 1.05)
     bottom.set_ylabel("capacity")
     bottom.set_xlabel("block")

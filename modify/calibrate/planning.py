@@ -14,6 +14,12 @@ brute force on small cases (tests/test_planning.py).
 A block's options are its grid capacities, or (capacity, skip path) pairs when skip paths are candidates
 (:mod:`modify.skip_path`): the planner then chooses both under the same budget, a skip path's FLOPs on the
 skipped tokens counted in the option's cost. Exactly one option per block has capacity 1.0: dense.
+
+Capacity 0 is removal (ShortGPT's static baseline): the block costs nothing, or its skip path's FLOPs on every
+token. It is on the default grid, so the planner chooses among removal, routing and skip paths under one
+budget, and a calibrated plan is never worse than the best removal-only plan by the planner's own measure
+(removal-only is a subset of the options). :func:`restrict_removal` narrows the options to removal only, or
+to none of it (:data:`REMOVAL_MODES`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ Option = Any
 
 __all__ = [
     "DEFAULT_GRID",
+    "REMOVAL_MODES",
+    "restrict_removal",
     "BudgetPlan",
     "uniform",
     "every_other",
@@ -39,8 +47,12 @@ __all__ = [
     "option_capacity",
 ]
 
-#: Capacities the planner may choose; 1.0 leaves a block dense.
-DEFAULT_GRID = (1.0, 0.75, 0.5, 0.25, 0.125)
+#: Capacities the planner may choose; 1.0 leaves a block dense, 0.0 removes it.
+DEFAULT_GRID = (1.0, 0.75, 0.5, 0.25, 0.125, 0.0)
+#: "allow": removal is one option among the others; "only": each block is kept dense or removed outright
+#: (no routing, no skip path: a plan that :func:`modify.export_pruned` writes as a plain checkpoint);
+#: "never": no block is removed (the plans before removal existed).
+REMOVAL_MODES = ("allow", "only", "never")
 
 
 def uniform(num_blocks: int, capacity: float, blocks: Sequence[int] | None = None) -> list[float]:
@@ -89,6 +101,25 @@ def _order(option: Option) -> tuple[float, str]:
 
 def _dense(table: dict[Option, float]) -> Option:
     return next(o for o in table if option_capacity(o) == 1.0)
+
+
+def restrict_removal(tables: Sequence[dict[Option, float]], removal: str) -> list[dict[Option, float]]:
+    """The per-block option tables (loss or cost) narrowed as ``removal`` says (see :data:`REMOVAL_MODES`)."""
+    if removal not in REMOVAL_MODES:
+        raise ValueError(f"unknown removal mode {removal!r}; choose one of {', '.join(REMOVAL_MODES)}")
+
+    def keep(option: Option) -> bool:
+        c = option_capacity(option)
+        if removal == "never":
+            return c > 0.0
+        if removal == "only":
+            return c == 1.0 or (c == 0.0 and (not isinstance(option, tuple) or option[1] == "identity"))
+        return True
+
+    narrowed = [{o: v for o, v in table.items() if keep(o)} for table in tables]
+    if removal == "only" and any(len(t) < 2 for t in narrowed):
+        raise ValueError("removal-only planning needs capacity 0 (pure removal) among the options; add 0 to the grid")
+    return narrowed
 
 
 @dataclass(frozen=True)

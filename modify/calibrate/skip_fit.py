@@ -180,7 +180,9 @@ class SkipStats:
         for spec, firsts in self.mlp_first.items():
             first = firsts[block]
             hidden[spec] = features(torch.nn.functional.silu(f[:, :-1] @ first["fc1.weight"].T + first["fc1.bias"]))
-        for j in range(1, len(self.capacities) + 1):  # level 0 is routed at every capacity: never skipped
+        # Level 0 is routed at every capacity: never skipped (empty when 0, removal, is on the grid: then the
+        # fit for capacity 0 is over every token, as a removed block's path runs on every token).
+        for j in range(1, len(self.capacities) + 1):
             rows = (level == j).nonzero().squeeze(-1)
             if rows.numel():
                 self.linear[block].add(j, f[rows], y[rows])

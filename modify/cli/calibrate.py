@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from modify.calibrate.planning import REMOVAL_MODES
 from modify.cli.common import Parser, Progress, add_common_flags, emit_json, quiet_libraries
 from modify.errors import ModifyError, UsageError
 from modify.skip_path import SKIP_KINDS
@@ -18,6 +19,8 @@ EXAMPLES = """examples:
   modify convert ./my-llama out/llama-mod --plan plan.json        # apply a saved plan
   modify convert smollm2 out/mod --calibrate plays/*.txt --flops-budget 0.75   # calibrate and convert at once
   modify calibrate smollm2 --data plays/*.txt --flops-budget 0.75 --skip-path linear --skip-rank 128 --out plan.json
+  modify calibrate smollm2 --data plays/*.txt --flops-budget 0.8 --removal only --out removal.json   # ShortGPT-style
+  modify convert smollm2 out/removed --plan removal.json && modify export out/removed out/pruned   # fewer layers
 
 Writes PLAN.json, the fitted routers as PLAN.safetensors and a chart as PLAN.png beside it."""
 
@@ -39,8 +42,8 @@ def grid_type(text: str) -> tuple[float, ...]:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"grid {text!r} is not a list of numbers like 1,0.5,0.25") from None
-    if any(not 0 < v <= 1 for v in values):
-        raise argparse.ArgumentTypeError(f"grid {text} holds a capacity outside (0, 1]")
+    if any(not 0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"grid {text} holds a capacity outside [0, 1]")
     return tuple(sorted(set(values) | {1.0}, reverse=True))
 
 
@@ -120,6 +123,14 @@ def add_calibration_flags(p: Parser, required: bool) -> None:
         help=f"re-measure around the plan and plan again this many times (default {d.refine_rounds})",
     )
     flag(
+        "--removal",
+        choices=REMOVAL_MODES,
+        default=d.removal,
+        help="removing a block (capacity 0, no FLOPs) as one option beside routing and skip paths (allow, the "
+        "default), as the only one: each block kept or removed, a plan 'modify export' writes with fewer layers "
+        "(only), or not at all (never)",
+    )
+    flag(
         "--calibration-dtype",
         default=d.dtype,
         choices=["bfloat16", "float32", "float16"],
@@ -193,6 +204,7 @@ def run_calibration(args: argparse.Namespace, model: Any, tokenizer: Any, progre
             dtype=args.calibration_dtype,
             refine_rounds=args.refine_rounds,
             skip_paths=(skip_spec(args),),
+            removal=args.removal,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -237,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
         emit_json(summary)
     elif not args.quiet:
         routed = ", ".join(
-            f"{i}:{c:g}" + (f" ({p})" if p != "identity" else "")
+            f"{i}:{c:g}" + (" (removed)" if c == 0 else "") + (f" ({p})" if p != "identity" else "")
             for i, c, p in zip(summary["routed"], summary["capacities"], summary["skip_paths"])
         )
         print(

@@ -150,9 +150,9 @@ def test_cli_calibrate_then_convert_with_the_plan(text: Path, tmp_path: Path, ca
     capsys.readouterr()
     assert main(["convert", str(src), str(tmp_path / "c"), "--calibrate", str(text)]) == 2
     assert "--calibrate needs --flops-budget" in capsys.readouterr().err
-    assert (
-        main(["calibrate", str(src), "--data", str(text), "--out", str(tmp_path / "p.json"), *flags[:-1], "0.01"]) == 2
-    )
+    # Below the cheapest routed plan, with removal (which costs nothing) off the grid.
+    out = ["--out", str(tmp_path / "p.json")]
+    assert main(["calibrate", str(src), "--data", str(text), *out, *flags[:-1], "0.01", "--removal", "never"]) == 2
     assert "below the cheapest plan on this grid" in capsys.readouterr().err
     assert not (tmp_path / "c").exists() and not (tmp_path / "p.json").exists()
     blocker = tmp_path / "a-file"

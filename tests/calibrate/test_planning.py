@@ -67,7 +67,7 @@ def test_insensitive_blocks_are_routed_first() -> None:
         (1.0, "leaves the dense cost: nothing needs routing"),
         (1.5, "nothing needs routing"),
         (0.0, "must be a number in \\(0, 1\\)"),
-        (0.05, "below the cheapest plan on this grid"),
+        (0.005, "below the cheapest plan on this grid"),
     ],
 )
 def test_degenerate_budgets(budget: float, message: str) -> None:

@@ -59,7 +59,8 @@ def test_budget_met_with_the_skip_paths_flops(calibrated) -> None:
 
 def test_every_option_was_measured_and_the_fits_recorded(calibrated) -> None:
     _, _, cal = calibrated
-    assert set(cal.sensitivity["2"]) == {"0", "1"} | {
+    # Removal is an option with each path too: "0 linear-8" is the path alone, on every token.
+    assert set(cal.sensitivity["2"]) == {"0", "1", "0 linear-8", "0 mlp-8"} | {
         f"{c:g}{s}" for c in (0.75, 0.5, 0.25, 0.125) for s in ("", " linear-8", " mlp-8")
     }
     with_path = [str(i) for i, p in enumerate(cal.skip_paths) if p != "identity"]
