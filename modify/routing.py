@@ -228,6 +228,8 @@ class RoutingState:
             it for per-block selection statistics.
         causal: how a token decides alone when sampling (see :mod:`modify.generate.causal`).
         mode: "auto" (causal inside ``generate()``, else top-k), "topk" or "causal"; see ``modify.set_routing``.
+        relaxed: the router phase of training: top-k with a straight-through gradient for every token's score
+            (see :func:`_relaxed`); only in training mode. ``relax_temperature`` scales the sigmoid's width.
         cache_layer: index of the block's layer in a Hugging Face cache (its attention's ``layer_idx``).
         generating: True while ``generate()`` runs.
         aux_losses: the causal rule's losses of the current forward, collected by the model's output hook.
@@ -258,6 +260,8 @@ class RoutingState:
     observer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     causal: str = "threshold"
     mode: str = "auto"
+    relaxed: bool = False
+    relax_temperature: float = 1.0
     cache_layer: int = 0
     generating: bool = False
     aux_losses: list[torch.Tensor] = field(default_factory=list)
@@ -334,6 +338,8 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return _per_token(block, state, named, x, scores, mask, padding, cache_arg, causal)
     idx = state.topk(scores, padding)
     observe_topk(state, block, x, scores, idx, padding)
+    if state.relaxed and block.training and idx.shape[1] < length:
+        return _relaxed(block, state, x, scores, idx, args, kwargs)
     if cache_arg is not None:
         mark_topk_filled(cache_arg[1], state.cache_layer)
     gathered = {
@@ -366,6 +372,40 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
         # router's score says nothing about how well the path estimates a token it rated low.
         y = route_scatter_add(y, rest, estimate.to(y.dtype), torch.ones(rest.shape, dtype=gate.dtype, device=y.device))
     return (y, *out[1:]) if spec.output_is_tuple else y
+
+
+def _relaxed(
+    block: nn.Module, state: RoutingState, x: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor,
+    args: tuple[Any, ...], kwargs: dict[str, Any],
+) -> Any:  # fmt: skip
+    """The router phase of training (``modify train --router-phase``): Δ for every token, a hard top-k mask in
+    the forward and a sigmoid's gradient around the k-th score in the backward (straight-through).
+
+    Why: in the top-k forward a skipped token sends its router no signal at all, so a router can learn only
+    to rank the tokens it already picks. Here every token's score gets ∂L/∂score through
+    σ((r − θ) / t), θ midway between the k-th and (k+1)-th scores of its row and t their rows' score spread,
+    at the cost of a dense forward. The mask is the top-k rule's exactly, so the loss is the routed model's
+    but for the attention, which sees every token (the dense block's Δ).
+    """
+    out = state.forward_fn(block, *args, **kwargs)
+    dense = out[0] if state.spec.output_is_tuple else out
+    delta = dense - x
+    router = getattr(block, ROUTER_ATTR)
+    k = idx.shape[1]
+    top = scores.detach().topk(k + 1, dim=-1).values
+    theta = 0.5 * (top[:, k - 1] + top[:, k]).unsqueeze(-1)
+    spread = scores.detach().std(dim=-1, keepdim=True).clamp_min(1e-6) * state.relax_temperature
+    soft = torch.sigmoid((scores - theta) / spread)
+    hard = torch.zeros_like(soft).scatter_(1, idx, 1.0)
+    mask = hard + soft - soft.detach()
+    gate = router.gate(scores)
+    if state.observer is not None:
+        state.observer(scores.detach(), idx, torch.gather(gate, 1, idx).detach())
+    y = x + (mask * gate).unsqueeze(-1).to(delta.dtype) * delta
+    skip = getattr(block, SKIP_ATTR, None)
+    if skip is not None:
+        y = y + ((1.0 - hard).unsqueeze(-1) * skip(state.skip_input(block, x))).to(y.dtype)
+    return (y, *out[1:]) if state.spec.output_is_tuple else y
 
 
 def _removed(block: nn.Module, state: RoutingState, named: dict[str, Any]) -> Any:

@@ -38,8 +38,8 @@ checkpoint; --resume CKPT from that one. Data: text files, directories of them, 
 
 _TYPES = {"steps": int, "tokens": int, "seq_len": int, "batch_size": int, "grad_accum": int, "lr": float,
           "router_lr": float, "warmup": int, "weight_decay": float, "clip": float, "capacity_anneal": int,
-          "aux_weight": float, "lora_rank": int, "lora_alpha": float, "eval_fraction": float, "eval_every": int,
-          "eval_tokens": int, "save_every": int, "seed": int, "max_bad_steps": int, "log_every": int,
+          "router_phase": int, "aux_weight": float, "lora_rank": int, "lora_alpha": float, "eval_fraction": float,
+          "eval_every": int, "eval_tokens": int, "save_every": int, "seed": int, "max_bad_steps": int, "log_every": int,
           "distill_weight": float, "distill_temperature": float, "distill_hidden": float}  # fmt: skip
 # --dtype is the weights' dtype, as in every subcommand; the compute dtype is --autocast.
 _CHOICES = {"train": "TRAIN_MODES", "schedule": "SCHEDULES", "strategy": "STRATEGIES", "dtype": "DTYPES",

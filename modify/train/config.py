@@ -68,6 +68,8 @@ class TrainConfig:
         weight_decay: AdamW's decoupled decay for weight matrices (never for norms, biases or routers).
         clip: gradient-norm clipping (0 turns it off).
         capacity_anneal: steps over which every routed block's capacity goes from 1.0 to the plan's.
+        router_phase: the first that many steps route with a straight-through gradient for every token's
+            router score, Δ computed for every token (a dense step's cost; see ``modify.routing._relaxed``).
         aux_weight: coefficient of any auxiliary loss the model returns (``outputs.aux_loss``) but does not add
             to ``outputs.loss`` itself (a converted model's causal-routing loss comes added, with ``lm_loss``).
         train: what learns: ``full``, ``lora`` (LoRA on the blocks' linears plus the routers, with peft),
@@ -110,6 +112,7 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay of weight matrices"))
     clip: float = field(default=1.0, metadata=_help("gradient-norm clipping; 0 turns it off"))
     capacity_anneal: int = field(default=0, metadata=_help("steps to anneal capacity from 1.0 to the plan's"))
+    router_phase: int = field(default=0, metadata=_help("steps of straight-through routing (dense cost) first"))
     aux_weight: float = field(default=0.01, metadata=_help("coefficient of the model's auxiliary loss"))
     train: str = field(default="full", metadata=_help("full, lora, routers, routers+norms or routers+skip"))
     lora_rank: int = field(default=16, metadata=_help("LoRA rank"))
@@ -155,7 +158,7 @@ class TrainConfig:
                 raise UsageError(f"{_flag(name)} must be a positive integer, got {value!r}")
         if self.seq_len < 2:
             raise UsageError(f"--seq-len must be at least 2 (one prediction), got {self.seq_len}")
-        for name in ("capacity_anneal", "eval_every", "save_every", "seed", "log_every", "eval_tokens"):
+        for name in ("capacity_anneal", "router_phase", "eval_every", "save_every", "seed", "log_every", "eval_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise UsageError(f"{_flag(name)} must be a non-negative integer, got {value!r}")
@@ -176,6 +179,8 @@ class TrainConfig:
                 hint = "; the compute dtype is --autocast" if name == "dtype" and self.dtype in AUTOCASTS else ""
                 raise UsageError(f"{_flag(name)} {getattr(self, name)!r} is not one of {', '.join(choices)}{hint}")
         self._check_distill()
+        if self.dense and self.router_phase:
+            raise UsageError("--router-phase trains routers, and a --dense model has none; drop it")
         if self.dense and self.train != "full" and self.train != "lora":
             raise UsageError(f"--train {self.train} trains routers, and a --dense model has none; use full or lora")
 

@@ -189,6 +189,12 @@ class Trainer:
             plan = self.plan_capacities[state.index]
             state.capacity = 1.0 - (1.0 - plan) * share
 
+    def _set_relaxed(self, on: bool) -> None:
+        from modify.api import routed_blocks
+
+        for _, state in routed_blocks(self.inner):
+            state.relaxed = on
+
     def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(the loss to train on, its parts detached: lm, and aux, kd, hidden where there are) of one micro-batch."""
         with torch.autocast(self.d.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
@@ -233,6 +239,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         self._set_capacity(self.step + 1)
+        self._set_relaxed(self.step < c.router_phase)
         totals: dict[str, torch.Tensor] = {}
         for micro in range(c.grad_accum):
             batch = next(batches).to(d.device)

@@ -15,6 +15,7 @@ import modify
 from modify.cli import main
 from modify.train.distill import DistillationTrainer, Teacher, distill_loss, hidden_loss, kl_per_token
 from modify.train.report import read_metrics
+from tests.helpers import open_gates
 from tests.train.conftest import train_args
 from tests.train.test_train_cli import _KILLER, _weights
 
@@ -225,3 +226,47 @@ def test_hf_trainer_helper_adds_the_same_loss(tiny_run: dict[str, Path], tmp_pat
     expected = distill_loss(model(input_ids=ids).logits, teacher, ids, 0.5)
     assert torch.allclose(loss, expected.loss) and expected.kd > 0
     trainer.train()
+
+
+def test_router_phase_gives_skipped_tokens_router_gradient() -> None:
+    """Top-k sends a skipped token's score no gradient; the relaxed router phase does, with the same forward
+    selection (its mask is the top-k rule's)."""
+    from modify.api import routed_blocks
+    from modify.testing import tiny_model
+
+    torch.manual_seed(0)
+    model = modify.convert(tiny_model("llama"), capacity=0.25, layers=[1])
+    open_gates(model)
+    block, state = routed_blocks(model)[0]
+    ids = torch.randint(3, 90, (2, 16))
+    grads = {}
+    for relaxed in (False, True):
+        state.relaxed = relaxed
+        model.train()
+        scores: dict[str, torch.Tensor] = {}
+        seen: list[torch.Tensor] = []
+        handle = block.mod_router.register_forward_hook(lambda m, a, out, d=scores: d.__setitem__("s", out))
+        state.observer = lambda s, idx, g, out=seen: out.append(idx)
+        out = model(input_ids=ids, labels=ids)
+        scores["s"].retain_grad()
+        out.loss.backward()
+        handle.remove()
+        grad = scores["s"].grad
+        skipped = torch.ones_like(grad, dtype=torch.bool).scatter_(1, seen[-1], False)
+        grads[relaxed] = grad[skipped].abs().sum().item()
+        assert grad[~skipped].abs().sum() > 0  # the gate's gradient reaches the routed tokens either way
+        model.zero_grad()
+    assert grads[False] == 0 and grads[True] > 0
+    state.relaxed = True
+    model.eval()
+    with torch.no_grad():
+        relaxed_eval = model(input_ids=ids).logits
+        state.relaxed = False
+        assert torch.equal(relaxed_eval, model(input_ids=ids).logits)  # eval never relaxes
+
+
+def test_router_phase_runs_in_modify_train(tiny_run: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert main(train_args(tiny_run, out, "--router-phase", "2", "--train", "routers", "--lr", "0")) == 0
+    before, after = _weights(tiny_run["converted"]), _weights(out)
+    assert not torch.equal(before["model.layers.1.mod_router.weight"], after["model.layers.1.mod_router.weight"])
