@@ -18,11 +18,12 @@ from typing import Any
 from torch import nn
 
 from modify.api import is_converted, noop_layers, revert, routed_blocks
+from modify.config import MoDConfig
 from modify.errors import NotRemovalOnlyError, UnsupportedModelError
 from modify.passes.find_block_stack import find_block_stack
 from modify.router import ROUTER_ATTR
 
-__all__ = ["remove_blocks", "export_pruned", "removal_only_blocks"]
+__all__ = ["remove_blocks", "export_pruned", "removal_only_blocks", "check_removal_plan"]
 
 
 def _listed(blocks: Sequence[int]) -> str:
@@ -38,21 +39,9 @@ def removal_only_blocks(model: nn.Module) -> list[int]:
             fewer layers can't compute any of these.
     """
     states = sorted((state for _, state in routed_blocks(model)), key=lambda s: s.index)
-    partial = [s.index for s in states if 0.0 < s.capacity < 1.0] + [s.index for _, s in noop_layers(model)]
-    if partial:
-        raise NotRemovalOnlyError(
-            sorted(partial),
-            f"blocks {_listed(sorted(partial))} are routed at capacities in (0, 1), which a checkpoint with fewer "
-            "layers can't run; export a removal-only plan (modify calibrate --removal only) or keep the converted "
-            "checkpoint",
-        )
-    with_path = [s.index for s in states if s.skip_path != "identity"]
-    if with_path:
-        raise NotRemovalOnlyError(
-            with_path,
-            f"blocks {_listed(with_path)} have skip paths, which a plain checkpoint has no module for; calibrate "
-            "with --skip-path identity (or --removal only) to export",
-        )
+    noops = [s.index for _, s in noop_layers(model)]
+    _check_plan([s.index for s in states] + noops, [s.capacity for s in states] + [0.5] * len(noops),
+                [s.skip_path for s in states] + ["identity"] * len(noops))  # fmt: skip
     blocks = {b_state.index: block for block, b_state in routed_blocks(model)}
     gated = [
         s.index for s in states if s.capacity == 1.0 and bool((getattr(blocks[s.index], ROUTER_ATTR).scale != 0).any())
@@ -64,6 +53,36 @@ def removal_only_blocks(model: nn.Module) -> list[int]:
             "blocks; keep the converted checkpoint, or export a plan whose other blocks are not routed",
         )
     return [s.index for s in states if s.capacity == 0.0]
+
+
+def _check_plan(routed: Sequence[int], capacities: Sequence[float], skip_paths: Sequence[str]) -> None:
+    partial = sorted(i for i, c in zip(routed, capacities) if 0.0 < c < 1.0)
+    if partial:
+        raise NotRemovalOnlyError(
+            partial,
+            f"blocks {_listed(partial)} are routed at capacities in (0, 1), which a checkpoint with fewer layers "
+            "can't run; export a removal-only plan (modify calibrate --removal only) or keep the converted "
+            "checkpoint",
+        )
+    with_path = sorted(i for i, p in zip(routed, skip_paths) if p != "identity")
+    if with_path:
+        raise NotRemovalOnlyError(
+            with_path,
+            f"blocks {_listed(with_path)} have skip paths, which a plain checkpoint has no module for; calibrate "
+            "with --skip-path identity (or --removal only) to export",
+        )
+
+
+def check_removal_plan(plan: MoDConfig) -> list[int]:
+    """The blocks a plan removes, after checking from the plan alone (before any weights load) that it does
+    nothing else; :func:`removal_only_blocks` checks the loaded model's gates too.
+
+    Raises:
+        NotRemovalOnlyError: the plan routes a block at a capacity in (0, 1), or gives a removed block a skip path.
+    """
+    capacities = plan.capacities if plan.mode == "staged" else [0.5] * len(plan.routed)
+    _check_plan(plan.routed, capacities, plan.skip_paths)
+    return plan.removed
 
 
 def _text_config(config: Any) -> Any:

@@ -1,5 +1,5 @@
 """The ``modify`` command line: ``modify convert``, ``inspect``, ``verify``, ``calibrate``, ``train``, ``eval``,
-``generate``, ``bench``.
+``generate``, ``bench``, ``export``.
 
 Each subcommand lives in its own file and registers itself with :func:`main`'s parser. Errors the user can
 fix print one line on stderr (no traceback unless ``--debug``) and exit with 2 for usage errors, 1 for the
@@ -14,13 +14,13 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
-from modify.cli import bench, calibrate, convert, eval, generate, inspect, train, verify
+from modify.cli import bench, calibrate, convert, eval, export, generate, inspect, train, verify
 from modify.cli.common import Parser
 from modify.errors import ModifyError, UnsupportedModelError
 
 __all__ = ["main"]
 
-_SUBCOMMANDS = (convert, inspect, verify, calibrate, train, eval, generate, bench)
+_SUBCOMMANDS = (convert, inspect, verify, calibrate, train, eval, generate, bench, export)
 
 
 def _parser() -> Parser:
@@ -34,7 +34,8 @@ def _parser() -> Parser:
             "  modify train out/smollm2-mod --data plays/ --tokens 500000 --out runs/mod\n"
             "  modify eval out/smollm2-mod --data heldout.txt\n"
             "  modify generate out/smollm2-mod --prompt 'To be, or not to be'\n"
-            "  modify bench smollm2-135m --seq-len 1024 --batch-size 4 --plans paper all@0.125"
+            "  modify bench smollm2-135m --seq-len 1024 --batch-size 4 --plans paper all@0.125\n"
+            "  modify export out/removed out/pruned   # a removal-only plan as a plain checkpoint"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -183,17 +183,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def run_calibration(args: argparse.Namespace, model: Any, tokenizer: Any, progress: Progress) -> Any:
-    """Calibrate ``model`` as the flags say; shared with ``modify convert --calibrate``."""
-    from modify.calibrate.calibration import CalibrationSettings, calibrate, token_windows
+def calibration_settings(args: argparse.Namespace) -> Any:
+    """The settings the flags ask for; a combination they refuse is a usage error (checked before loading)."""
+    from modify.calibrate.calibration import CalibrationSettings
 
-    missing = [str(p) for p in args.data if not p.is_file()]
-    if missing:
-        raise ModifyError(f"calibration data {missing[0]} is not a file; give UTF-8 text files to --data")
-    if tokenizer is None:
-        raise ModifyError("SRC has no tokenizer to read the calibration text with; save one beside the model")
     try:
-        settings = CalibrationSettings(
+        return CalibrationSettings(
             tokens=args.tokens,
             seq_len=args.seq_len,
             budget=args.flops_budget,
@@ -208,6 +203,18 @@ def run_calibration(args: argparse.Namespace, model: Any, tokenizer: Any, progre
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def run_calibration(args: argparse.Namespace, model: Any, tokenizer: Any, progress: Progress) -> Any:
+    """Calibrate ``model`` as the flags say; shared with ``modify convert --calibrate``."""
+    from modify.calibrate.calibration import calibrate, token_windows
+
+    missing = [str(p) for p in args.data if not p.is_file()]
+    if missing:
+        raise ModifyError(f"calibration data {missing[0]} is not a file; give UTF-8 text files to --data")
+    if tokenizer is None:
+        raise ModifyError("SRC has no tokenizer to read the calibration text with; save one beside the model")
+    settings = calibration_settings(args)
     with progress.step("reading calibration text"):
         try:
             windows, data = token_windows(tokenizer, args.data, args.seq_len, args.tokens)
@@ -229,6 +236,7 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(args.quiet or args.json, args.debug)
     quiet_libraries(args.debug, progress.enabled)
     start = time.perf_counter()
+    calibration_settings(args)  # flags that can't go together: refused before anything loads
     source = resolve_source(args.src)
     check_parent(args.out.expanduser().resolve())  # before minutes of calibration, not after
     with progress.step(f"loading {source.path.name}"):

@@ -6,7 +6,13 @@ import argparse
 import time
 from pathlib import Path
 
-from modify.cli.calibrate import add_calibration_flags, add_skip_flags, run_calibration, skip_spec
+from modify.cli.calibrate import (
+    add_calibration_flags,
+    add_skip_flags,
+    calibration_settings,
+    run_calibration,
+    skip_spec,
+)
 from modify.cli.common import Progress, add_common_flags, capacity_type, emit_json, parse_layers, quiet_libraries
 from modify.config import CAUSAL_RULES, MODES
 from modify.errors import ModifyError, UsageError
@@ -22,6 +28,8 @@ EXAMPLES = """examples:
   modify convert smollm2 out/mod --calibrate plays/*.txt --flops-budget 0.75 --skip-path linear --skip-rank 128
   modify convert smollm2 out/mod --plan plan.json --causal predictor   # sample with a trained predictor
   modify convert ./my-mixtral out/mode --mode integrated --capacity 0.5   # MoDE: a no-op expert per MoE layer
+  modify convert ./my-llama out/removed --capacity 0 --layers 12-17   # remove blocks 12-17 (no token runs them)
+  modify convert smollm2 out/mod --calibrate plays/*.txt --flops-budget 0.8 --removal only   # ShortGPT-style
 
 SRC is a Hugging Face model directory (safetensors, sharded or not, or .bin), a .gguf file, a model id in the
 local Hugging Face cache (nothing is downloaded) or 'smollm2'. SRC is never modified; OUT is written into a
@@ -87,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--mode integrated takes --capacity and --layers; calibration and skip paths are staged only")
     if args.data and args.flops_budget is None:
         raise UsageError("--calibrate needs --flops-budget F, e.g. --flops-budget 0.75")
+    if args.data:
+        calibration_settings(args)  # flags that can't go together: refused before anything loads
     progress = Progress(args.quiet or args.json, args.debug)
     quiet_libraries(args.debug, progress.enabled)
     start = time.perf_counter()
@@ -139,8 +149,10 @@ def run(args: argparse.Namespace) -> int:
             }
         )
     elif not args.quiet:
+        removed = plan["capacities"].count(0.0)
         print(
-            f"wrote {out}: {len(plan['routed'])} of {plan['num_blocks']} blocks routed, "
-            f"forward FLOPs at 2048 tokens {count.ratio:.1%} of dense ({seconds:.1f} s)"
+            f"wrote {out}: {len(plan['routed'])} of {plan['num_blocks']} blocks routed"
+            + (f" ({removed} removed)" if removed else "")
+            + f", forward FLOPs at 2048 tokens {count.ratio:.1%} of dense ({seconds:.1f} s)"
         )
     return 0

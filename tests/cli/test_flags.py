@@ -29,6 +29,7 @@ CALIBRATION_FLAGS = {
     "--keep-first": "2",
     "--refine-rounds": "1",
     "--calibration-dtype": "float32",
+    "--removal": "only",
 }
 
 
