@@ -112,6 +112,10 @@ class CalibrationSettings:
         removal: "allow" (capacity 0 on the grid: removal competes with routing and skip paths under the same
             budget), "only" (each block kept dense or removed, nothing routed: ShortGPT's static baseline, which
             ``modify export`` writes as a plain checkpoint with fewer layers) or "never" (0 off the grid).
+        importance: what a token's importance for a block is, which the routers are fitted to and the
+            sensitivity's oracle routes by: "norm", log ‖Δ‖ (how much the block changes the token), or "grad",
+            asinh(−⟨∂L/∂y, Δ⟩), the first-order increase of the loss if the block skipped the token, from one
+            dense backward per batch (about 3× the dense pass's time).
     """
 
     tokens: int = 65536
@@ -126,8 +130,11 @@ class CalibrationSettings:
     skip_paths: tuple[str, ...] = ("identity",)
     dtype: str = "bfloat16"
     removal: str = "allow"
+    importance: str = "norm"
 
     def __post_init__(self) -> None:
+        if self.importance not in IMPORTANCE_KINDS:
+            raise ValueError(f"unknown importance {self.importance!r}; choose one of {', '.join(IMPORTANCE_KINDS)}")
         if self.dtype not in ("bfloat16", "float32", "float16"):
             raise ValueError(f"calibration dtype {self.dtype!r} must be bfloat16, float32 or float16")
         if self.seq_len < 2 or self.tokens < self.seq_len:
@@ -255,6 +262,10 @@ def calibrate(
     return _calibrate(work, windows, data, settings, report)
 
 
+#: What a token's importance for a block is measured as (``CalibrationSettings.importance``).
+IMPORTANCE_KINDS = ("norm", "grad")
+
+
 @dataclass
 class _DensePass:
     """What one dense pass over the calibration windows leaves behind."""
@@ -276,8 +287,11 @@ def _dense_pass(
     dim: int,
     report: Callable,
     extra: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    importance_kind: str = "norm",
 ) -> _DensePass:
-    """One pass over every window; ``extra(i, x, y)`` also sees each block's input and output hidden states."""
+    """One pass over every window; ``extra(i, x, y)`` also sees each block's input and output hidden states.
+
+    ``importance_kind``: "norm" (log ‖Δ‖) or "grad" (the first-order loss estimate; a backward per batch)."""
     n = len(blocks)
     dense = _DensePass(
         torch.zeros(n, dim + 1, dim + 1, dtype=torch.float64),
@@ -287,33 +301,64 @@ def _dense_pass(
         outputs=[[] for _ in blocks],
     )
     keep = {"sens": False}
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor, Any]] = {}
+
+    def record(i: int, x: torch.Tensor, y: torch.Tensor, out: Any, importance: torch.Tensor) -> None:
+        # float32 products per batch (a few thousand rows), summed across batches in float64.
+        feats = torch.cat([x.float().reshape(-1, dim), torch.ones(x.shape[0] * x.shape[1], 1)], dim=1)
+        dense.gram[i] += (feats.T @ feats).double()
+        dense.moment[i] += (feats.T @ importance.reshape(-1, 1)).squeeze(-1).double()
+        if extra is not None:
+            extra(i, x, y)
+        if keep["sens"]:
+            dense.importance[i].append(importance)
+            dense.inputs[i].append(x)
+            dense.outputs[i].append(out)
 
     def hook(i: int) -> Callable:
         def fn(block: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             x = block_hidden(block, args, kwargs)
             y = out[0] if isinstance(out, tuple) else out
-            importance = (y - x).float().norm(dim=-1).clamp_min(1e-12).log()  # [B, T]
-            # float32 products per batch (a few thousand rows), summed across batches in float64.
-            feats = torch.cat([x.float().reshape(-1, dim), torch.ones(x.shape[0] * x.shape[1], 1)], dim=1)
-            dense.gram[i] += (feats.T @ feats).double()
-            dense.moment[i] += (feats.T @ importance.reshape(-1, 1)).squeeze(-1).double()
-            if extra is not None:
-                extra(i, x, y)
-            if keep["sens"]:
-                dense.importance[i].append(importance)
-                dense.inputs[i].append(x)
-                dense.outputs[i].append(out)
+            if importance_kind == "grad":
+                y.retain_grad()
+                pending[i] = (x.detach(), y, out)
+                return
+            record(i, x, y, out, (y - x).float().norm(dim=-1).clamp_min(1e-12).log())  # [B, T]
 
         return fn
 
+    def first_order(ids: torch.Tensor) -> float:
+        """One dense forward and backward: each token's importance for block i is asinh(−⟨∂L/∂y_i, Δ_i⟩), the
+        first-order increase of the summed loss if the block left that token out."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        model.requires_grad_(False)  # gradients of the stream only, not of the weights
+        try:
+            with torch.enable_grad():
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                (loss * ids[:, 1:].numel()).backward()
+        finally:
+            for p in trainable:
+                p.requires_grad_(True)
+        for i, (x, y, out) in pending.items():
+            delta = (y.detach() - x).float()
+            importance = torch.asinh(-(y.grad.float() * delta).sum(-1))
+            y = y.detach()
+            record(i, x, y, (y, *out[1:]) if isinstance(out, tuple) else y, importance)
+        pending.clear()
+        return float(loss)
+
     handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    if importance_kind == "grad":  # the stream must be in a graph for ∂L/∂y, the weights need not be
+        embed = model.get_input_embeddings()
+        handles.append(embed.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
     losses = []
     batches = sens_batches + other_batches  # sensitivity windows first, in batches of their own
     try:
         with torch.no_grad():
             for done, batch in enumerate(batches):
                 keep["sens"] = done < len(sens_batches)
-                loss = measure_loss(model, windows[batch])
+                ids = windows[batch]
+                loss = first_order(ids) if importance_kind == "grad" else measure_loss(model, ids)
                 if keep["sens"]:
                     losses.append(loss)
                 report("dense pass", done + 1, len(batches))
@@ -433,8 +478,9 @@ def _calibrate(
         all_tokens[i].add(0, features(n), (y.float() - x.float()).reshape(-1, dim))
 
     dense = _dense_pass(
-        model, blocks, windows, sens_batches, other_batches, dim, report, normed_sums if with_mlp else None
-    )
+        model, blocks, windows, sens_batches, other_batches, dim, report, normed_sums if with_mlp else None,
+        importance_kind=s.importance,
+    )  # fmt: skip
     routers = {i: fit_router(dense.gram[i], dense.moment[i]) for i in range(n)}
     fits: dict[tuple[int, float, str], dict[str, torch.Tensor]] = {}
     r2: dict[tuple[int, float, str], float] = {}

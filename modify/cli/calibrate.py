@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from modify.calibrate.calibration import IMPORTANCE_KINDS
 from modify.calibrate.planning import REMOVAL_MODES
 from modify.cli.common import Parser, Progress, add_common_flags, emit_json, quiet_libraries
 from modify.errors import ModifyError, UsageError
@@ -21,6 +22,7 @@ EXAMPLES = """examples:
   modify calibrate smollm2 --data plays/*.txt --flops-budget 0.75 --skip-path linear --skip-rank 128 --out plan.json
   modify calibrate smollm2 --data plays/*.txt --flops-budget 0.8 --removal only --out removal.json   # ShortGPT-style
   modify convert smollm2 out/removed --plan removal.json && modify export out/removed out/pruned   # fewer layers
+  modify calibrate smollm2 --data plays/*.txt --flops-budget 0.75 --importance grad --out plan.json  # loss-based
 
 Writes PLAN.json, the fitted routers as PLAN.safetensors and a chart as PLAN.png beside it."""
 
@@ -131,6 +133,13 @@ def add_calibration_flags(p: Parser, required: bool) -> None:
         "(only), or not at all (never)",
     )
     flag(
+        "--importance",
+        choices=IMPORTANCE_KINDS,
+        default=d.importance,
+        help="a token's importance, which routers are fitted to: log of how much the block changes it (norm, the "
+        "default) or the first-order loss increase if the block skipped it, from a dense backward (grad)",
+    )
+    flag(
         "--calibration-dtype",
         default=d.dtype,
         choices=["bfloat16", "float32", "float16"],
@@ -200,6 +209,7 @@ def calibration_settings(args: argparse.Namespace) -> Any:
             refine_rounds=args.refine_rounds,
             skip_paths=(skip_spec(args),),
             removal=args.removal,
+            importance=args.importance,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
