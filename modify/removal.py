@@ -39,9 +39,9 @@ def removal_only_blocks(model: nn.Module) -> list[int]:
             fewer layers can't compute any of these.
     """
     states = sorted((state for _, state in routed_blocks(model)), key=lambda s: s.index)
+    # A no-op expert sends part of the tokens past the experts: routing, whatever its capacity.
     noops = [s.index for _, s in noop_layers(model)]
-    _check_plan([s.index for s in states] + noops, [s.capacity for s in states] + [0.5] * len(noops),
-                [s.skip_path for s in states] + ["identity"] * len(noops))  # fmt: skip
+    _check_plan([s.index for s in states], [s.capacity for s in states], [s.skip_path for s in states], noops)
     blocks = {b_state.index: block for block, b_state in routed_blocks(model)}
     gated = [
         s.index for s in states if s.capacity == 1.0 and bool((getattr(blocks[s.index], ROUTER_ATTR).scale != 0).any())
@@ -55,8 +55,12 @@ def removal_only_blocks(model: nn.Module) -> list[int]:
     return [s.index for s in states if s.capacity == 0.0]
 
 
-def _check_plan(routed: Sequence[int], capacities: Sequence[float], skip_paths: Sequence[str]) -> None:
-    partial = sorted(i for i, c in zip(routed, capacities) if 0.0 < c < 1.0)
+def _check_plan(
+    routed: Sequence[int], capacities: Sequence[float], skip_paths: Sequence[str], routing: Sequence[int] = ()
+) -> None:
+    """Refuse blocks routed at a capacity in (0, 1) (and ``routing``: blocks that route otherwise), then removed
+    blocks with a skip path. A skip path at capacity 1.0 never runs (no token is skipped): that block is plain."""
+    partial = sorted({i for i, c in zip(routed, capacities) if 0.0 < c < 1.0} | set(routing))
     if partial:
         raise NotRemovalOnlyError(
             partial,
@@ -64,12 +68,12 @@ def _check_plan(routed: Sequence[int], capacities: Sequence[float], skip_paths: 
             "can't run; export a removal-only plan (modify calibrate --removal only) or keep the converted "
             "checkpoint",
         )
-    with_path = sorted(i for i, p in zip(routed, skip_paths) if p != "identity")
+    with_path = sorted(i for i, c, p in zip(routed, capacities, skip_paths) if c == 0.0 and p != "identity")
     if with_path:
         raise NotRemovalOnlyError(
             with_path,
-            f"blocks {_listed(with_path)} have skip paths, which a plain checkpoint has no module for; calibrate "
-            "with --skip-path identity (or --removal only) to export",
+            f"removed blocks {_listed(with_path)} have skip paths, which a plain checkpoint has no module for; "
+            "calibrate with --skip-path identity (or --removal only) to export",
         )
 
 
@@ -80,8 +84,7 @@ def check_removal_plan(plan: MoDConfig) -> list[int]:
     Raises:
         NotRemovalOnlyError: the plan routes a block at a capacity in (0, 1), or gives a removed block a skip path.
     """
-    capacities = plan.capacities if plan.mode == "staged" else [0.5] * len(plan.routed)
-    _check_plan(plan.routed, capacities, plan.skip_paths)
+    _check_plan(plan.routed, plan.capacities, plan.skip_paths, plan.routed if plan.mode == "integrated" else ())
     return plan.removed
 
 

@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import modify
 from modify.errors import NotRemovalOnlyError
-from modify.removal import remove_blocks
+from modify.removal import check_removal_plan, remove_blocks
 from modify.router import ROUTER_ATTR
 from modify.routing import capacity_tokens
 from modify.testing import tiny_model
@@ -172,7 +172,7 @@ def test_export_pruned_is_plain_and_exact(tmp_path) -> None:  # type: ignore[no-
     ("kwargs", "match"),
     [
         ({"capacity": [0.0, 0.5], "layers": [0, 1]}, r"blocks 1 are routed at capacities in \(0, 1\)"),
-        ({"capacity": 0.0, "layers": [1], "skip_path": "linear", "skip_rank": 4}, "blocks 1 have skip paths"),
+        ({"capacity": 0.0, "layers": [1], "skip_path": "linear", "skip_rank": 4}, "removed blocks 1 have skip paths"),
     ],
 )
 def test_export_pruned_refuses_plans_that_route(kwargs: dict, match: str) -> None:
@@ -182,6 +182,16 @@ def test_export_pruned_refuses_plans_that_route(kwargs: dict, match: str) -> Non
         modify.export_pruned(model)
     assert "\n" not in str(info.value)
     assert modify.find_blocks(model)[1].routed  # nothing changed
+
+
+def test_plans_are_checked_before_any_weights_load() -> None:
+    assert check_removal_plan(
+        modify.MoDConfig(4, [0, 1, 3], [0.0, 1.0, 0.0], skip_paths=["identity", "linear-4", "identity"])
+    ) == [0, 3]
+    with pytest.raises(NotRemovalOnlyError, match="blocks 1, 2 are routed"):
+        check_removal_plan(modify.MoDConfig(4, [1, 2], [0.5, 0.25]))
+    with pytest.raises(NotRemovalOnlyError, match="blocks 1 are routed"):  # a no-op expert routes whatever c is
+        check_removal_plan(modify.MoDConfig(4, [1], [1.0], mode="integrated"))
 
 
 def test_export_pruned_refuses_a_trained_gate_at_capacity_one() -> None:

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{source.path} ({'converted' if converted else 'source'}), forward FLOPs at {args.seq_len} tokens")
     print(f"{'block':>5}  {'name':<24} {'form':<11} {'routed':<8} {'skip path':<11} {'dense':>12} {'routed':>12}")
     for r in rows:
-        capacity = f"{r['capacity']:g}" if r["routed"] else "-"
+        capacity = ("removed" if r["capacity"] == 0 else f"{r['capacity']:g}") if r["routed"] else "-"
         print(
             f"{r['index']:>5}  {r['name']:<24} {r['form']:<11} {capacity:<8} {r['skip_path'] or '-':<11} "
             f"{r['flops_dense']:>12.4g} {r['flops_routed']:>12.4g}"
