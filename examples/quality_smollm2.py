@@ -176,10 +176,10 @@ def heal(
 
 #: Router ablations at one budget, each healed with distillation: (plan options, training options).
 ABLATIONS = {
-    "spread (grid 1, 0.75, 0.5; no removal)": ("spread", ("--grid", "1,0.75,0.5", "--removal", "never"), ()),
-    "mixed, importance grad": ("mixed-grad", ("--removal", "allow", "--importance", "grad"), ()),
     "mixed, router phase 8 steps": ("mixed", ("--removal", "allow"), ("--router-phase", "8")),
     "mixed, router lr 1e-2": ("mixed", ("--removal", "allow"), ("--router-lr", "1e-2")),
+    "mixed, importance grad": ("mixed-grad", ("--removal", "allow", "--importance", "grad"), ()),
+    "spread (grid 1, 0.75, 0.5; no removal)": ("spread", ("--grid", "1,0.75,0.5", "--removal", "never"), ()),
 }
 
 
@@ -270,6 +270,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=65536, help="healing tokens per run")
     parser.add_argument("--losses", nargs="*", default=["lm", "kd", "both"], choices=list(HEAL))
     parser.add_argument("--methods", nargs="+", default=["removal", "mod", "mixed"])
+    parser.add_argument("--heal", nargs="*", default=[], metavar="METHOD:LOSS",
+                        help="heal only these pairs (removal:lm mixed:kd ...); default: all")  # fmt: skip
     parser.add_argument("--skip-path", action="store_true", help="also a plan with fitted linear skip paths")
     parser.add_argument("--calibration-tokens", type=int, default=65536)
     parser.add_argument("--eval-tokens", type=int, default=8192)
@@ -310,6 +312,7 @@ def main() -> None:
              **{f"ppl_{k}": ev[k]["ppl"] for k in ev}, **{f"ratio_{k}": ev[k]["ppl"] / original[k]["ppl"] for k in ev},
              **extra}  # fmt: skip
         results["rows"].append(r)
+        (work / "results.json").write_text(json.dumps(results, indent=1))  # so far: a stopped run keeps its rows
         print(f"  {budget:g} {method:<13} {healing:<9} FLOPs {r['flops_ratio']:.3f}  play {r['ratio_play']:.3f}×  "
               f"docs {r['ratio_docs']:.3f}×", flush=True)  # fmt: skip
         return r
@@ -326,6 +329,8 @@ def main() -> None:
                 modify("export", str(path), str(exported), "-q")
             model, dense = str(exported), True
         for loss in args.losses:
+            if args.heal and f"{method}:{loss}" not in args.heal:
+                continue
             out = work / f"heal-{loss}-{path.name.removeprefix('convert-')}"
             summary = heal(model, out, data, args.tokens, loss, dense, args.lr)
             decode = decode_speed(str(out), work / f"decode-{out.name}.json")

@@ -193,7 +193,7 @@ def test_evaluate_restores_mode_and_reduces_before_dividing() -> None:
     # Two "ranks" that saw the same data: the sums double, the mean stays; what reduce got is the raw sums.
     seen = []
     doubled = evaluate(model, batches, reduce=lambda t: seen.append(t.clone()) or t * 2)
-    assert seen[0].dtype == torch.float64 and seen[0][1:].tolist() == [90.0, 96.0]
+    assert seen[0].dtype == torch.float64 and seen[0][1:].tolist() == [90.0, 96.0, 0.0]  # no teacher: no KL sum
     assert doubled.tokens == 192 and doubled.loss == pytest.approx(plain.loss, rel=1e-9)
 
     first = evaluate(model, iter(batches), max_batches=1)
@@ -202,6 +202,26 @@ def test_evaluate_restores_mode_and_reduces_before_dividing() -> None:
         expected = model.eval()(batches[0], labels=batches[0]).loss.item()
     assert first.loss == pytest.approx(expected, rel=1e-5)
     assert evaluate(model, batches, autocast_dtype=torch.bfloat16).loss == pytest.approx(plain.loss, rel=0.05)
+
+
+def test_evaluate_with_a_teacher_reports_the_kl_token_weighted() -> None:
+    from modify.train.distill import kl_per_token
+
+    model = modify.convert(tiny_model("llama"), capacity=0.5)
+    batches = [torch.randint(3, 97, (2, 16)) for _ in range(2)]
+
+    def teacher(ids: torch.Tensor) -> torch.Tensor:
+        with modify.routing_disabled(model):
+            return model(input_ids=ids).logits
+
+    result = evaluate(model, batches, teacher=teacher)
+    with torch.no_grad():
+        rows = [
+            kl_per_token(model(input_ids=b).logits[:, :-1].reshape(-1, 97), teacher(b)[:, :-1].reshape(-1, 97))
+            for b in batches
+        ]
+    assert result.kl == pytest.approx(torch.cat(rows).double().mean().item(), rel=1e-6) and result.kl > 0
+    assert math.isnan(evaluate(model, batches).kl)
 
 
 def test_evaluate_without_batches_gives_nan_not_an_error() -> None:
