@@ -178,6 +178,7 @@ def heal(
 ABLATIONS = {
     "mixed, router phase 8 steps": ("mixed", ("--removal", "allow"), ("--router-phase", "8")),
     "mixed, router lr 1e-2": ("mixed", ("--removal", "allow"), ("--router-lr", "1e-2")),
+    "mixed, routers frozen (router lr 0)": ("mixed", ("--removal", "allow"), ("--router-lr", "0")),
     "mixed, importance grad": ("mixed-grad", ("--removal", "allow", "--importance", "grad"), ()),
     "spread (grid 1, 0.75, 0.5; no removal)": ("spread", ("--grid", "1,0.75,0.5", "--removal", "never"), ()),
 }
@@ -187,6 +188,8 @@ def ablations(args: argparse.Namespace, work: Path, data: dict[str, list[str]], 
     budget = args.heal_budgets[0]
     blocks = block_budget(budget)
     for label, (plan, convert_options, train_options) in ABLATIONS.items():
+        if args.ablation and not any(name in label for name in args.ablation):
+            continue
         path = work / f"convert-{plan}-{round(budget * 100):03d}"
         if not (path / "config.json").is_file():
             modify("convert", "smollm2", str(path), "-q", "--calibrate", *data["train"], "--flops-budget",
@@ -277,6 +280,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--ablations", action="store_true", help="router ablations at the first heal budget, kd")
+    parser.add_argument("--ablation", nargs="*", default=[], help="only the ablations whose label holds one of these")
     args = parser.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
