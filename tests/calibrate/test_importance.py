@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import modify
-from modify.calibrate.calibration import CalibrationSettings, _dense_pass, calibrate
+from modify.calibrate.calibration import CalibrationSettings, calibrate
+from modify.calibrate.dense_pass import dense_pass
 from modify.passes.find_block_stack import find_block_stack
 from modify.testing import tiny_model
 
@@ -17,7 +18,7 @@ def test_grad_importance_is_minus_gradient_dot_delta() -> None:
     _, stack = find_block_stack(model)
     blocks = list(stack)
     windows = torch.randint(3, 90, (4, 12))
-    dense = _dense_pass(model, blocks, windows, [[0, 1]], [[2, 3]], 32, lambda *a: None, importance_kind="grad")
+    dense = dense_pass(model, blocks, windows, [[0, 1]], [[2, 3]], 32, lambda *a: None, importance_kind="grad")
     # the same quantity by hand: block outputs kept in the graph, one backward of the summed loss
     ids = windows[:2]
     outputs: list[torch.Tensor] = []
