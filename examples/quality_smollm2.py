@@ -230,22 +230,24 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6))
     for ax, kind in zip(axes, ("play", "docs")):
         lines: dict[str, list[tuple[float, float]]] = {}
         for row in results["rows"]:
             label = f"{row['method']}, {row['healing']}"
             lines.setdefault(label, []).append((row["flops_ratio"], row[f"ratio_{kind}"]))
-        for label, points in sorted(lines.items()):
+        for i, (label, points) in enumerate(sorted(lines.items())):
             points.sort()
-            ax.plot(*zip(*points), "o-" if "zero" in label else "s--", ms=4, label=label)
+            style = "o-" if "zero" in label else "s--"
+            ax.plot(*zip(*points), style, ms=5, label=label, color=plt.cm.tab20(i % 20))
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xlabel("forward FLOPs over the original (T = 512)")
         ax.set_ylabel("perplexity over the original")
         ax.set_yscale("log")
         ax.set_title({"play": "held-out play (calibration kind)", "docs": "Python docs (never seen)"}[kind])
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7)
+    fig.tight_layout(rect=(0, 0.22, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
