@@ -191,10 +191,6 @@ class Teacher:
         self.restore = list(restore)
         self.start = [p.detach().clone() for p in self.restore]
 
-    @property
-    def kind(self) -> str:
-        return "self" if self.frozen is None else "frozen"
-
     @contextlib.contextmanager
     def _as_original(self) -> Iterator[None]:
         from modify.api import routing_disabled
