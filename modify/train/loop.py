@@ -216,14 +216,18 @@ class Trainer:
         hidden = c.distill_hidden > 0
         assert self.teacher is not None
         teacher = self.teacher(self.model, batch, hidden=hidden)
+        # Only the stream is needed after the loss: the teacher's logits go with this reference (the loss
+        # saves none of them for backward), before the student's hidden-state term.
+        reference, teacher_hidden = teacher.logits, teacher.hidden_states if hidden else None
+        del teacher
         out = self.model(input_ids=batch, use_cache=False, **({"output_hidden_states": True} if hidden else {}))
-        distilled = distill_loss(out.logits, teacher.logits, batch, c.distill_weight, c.distill_temperature)
+        distilled = distill_loss(out.logits, reference, batch, c.distill_weight, c.distill_temperature)
+        del reference
         loss = distilled.loss
         parts = {"lm": distilled.lm, "kd": distilled.kd}
-        del teacher.logits
         if hidden:
             blocks = sorted(self.plan_capacities)
-            term = hidden_loss(block_outputs(out.hidden_states, blocks), block_outputs(teacher.hidden_states, blocks))
+            term = hidden_loss(block_outputs(out.hidden_states, blocks), block_outputs(teacher_hidden, blocks))
             loss = loss + c.distill_hidden * term
             parts["hidden"] = term.detach()
         aux = getattr(out, "aux_loss", None)
