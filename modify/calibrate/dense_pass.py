@@ -89,15 +89,9 @@ def dense_pass(
     def first_order(ids: torch.Tensor) -> float:
         """One dense forward and backward: each token's importance for block i is asinh(−⟨∂L/∂y_i, Δ_i⟩), the
         first-order increase of the summed loss if the block left that token out."""
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        model.requires_grad_(False)  # gradients of the stream only, not of the weights
-        try:
-            with torch.enable_grad():
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                (loss * ids[:, 1:].numel()).backward()
-        finally:
-            for p in trainable:
-                p.requires_grad_(True)
+        with torch.enable_grad():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            (loss * ids[:, 1:].numel()).backward()
         for i, (x, y, out) in pending.items():
             delta = (y.detach() - x).float()
             importance = torch.asinh(-(y.grad.float() * delta).sum(-1))
@@ -107,9 +101,11 @@ def dense_pass(
         return float(loss)
 
     handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if importance_kind == "grad":  # the stream must be in a graph for ∂L/∂y, the weights need not be
         embed = model.get_input_embeddings()
         handles.append(embed.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True)))
+        model.requires_grad_(False)
     losses = []
     batches = sens_batches + other_batches  # sensitivity windows first, in batches of their own
     try:
@@ -124,5 +120,7 @@ def dense_pass(
     finally:
         for h in handles:
             h.remove()
+        for p in trainable:
+            p.requires_grad_(True)
     dense.loss = sum(losses) / len(losses)
     return dense

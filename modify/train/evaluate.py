@@ -93,6 +93,8 @@ def evaluate(
         An :class:`EvalResult`. With no tokens at all, loss and ppl are nan and tokens 0 (no error, so that
         a rank without data does not leave the others waiting in ``reduce``).
     """
+    if teacher is not None:
+        from modify.train.distill import kl_per_token
     device = next(model.parameters()).device
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     flops_total = 0.0
@@ -117,8 +119,6 @@ def evaluate(
                 )
                 kl = totals.new_zeros(())
                 if teacher is not None:
-                    from modify.train.distill import kl_per_token
-
                     with autocast:
                         reference = teacher(ids)
                     vocab = logits.shape[-1]
