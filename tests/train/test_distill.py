@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from modify.train.distill import DistillationTrainer, Teacher, distill_loss, hid
 from modify.train.report import read_metrics
 from tests.helpers import open_gates
 from tests.train.conftest import train_args
-from tests.train.test_train_cli import _KILLER, _weights
+from tests.train.test_train_cli import _weights, killed_run
 
 
 def _reference(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, w: float, tau: float):
@@ -148,11 +147,7 @@ def test_distillation_pulls_the_routed_model_towards_the_original(tiny_run: dict
 def test_resume_after_kill_with_distillation_continues_exactly(tiny_run: dict[str, Path], tmp_path: Path) -> None:
     args = ["--steps", "5", "--save-every", "2", "--train", "routers+norms", "--distill", "--distill-weight", "0.7"]
     assert main(train_args(tiny_run, tmp_path / "straight", *args)) == 0
-    script = tmp_path / "killer.py"
-    script.write_text(textwrap.dedent(_KILLER.format(kill_at=3)))
-    killed = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, str(script), *train_args(tiny_run, killed, *args)], capture_output=True)
-    assert proc.returncode == -9, proc.stderr.decode()[-500:]
+    killed = killed_run(tiny_run, tmp_path, args, kill_at=3)
     assert main(train_args(tiny_run, killed, *args, "--resume")) == 0
     straight, resumed = read_metrics(tmp_path / "straight" / "metrics.csv"), read_metrics(killed / "metrics.csv")
     for key in ("loss", "kd_loss", "grad_norm"):

@@ -96,14 +96,20 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_resume_after_kill_continues_exactly(tiny_run: dict[str, Path], tmp_path: Path) -> None:
-    args = ["--steps", "7", "--save-every", "2", "--train", "full"]
-    assert main(train_args(tiny_run, tmp_path / "straight", *args)) == 0
+def killed_run(tiny_run: dict[str, Path], tmp_path: Path, args: list[str], kill_at: int) -> Path:
+    """The run directory of ``modify train ... args`` killed by SIGKILL inside step ``kill_at``."""
     script = tmp_path / "killer.py"
-    script.write_text(textwrap.dedent(_KILLER.format(kill_at=6)))
+    script.write_text(textwrap.dedent(_KILLER.format(kill_at=kill_at)))
     killed = tmp_path / "killed"
     proc = subprocess.run([sys.executable, str(script), *train_args(tiny_run, killed, *args)], capture_output=True)
     assert proc.returncode == -9, proc.stderr.decode()[-500:]
+    return killed
+
+
+def test_resume_after_kill_continues_exactly(tiny_run: dict[str, Path], tmp_path: Path) -> None:
+    args = ["--steps", "7", "--save-every", "2", "--train", "full"]
+    assert main(train_args(tiny_run, tmp_path / "straight", *args)) == 0
+    killed = killed_run(tiny_run, tmp_path, args, kill_at=6)
     assert not (killed / "model.safetensors").exists()  # it died before the end
     # killed inside step 6: steps 1-5 logged, the last checkpoint at step 4
     assert len(read_metrics(killed / "metrics.csv")) == 5
