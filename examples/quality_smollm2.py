@@ -89,11 +89,22 @@ def block_budget(model_budget: float) -> float:
     return (model_budget * total - (total - blocks)) / blocks
 
 
+def _named(record: dict[str, Any]) -> dict[str, Any]:
+    """A command's JSON summary with its paths as names only: what WORK keeps carries no local path."""
+    out = dict(record)
+    for key in ("model", "out"):
+        if isinstance(out.get(key), str):
+            out[key] = Path(out[key]).name
+    if isinstance(out.get("data"), list):
+        out["data"] = [Path(p).name for p in out["data"]]
+    return out
+
+
 def evaluate(model: str, data: list[str], tokens: int, path: Path) -> dict[str, Any]:
     if not path.is_file():
         out = modify("eval", model, "--data", *data, "--seq-len", str(SEQ_LEN), "--max-tokens", str(tokens),
                      "--json", "-q", capture=True)  # fmt: skip
-        path.write_text(out)
+        path.write_text(json.dumps(_named(json.loads(out)), indent=1))
     return json.loads(path.read_text())
 
 
@@ -170,7 +181,7 @@ def heal(
             args.append("--dense")
             if loss != "lm":
                 args += ["--teacher", "smollm2"]
-        summary.write_text(modify(*args, capture=True))
+        summary.write_text(json.dumps(_named(json.loads(modify(*args, capture=True))), indent=1))
     return json.loads(summary.read_text())
 
 
