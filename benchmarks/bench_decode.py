@@ -31,8 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import modify  # noqa: E402
-from modify.assets import shakespeare_split  # noqa: E402
-from modify.generate.selective import HISTORY_ATTR  # noqa: E402
+from modify.generate.cache import HISTORY_ATTR  # noqa: E402
+from modify.io.assets import shakespeare_split  # noqa: E402
 
 
 def prompts(tokenizer, batch: int, length: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -67,7 +67,7 @@ def rows_sweep(model, ids: torch.Tensor, steps: int = 10) -> None:  # type: igno
     """Why a batch gains little: the decode step's time when every routed block processes exactly r of the
     batch's rows (the causal decision forced), against dense. The routed blocks' share of the step falls with
     r only if a block's cost does; a block's weights are read whole whichever rows run it."""
-    import modify.routing as routing
+    import modify.routing.rules as routing
 
     batch = ids.shape[0]
     rule = routing.causal_process

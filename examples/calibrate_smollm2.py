@@ -18,9 +18,9 @@ import time
 import torch
 
 import modify
-from modify.assets import load_smollm2, shakespeare_split
 from modify.calibrate.calibration import CalibrationSettings, apply_calibration, calibrate, token_windows
 from modify.flops import block_flops, routed_block_flops
+from modify.io.assets import load_smollm2, shakespeare_split
 from modify.passes.find_block_stack import find_block_stack
 
 

@@ -31,7 +31,6 @@ from typing import Any
 import torch
 
 import modify
-from modify.assets import load_smollm2, shakespeare_split
 from modify.calibrate.calibration import (
     CalibrationSettings,
     calibrate,
@@ -42,9 +41,10 @@ from modify.calibrate.calibration import (
 )
 from modify.calibrate.plan_file import load_plan
 from modify.calibrate.planning import plan_under_budget
+from modify.io.assets import load_smollm2, shakespeare_split
 from modify.passes.find_block_stack import find_block_stack
-from modify.router import ROUTER_ATTR
 from modify.routing import STATE_ATTR, capacity_tokens, select_tokens
+from modify.routing.router import ROUTER_ATTR
 
 TARGETS = ("log_norm", "first_order", "fisher")
 BATCH = 4

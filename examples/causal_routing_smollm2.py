@@ -33,7 +33,6 @@ import torch
 
 import modify
 from modify.api import routed_blocks
-from modify.assets import shakespeare_split
 from modify.calibrate.calibration import (
     CalibrationSettings,
     calibrate,
@@ -41,8 +40,9 @@ from modify.calibrate.calibration import (
     replan,
     token_windows,
 )
-from modify.checkpoint import load_source, resolve_source, save_converted
 from modify.config import MoDConfig
+from modify.io.assets import shakespeare_split
+from modify.io.checkpoint import load_source, resolve_source, save_converted
 
 RULES = ("threshold", "aux", "predictor")
 

@@ -2,7 +2,7 @@
 
     python examples/convert_smollm2.py [--capacity 0.125] [--layers every-other] [--tokens 256]
 
-Fetches the GGUF checkpoint on first use (see modify.assets), converts it in memory with the paper's plan,
+Fetches the GGUF checkpoint on first use (see modify.io.assets), converts it in memory with the paper's plan,
 prints the block table and the FLOPs, and measures perplexity on a Shakespeare passage for the dense model,
 the conversion at capacity 1.0 (identical by construction) and the chosen plan. The routers are untrained:
 the plan's zero-shot perplexity shows how far continued training has to go, not what MoD can reach.
@@ -17,7 +17,7 @@ import time
 import torch
 
 import modify
-from modify.assets import load_smollm2, shakespeare_texts
+from modify.io.assets import load_smollm2, shakespeare_texts
 
 
 def perplexity(model: torch.nn.Module, ids: torch.Tensor) -> float:

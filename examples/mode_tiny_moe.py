@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 import modify
-from modify.assets import shakespeare_split
+from modify.io.assets import shakespeare_split
 from modify.testing import tiny_tokenizer
 from modify.testing.tiny_configs import tiny_config
 

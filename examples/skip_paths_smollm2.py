@@ -26,7 +26,6 @@ import torch
 
 import modify
 from modify.api import routed_blocks
-from modify.assets import load_smollm2, shakespeare_split
 from modify.calibrate.calibration import (
     Calibration,
     CalibrationSettings,
@@ -36,8 +35,9 @@ from modify.calibrate.calibration import (
     token_windows,
 )
 from modify.config import MoDConfig
-from modify.router import ROUTER_ATTR
-from modify.skip_path import SKIP_ATTR
+from modify.io.assets import load_smollm2, shakespeare_split
+from modify.routing.router import ROUTER_ATTR
+from modify.routing.skip_path import SKIP_ATTR
 
 VARIANTS = ("identity", "linear-8", "linear-32", "linear-128", "mlp-96")
 

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from modify.assets import shakespeare_split
+from modify.io.assets import shakespeare_split
 from modify.train.report import read_metrics
 
 SEQ_LEN, BATCH = 512, 4

@@ -13,8 +13,8 @@ from torch import nn
 
 from modify.archs import MOE_PARTS, UNROUTABLE_FAMILIES, attention_refusal
 from modify.config import CONFIG_KEY, LOAD_MARKER_KEY, MoDConfig, mark_loadable, unmark_loadable
-from modify.errors import UnsupportedModelError
-from modify.generate.causal import install_model_hooks, remove_model_hooks
+from modify.errors import UnsupportedModelError, UsageError
+from modify.model_hooks import install_model_hooks, remove_model_hooks
 from modify.moe.noop import (
     NOOP_ATTR,
     NOOP_STATE_ATTR,
@@ -23,15 +23,17 @@ from modify.moe.noop import (
     find_moe,
     install_noop,
     leave_out_of_load_balancing,
+    noop_layers,
     uninstall_noop,
 )
 from modify.passes.capture_delta import capture_delta
 from modify.passes.find_block_stack import find_block_stack
 from modify.passes.probe_block_calls import BlockCallSpec, probe_block_calls
-from modify.placement import block_device, keep_resident, register_offloaded
-from modify.router import PREDICTOR_ATTR, ROUTER_ATTR, MoDPredictor, MoDRouter
-from modify.routing import STATE_ATTR, RoutingState, install, uninstall
-from modify.skip_path import SKIP_ATTR, make_skip_path, spec_name
+from modify.routing.forward import install, uninstall
+from modify.routing.placement import block_device, keep_resident, register_offloaded
+from modify.routing.router import PREDICTOR_ATTR, ROUTER_ATTR, MoDPredictor, MoDRouter
+from modify.routing.skip_path import SKIP_ATTR, make_skip_path, spec_name
+from modify.routing.state import STATE_ATTR, BlockPlan, BlockProgram, RoutingState, routed_blocks
 
 __all__ = [
     "convert",
@@ -59,7 +61,7 @@ class BlockInfo:
         routed: whether the block is routed.
         capacity: its capacity when routed, else None.
         reason: why the block can't be routed (form "unroutable"), else "".
-        skip_path: the skip path's spec when routed (see :mod:`modify.skip_path`), else None.
+        skip_path: the skip path's spec when routed (see :mod:`modify.routing.skip_path`), else None.
     """
 
     index: int
@@ -89,6 +91,28 @@ def resolve_layers(layers: Layers, num_blocks: int) -> list[int]:
     return sorted(set(indices))
 
 
+def parse_layers(text: str) -> str | list[int]:
+    """ "every-other", "all", or indices and inclusive ranges: "1,3,5", "4-20", "0,4-6"."""
+    if text in ("every-other", "all"):
+        return text
+    indices: list[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            if "-" in item:
+                low, high = (int(v) for v in item.split("-", 1))
+                if low > high:
+                    raise ValueError
+                indices.extend(range(low, high + 1))
+            else:
+                indices.append(int(item))
+        except ValueError:
+            raise UsageError(
+                f"malformed --layers {text!r} at {item!r}; use every-other, all, a list like 1,3,5 or a range like 4-20"
+            ) from None
+    return indices
+
+
 def _capacities(capacity: float | Sequence[float], count: int) -> list[float]:
     if isinstance(capacity, (int, float)) and not isinstance(capacity, bool):
         return [float(capacity)] * count
@@ -100,15 +124,6 @@ def _capacities(capacity: float | Sequence[float], count: int) -> list[float]:
 
 def is_converted(model: nn.Module) -> bool:
     return any(hasattr(m, STATE_ATTR) or hasattr(m, NOOP_STATE_ATTR) for m in model.modules())
-
-
-def noop_layers(model: nn.Module) -> list[tuple[nn.Module, NoOpState]]:
-    """The Mixture-of-Experts layers given a no-op expert (``mode="integrated"``), with their states."""
-    return [(m, getattr(m, NOOP_STATE_ATTR)) for m in model.modules() if hasattr(m, NOOP_STATE_ATTR)]
-
-
-def routed_blocks(model: nn.Module) -> list[tuple[nn.Module, RoutingState]]:
-    return [(m, getattr(m, STATE_ATTR)) for m in model.modules() if hasattr(m, STATE_ATTR)]
 
 
 @dataclass(frozen=True)
@@ -190,11 +205,11 @@ def convert(
         keep_first: leading real tokens every routed block always processes (1 keeps a pretrained model's
             attention sink; 0, the default, is the paper's pure top-k).
         skip_path: what routed blocks give the tokens they skip: "identity" (nothing, the paper's rule),
-            "linear" or "mlp" (see :mod:`modify.skip_path`), one kind or one per routed block. A new skip path
+            "linear" or "mlp" (see :mod:`modify.routing.skip_path`), one kind or one per routed block. A new skip path
             starts at zero, so it changes nothing until it is fitted (``modify calibrate``) or trained.
         skip_rank: rank of a "linear" skip path, hidden units of an "mlp" one.
         causal: how tokens decide alone when sampling: "threshold", "aux" or "predictor" (see
-            :mod:`modify.generate.causal`); by default the plan's rule, else "threshold".
+            :mod:`modify.routing.rules`); by default the plan's rule, else "threshold".
         mode: "staged" (the default: a Mixture-of-Depths router in front of each routed block) or
             "integrated" (a no-op expert in each routed block's Mixture-of-Experts router, dispatching
             ``capacity`` of each sequence's tokens to the experts; see :mod:`modify.moe.noop`). By default
@@ -286,23 +301,12 @@ def _convert_staged(
         name = f"{stack_name}.{i}"
         found = _analyse(blocks[i], specs[i], name)
         forward_fn = type(blocks[i]).forward
-        state = RoutingState(
-            i,
-            name,
-            cap,
-            specs[i],
-            found.form,
-            found.delta,
-            forward_fn,
-            inspect.signature(forward_fn),
-            keep_first=plan.keep_first,
-            skip_path=skip,
-            input_norm=found.input_norm,
-            inline=found.inline,
-            causal=plan.causal,
-            cache_layer=_cache_layer(blocks[i], i),
-            device=block_device(model, name),
-        )
+        program = BlockProgram(
+            specs[i], found.form, found.delta, forward_fn, inspect.signature(forward_fn), found.input_norm,
+            found.inline, _cache_layer(blocks[i], i),
+        )  # fmt: skip
+        plan_part = BlockPlan(i, name, cap, plan.keep_first, skip, plan.causal)
+        state = RoutingState(plan_part, program, device=block_device(model, name))
         state.prepare(blocks[i])
         states.append(state)
     for state, threshold in zip(states, plan.thresholds):

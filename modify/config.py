@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from modify.skip_path import parse_spec
+from modify.routing.skip_path import parse_spec
 
 __all__ = [
     "MoDConfig",
@@ -53,7 +53,7 @@ class MoDConfig:
         gate: gate applied to the router score; see ``GATE_KINDS``.
         block_stack: qualified name of the module list holding the blocks (filled in by ``convert``).
         skip_paths: what each routed block gives the tokens it skips, as a spec: "identity" (nothing: the
-            paper's rule), "linear-R" or "mlp-R" (see :mod:`modify.skip_path`); empty means identity everywhere.
+            paper's rule), "linear-R" or "mlp-R" (see :mod:`modify.routing.skip_path`); empty means identity everywhere.
         keep_first: the first ``keep_first`` real tokens of every sequence always go through routed blocks
             (0 is the paper's pure top-k; 1 keeps the attention sink of a pretrained model).
         source: where the converted checkpoint came from (``kind``, ``path``, ``gguf_file``, ``model_id``), as
@@ -171,7 +171,7 @@ class MoDConfig:
 
 
 #: The key of config.json through which ``transformers`` finds modify's loading hook (its quantizer extension
-#: point; see :mod:`modify.hf_integration`), and the method named there.
+#: point; see :mod:`modify.io.hf_integration`), and the method named there.
 LOAD_MARKER_KEY = "quantization_config"
 QUANT_METHOD = "modify"
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["UnsupportedModelError", "ModifyError", "UsageError", "NotRemovalOnlyError"]
+__all__ = ["UnsupportedModelError", "NotResidualError", "ModifyError", "UsageError", "NotRemovalOnlyError"]
 
 
 class UnsupportedModelError(ValueError):
@@ -18,6 +18,14 @@ class UnsupportedModelError(ValueError):
         self.reason = reason
         where = f"module '{module}'" if module else "the model"
         super().__init__(f"cannot route {where}: {reason}")
+
+
+class NotResidualError(UnsupportedModelError):
+    """The block's input never reaches its output through an addition: as captured, it is not a residual block.
+
+    Capture tries again with the children the block hands its stream traced into (they may add the residual
+    inside; see :mod:`modify.passes.capture_delta`).
+    """
 
 
 class ModifyError(Exception):

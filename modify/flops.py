@@ -13,7 +13,7 @@ linear-attention block that pads to its chunk size, say) is measured at each len
 probes are cached per model until its parameters change.
 
 A routed block runs the block on k = ceil(c·T) tokens per sequence, its router on all T, its skip path (if
-any, :mod:`modify.skip_path`) on the other T - k, and its causal predictor (if any) on all T; a removed block
+any, :mod:`modify.routing.skip_path`) on the other T - k, and its causal predictor (if any) on all T; a removed block
 (capacity 0) runs none of them but its skip path, on all T. A block whose
 Mixture-of-Experts layer has a no-op expert (:mod:`modify.moe.noop`) runs that layer, probed as a part of its
 own, on k tokens, and the layer's router and no-op row on all T.
@@ -30,13 +30,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from modify.api import routing_disabled
 from modify.archs import MOE_PARTS
 from modify.moe.noop import NOOP_STATE_ATTR, find_moe
 from modify.passes.find_block_stack import find_block_stack
 from modify.passes.probe_block_calls import random_token_ids
-from modify.router import PREDICTOR_ATTR, ROUTER_ATTR
 from modify.routing import STATE_ATTR, capacity_tokens
-from modify.skip_path import skip_path_flops
+from modify.routing.router import PREDICTOR_ATTR, ROUTER_ATTR
+from modify.routing.skip_path import skip_path_flops
 
 __all__ = [
     "FlopCount",
@@ -156,7 +157,6 @@ def _measure(
             costs[i] += counter.get_total_flops() - start[i]
 
         handles += [block.register_forward_pre_hook(pre), block.register_forward_hook(post)]
-    from modify.api import routing_disabled
 
     flags = {m: m.training for m in model.modules()}
     try:

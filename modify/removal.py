@@ -21,7 +21,7 @@ from modify.api import is_converted, noop_layers, revert, routed_blocks
 from modify.config import MoDConfig
 from modify.errors import NotRemovalOnlyError, UnsupportedModelError
 from modify.passes.find_block_stack import find_block_stack
-from modify.router import ROUTER_ATTR
+from modify.routing.router import ROUTER_ATTR
 
 __all__ = ["remove_blocks", "export_pruned", "removal_only_blocks", "check_removal_plan"]
 

@@ -19,7 +19,7 @@ def _seed() -> None:
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """SmolLM2-135M-Instruct and its tokenizer (fetched once into the cache; see modify.assets)."""
-    from modify.assets import load_smollm2
+    """SmolLM2-135M-Instruct and its tokenizer (fetched once into the cache; see modify.io.assets)."""
+    from modify.io.assets import load_smollm2
 
     return load_smollm2()

@@ -11,7 +11,7 @@ import torch
 
 import modify
 from modify.api import routed_blocks
-from modify.checkpoint import Source, save_converted
+from modify.io.checkpoint import Source, save_converted
 from modify.testing import tiny_model
 from tests.helpers import set_router_weights
 

@@ -188,7 +188,7 @@ def test_sampling_decides_token_by_token_against_a_threshold_kept_with_the_weigh
     threshold: the share-c quantile of the margins, set by the first batch and saved with the weights."""
     from transformers import AutoModelForCausalLM
 
-    from modify.checkpoint import Source, save_converted
+    from modify.io.checkpoint import Source, save_converted
 
     ids, _ = _batch()
     model = modify.convert(build("olmoe"), capacity=0.5, layers="all", mode="integrated")

@@ -22,8 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import modify
 from modify.errors import NotRemovalOnlyError
 from modify.removal import check_removal_plan, remove_blocks
-from modify.router import ROUTER_ATTR
 from modify.routing import capacity_tokens
+from modify.routing.router import ROUTER_ATTR
 from modify.testing import tiny_model
 
 REMOVED = [0, 2]  # block 0 included: transformers reads positions and mask sizes off the first cache layer

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import modify
-from modify.checkpoint import Source, save_converted
+from modify.io.checkpoint import Source, save_converted
 from modify.testing import tiny_model
 from tests.helpers import set_router_weights
 

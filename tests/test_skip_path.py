@@ -1,4 +1,5 @@
-"""Skip paths: what a routed block gives the tokens it skips (modify/skip_path.py, modify/calibrate/skip_fit.py)."""
+"""Skip paths: what a routed block gives the tokens it skips (modify/routing/skip_path.py,
+modify/calibrate/skip_fit.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from modify import MoDConfig
 from modify.api import routed_blocks
 from modify.calibrate.skip_fit import NormalSums, SkipStats, features, fit_linear, fit_mlp, mlp_first_layer
 from modify.routing import capacity_tokens, select_tokens, skipped_tokens
-from modify.skip_path import SKIP_ATTR, parse_spec, skip_path_flops
+from modify.routing.skip_path import SKIP_ATTR, parse_spec, skip_path_flops
 from modify.testing import FAMILIES, tiny_model
 from modify.train.trainable import prepare_trainable
 
@@ -105,7 +106,7 @@ def test_gradient_reaches_the_skip_path(kind: str) -> None:
 
 
 def test_save_load_and_revert(tmp_path: Path) -> None:
-    from modify.checkpoint import Source, save_converted
+    from modify.io.checkpoint import Source, save_converted
     from modify.testing import tiny_tokenizer
 
     model = tiny_model("llama").eval()

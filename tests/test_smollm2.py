@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import modify
-from modify.assets import shakespeare_texts
+from modify.io.assets import shakespeare_texts
 
 pytestmark = pytest.mark.slow
 

@@ -3,6 +3,8 @@
 :mod:`modify.bench.models` builds named shapes and reads plans; :mod:`modify.bench.baselines` holds the masked
 and per-sample implementations a converted model is compared with; :mod:`modify.bench.measure` times, counts
 and profiles; :mod:`modify.bench.report` writes the table, JSON summary, CSV and chart.
+
+May import: :mod:`modify.train`, :mod:`modify.calibrate` and every layer below them; not the command line.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from torch import nn
 
 from modify.api import routed_blocks, routing_disabled
 from modify.passes.probe_block_calls import BlockCallSpec, Path, bind_call
-from modify.router import ROUTER_ATTR
 from modify.routing import STATE_ATTR, RoutingState, block_padding, pairwise_mask
+from modify.routing.router import ROUTER_ATTR
 
 __all__ = ["IMPLEMENTATIONS", "implementation", "masked_forward", "per_sample_forward"]
 

@@ -20,8 +20,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from modify.api import resolve_layers, routed_blocks
+from modify.api import parse_layers, resolve_layers, routed_blocks
+from modify.calibrate.plan_file import load_plan
+from modify.config import CONFIG_KEY
 from modify.errors import UsageError
 
 __all__ = ["SHAPES", "BenchPlan", "parse_plan", "build_shape", "apply_plan", "randomize_routers"]
@@ -77,8 +80,6 @@ def parse_plan(text: str, num_blocks: int, saved: dict[str, Any] | None = None) 
         return _plan_file(Path(text), num_blocks)
     else:
         raise UsageError(f"unknown plan {text!r}; use paper, LAYERS@CAPACITY (all@0.125, every-other@0.5) or PLAN.json")
-    from modify.cli.common import parse_layers
-
     try:
         layers = resolve_layers(parse_layers(text_layers), num_blocks)
     except ValueError as exc:
@@ -89,8 +90,6 @@ def parse_plan(text: str, num_blocks: int, saved: dict[str, Any] | None = None) 
 def _plan_file(path: Path, num_blocks: int) -> BenchPlan:
     if not path.is_file():
         raise UsageError(f"plan file {path} does not exist; write one with 'modify calibrate --out {path}'")
-    from modify.calibrate.plan_file import load_plan
-
     calibration, _ = load_plan(path)
     plan = calibration.plan()
     if plan.num_blocks != num_blocks:
@@ -100,8 +99,6 @@ def _plan_file(path: Path, num_blocks: int) -> BenchPlan:
 
 def build_shape(name: str, depth: int | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A randomly initialised Llama-architecture model of the named shape (see :data:`SHAPES`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     if name not in SHAPES:
         raise UsageError(f"unknown model shape {name!r}; named shapes are {', '.join(SHAPES)}")
     kwargs = dict(SHAPES[name])
@@ -130,7 +127,5 @@ def apply_plan(model: nn.Module, plan: BenchPlan) -> None:
 
 
 def saved_plan(model: nn.Module) -> dict[str, Any] | None:
-    from modify.config import CONFIG_KEY
-
     plan = getattr(getattr(model, "config", None), CONFIG_KEY, None)
     return json.loads(json.dumps(plan)) if isinstance(plan, dict) else None

@@ -10,17 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from rich.console import Console
+from rich.table import Table
 
-from modify.checkpoint import atomic_file
+from modify.io.checkpoint import atomic_file
 
 __all__ = ["environment", "summary", "table", "markdown", "write_csv", "plot"]
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """What a row needs to be reproduced: device, dtype, library versions and the git commit."""
-    import transformers
-
-    try:
+    try:  # optional dependency: triton (Linux only; the CPU path runs without it)
         import triton
 
         triton_version = triton.__version__
@@ -84,9 +85,6 @@ def _fmt_bytes(n: int) -> str:
 
 def table(records: list[dict[str, Any]]) -> str:
     """The results as a plain-text table (rich renders it; no colour codes, so it pastes into Markdown too)."""
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title="modify bench: median seconds, speedup over dense, FLOP ratio dense/variant")
     for col in ("mode", "B", "T", "variant", "s", "speedup", "FLOP ratio", "of ratio", "routing", "peak mem"):
         t.add_column(col, justify="right" if col not in ("mode", "variant") else "left")
@@ -177,10 +175,11 @@ def _capacity(plan: str) -> tuple[str, float] | None:
 def plot(path: Path, model: str, records: list[dict[str, Any]]) -> None:
     """Speedup of the converted model against capacity, per mode: one colour per sequence length (the largest
     batch that ran), solid for the measured speedup, dashed for the FLOP ratio; one marker per layer pattern."""
+    # import time: matplotlib (about 0.4 s) loads only to draw the chart, on Agg (no display needed)
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # import time: as matplotlib, once its backend is chosen
 
     modes = [m for m in ("forward", "train") if any(r["mode"] == m and "results" in r for r in records)]
     fig, axes = plt.subplots(1, max(1, len(modes)), figsize=(6 * max(1, len(modes)), 4.5), squeeze=False)

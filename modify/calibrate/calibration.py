@@ -17,7 +17,7 @@ initialise the routers, all from text run through the dense model.
    measures every block's tables again with the other blocks routed as planned (fitted routers) and plans
    again on them, keeping the new plan only if it measures better. The report gives each round's predicted
    and measured increase.
-5. **Skip paths** (optional, :mod:`modify.skip_path`): with candidates besides ``identity``, a second pass
+5. **Skip paths** (optional, :mod:`modify.routing.skip_path`): with candidates besides ``identity``, a second pass
    fits each block's skip paths for every grid capacity on the tokens the fitted router skips there
    (:mod:`modify.calibrate.skip_fit`); the sensitivity is measured for each (capacity, skip path) option and
    the planner chooses among them with each path's FLOPs counted.
@@ -62,14 +62,14 @@ from modify.calibrate.planning import (
     restrict_removal,
 )
 from modify.calibrate.skip_fit import NormalSums, attach_skip, features, fit_skip_paths
-from modify.checkpoint import file_record
 from modify.config import MoDConfig
 from modify.flops import block_flops, routed_block_flops
-from modify.generate.causal import fit_thresholds
+from modify.io.checkpoint import file_record
+from modify.modes import fit_thresholds
 from modify.passes.find_block_stack import find_block_stack
-from modify.router import ROUTER_ATTR
 from modify.routing import STATE_ATTR, capacity_tokens, select_tokens
-from modify.skip_path import SKIP_ATTR, parse_spec
+from modify.routing.router import ROUTER_ATTR
+from modify.routing.skip_path import SKIP_ATTR, parse_spec
 
 __all__ = [
     "CalibrationSettings",
@@ -106,7 +106,7 @@ class CalibrationSettings:
             routed as planned (fitted routers), and plan again on those tables; keeps the better plan. Off by
             default: on SmolLM2-135M one round cost 137 s and its plan measured worse (+0.819 vs +0.809 nats).
         skip_paths: skip paths the planner may give a routed block, as specs ("identity", "linear-32",
-            "mlp-64"; see :mod:`modify.skip_path`); "identity" (pure Mixture-of-Depths) is always one of them.
+            "mlp-64"; see :mod:`modify.routing.skip_path`); "identity" (pure Mixture-of-Depths) is always one of them.
         dtype: dtype of the copy of the model that calibration runs ("bfloat16": about 3.7x faster than
             float32 on CPUs with AMX, as measured on SmolLM2-135M here; the model passed in is not touched).
         removal: "allow" (capacity 0 on the grid: removal competes with routing and skip paths under the same

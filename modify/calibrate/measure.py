@@ -17,8 +17,8 @@ from torch import nn
 
 from modify.calibrate.planning import Option
 from modify.calibrate.skip_fit import attach_skip
-from modify.router import ROUTER_ATTR
-from modify.routing import routed_forward
+from modify.routing.forward import routed_forward
+from modify.routing.router import ROUTER_ATTR
 
 __all__ = [
     "measure_loss",

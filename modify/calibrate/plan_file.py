@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modify.calibrate.calibration import Calibration
-from modify.checkpoint import atomic_file, check_parent
 from modify.errors import ModifyError
+from modify.io.checkpoint import atomic_file, check_parent
 
 __all__ = ["save_plan", "load_plan", "plot_plan", "PLAN_FORMAT"]
 
@@ -29,10 +29,11 @@ _VERSION = 1
 
 def plot_plan(calibration: Calibration, path: Path) -> None:
     """Per block: loss increase when removed and at each grid capacity (log scale), and the chosen capacity."""
+    # import time: matplotlib (about 0.4 s) loads only to draw the chart, on Agg (no display needed)
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # import time: as matplotlib, once its backend is chosen
 
     blocks = list(range(calibration.num_blocks))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6.0, 0.3 * len(blocks) + 2), 6), sharex=True)

@@ -12,7 +12,7 @@ programming over blocks, keeping only the Pareto frontier of (cost, loss) partia
 brute force on small cases (tests/test_planning.py).
 
 A block's options are its grid capacities, or (capacity, skip path) pairs when skip paths are candidates
-(:mod:`modify.skip_path`): the planner then chooses both under the same budget, a skip path's FLOPs on the
+(:mod:`modify.routing.skip_path`): the planner then chooses both under the same budget, a skip path's FLOPs on the
 skipped tokens counted in the option's cost. Exactly one option per block has capacity 1.0: dense.
 
 Capacity 0 is removal (ShortGPT's static baseline): the block costs nothing, or its skip path's FLOPs on every

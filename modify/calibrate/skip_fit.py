@@ -1,4 +1,4 @@
-"""Fitting skip paths (:mod:`modify.skip_path`) zero-shot, from the dense model's activations.
+"""Fitting skip paths (:mod:`modify.routing.skip_path`) zero-shot, from the dense model's activations.
 
 A skip path estimates a block's contribution Δ for the tokens the block will skip, from n, the block's input
 after its own input norm. Both kinds are fitted by least squares, streamed as normal equations (float64 sums of
@@ -27,7 +27,7 @@ from torch import nn
 
 from modify.passes.probe_block_calls import bind_call
 from modify.routing import STATE_ATTR, capacity_tokens, select_tokens
-from modify.skip_path import SKIP_ATTR, make_skip_path, parse_spec
+from modify.routing.skip_path import SKIP_ATTR, make_skip_path, parse_spec
 
 __all__ = [
     "SkipStats",

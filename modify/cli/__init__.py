@@ -4,6 +4,9 @@
 Each subcommand lives in its own file and registers itself with :func:`main`'s parser. Errors the user can
 fix print one line on stderr (no traceback unless ``--debug``) and exit with 2 for usage errors, 1 for the
 rest; an interrupt exits with 130 and leaves nothing written.
+
+The top layer: may import everything. A subcommand imports what only it needs (the training loop, the
+benchmarks) inside its ``run``, so that ``modify --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
+from modify import __version__
 from modify.cli import bench, calibrate, convert, eval, export, generate, inspect, train, verify
 from modify.cli.common import Parser
 from modify.errors import ModifyError, UnsupportedModelError
@@ -39,8 +43,6 @@ def _parser() -> Parser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from modify import __version__
-
     parser.add_argument("--version", action="version", version=f"modify {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for module in _SUBCOMMANDS:

@@ -19,12 +19,17 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+import modify
+from modify.api import routed_blocks
 from modify.cli.common import add_common_flags, quiet_libraries
 from modify.errors import UsageError
+from modify.io.checkpoint import atomic_file, load_any
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from modify.bench.measure import BenchSettings
     from modify.bench.models import BenchPlan
 
@@ -108,14 +113,13 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace, torch_dtype: Any) -> tuple[nn.Module, bool]:
     """(model, converted) from a named shape or a source."""
+    # import time: modify.bench (the timing harness, transformers' Llama modeling) loads only when bench runs
     from modify.bench.models import SHAPES, build_shape
 
     if args.model in SHAPES:
         return build_shape(args.model, args.depth, torch_dtype), False
     if args.depth is not None:
         raise UsageError(f"--depth applies to named shapes ({', '.join(SHAPES)}), not to {args.model}")
-    from modify.checkpoint import load_any
-
     model, _, _, converted = load_any(args.model, str(torch_dtype).removeprefix("torch."))
     return model, converted
 
@@ -125,15 +129,12 @@ def _plan_texts(args: argparse.Namespace, converted: bool) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # import time: modify.bench (the timing harness, transformers' Llama modeling) and psutil load only when bench runs
     import psutil
-    import torch
 
-    import modify
-    from modify.api import routed_blocks
     from modify.bench.measure import MODES, BenchSettings
     from modify.bench.models import SHAPES, parse_plan, randomize_routers, saved_plan
     from modify.bench.report import environment, markdown, plot, summary, table, write_csv
-    from modify.checkpoint import atomic_file
 
     _check_args(args)
     quiet_libraries(args.debug, False)
@@ -195,8 +196,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_with_progress(
     model: nn.Module, plans: list[BenchPlan], settings: BenchSettings, quiet: bool
 ) -> list[dict[str, Any]]:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+    # import time: modify.bench (the timing harness, transformers' Llama modeling) loads only when bench runs
     from modify.bench.measure import planned_calls, run_bench
 
     if quiet:

@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from modify.calibrate.calibration import IMPORTANCE_KINDS
+from modify.calibrate.calibration import IMPORTANCE_KINDS, CalibrationSettings, calibrate, token_windows
+from modify.calibrate.plan_file import save_plan
 from modify.calibrate.planning import REMOVAL_MODES
 from modify.cli.common import Parser, Progress, add_common_flags, emit_json, quiet_libraries
 from modify.errors import ModifyError, UsageError
-from modify.skip_path import SKIP_KINDS
+from modify.io.checkpoint import check_parent, load_source, resolve_source
+from modify.routing.skip_path import SKIP_KINDS, spec_name
 
 EXAMPLES = """examples:
   modify calibrate smollm2 --data plays/*.txt --flops-budget 0.75 --out plan.json
@@ -72,8 +74,6 @@ def add_skip_flags(p: argparse.ArgumentParser, fitted: bool) -> None:
 
 def skip_spec(args: argparse.Namespace) -> str:
     """The skip-path spec the flags ask for ("identity", "linear-32", ...); a bad rank is a one-line error."""
-    from modify.skip_path import spec_name
-
     try:
         return spec_name(args.skip_path, args.skip_rank)
     except ValueError as exc:
@@ -83,8 +83,6 @@ def skip_spec(args: argparse.Namespace) -> str:
 def add_calibration_flags(p: Parser, required: bool) -> None:
     """The calibration settings, shared by calibrate and convert; with ``required`` False (convert, where
     calibration is optional) they are refused unless ``--calibrate`` is given, instead of silently ignored."""
-    from modify.calibrate.calibration import CalibrationSettings
-
     d = CalibrationSettings()  # the flags' defaults are the library's
     added: list[argparse.Action] = []
 
@@ -194,8 +192,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def calibration_settings(args: argparse.Namespace) -> Any:
     """The settings the flags ask for; a combination they refuse is a usage error (checked before loading)."""
-    from modify.calibrate.calibration import CalibrationSettings
-
     try:
         return CalibrationSettings(
             tokens=args.tokens,
@@ -217,8 +213,6 @@ def calibration_settings(args: argparse.Namespace) -> Any:
 
 def run_calibration(args: argparse.Namespace, model: Any, tokenizer: Any, progress: Progress) -> Any:
     """Calibrate ``model`` as the flags say; shared with ``modify convert --calibrate``."""
-    from modify.calibrate.calibration import calibrate, token_windows
-
     missing = [str(p) for p in args.data if not p.is_file()]
     if missing:
         raise ModifyError(f"calibration data {missing[0]} is not a file; give UTF-8 text files to --data")
@@ -240,9 +234,6 @@ def run_calibration(args: argparse.Namespace, model: Any, tokenizer: Any, progre
 
 
 def run(args: argparse.Namespace) -> int:
-    from modify.calibrate.plan_file import save_plan
-    from modify.checkpoint import check_parent, load_source, resolve_source
-
     progress = Progress(args.quiet or args.json, args.debug)
     quiet_libraries(args.debug, progress.enabled)
     start = time.perf_counter()

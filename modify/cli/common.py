@@ -13,9 +13,12 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from modify.errors import UsageError
+from huggingface_hub.utils import disable_progress_bars
+from rich.console import Console
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
-__all__ = ["Parser", "capacity_type", "parse_layers", "Progress", "emit_json", "add_common_flags", "quiet_libraries"]
+__all__ = ["Parser", "capacity_type", "Progress", "emit_json", "add_common_flags", "quiet_libraries"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,28 +58,6 @@ def capacity_type(text: str) -> float:
     return value
 
 
-def parse_layers(text: str) -> str | list[int]:
-    """ "every-other", "all", or indices and inclusive ranges: "1,3,5", "4-20", "0,4-6"."""
-    if text in ("every-other", "all"):
-        return text
-    indices: list[int] = []
-    for item in text.split(","):
-        item = item.strip()
-        try:
-            if "-" in item:
-                low, high = (int(v) for v in item.split("-", 1))
-                if low > high:
-                    raise ValueError
-                indices.extend(range(low, high + 1))
-            else:
-                indices.append(int(item))
-        except ValueError:
-            raise UsageError(
-                f"malformed --layers {text!r} at {item!r}; use every-other, all, a list like 1,3,5 or a range like 4-20"
-            ) from None
-    return indices
-
-
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors and the result")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
@@ -84,11 +65,7 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 
 def quiet_libraries(debug: bool, show_progress: bool) -> None:
     """Keep transformers' warnings and bars out of the output unless asked for."""
-    from transformers.utils import logging as hf_logging
-
     if not show_progress:
-        from huggingface_hub.utils import disable_progress_bars
-
         hf_logging.disable_progress_bar()
         disable_progress_bars()  # transformers 5 writes shards under huggingface_hub's bars
     if not debug:
@@ -114,8 +91,6 @@ class Progress:
             with contextlib.nullcontext() if self.debug else contextlib.redirect_stderr(io.StringIO()):
                 yield
             return
-        from rich.console import Console
-
         with Console(stderr=True).status(message):
             yield
 
@@ -134,8 +109,6 @@ class _Bar:
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
             return
-        from tqdm import tqdm
-
         if stage != self.stage:
             self.close()
             self.current, self.stage = tqdm(total=total, desc=stage, leave=False), stage

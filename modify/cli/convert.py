@@ -6,6 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
+import modify
+from modify.api import parse_layers
+from modify.calibrate.calibration import apply_calibration
+from modify.calibrate.plan_file import load_plan
 from modify.cli.calibrate import (
     add_calibration_flags,
     add_skip_flags,
@@ -13,9 +17,10 @@ from modify.cli.calibrate import (
     run_calibration,
     skip_spec,
 )
-from modify.cli.common import Progress, add_common_flags, capacity_type, emit_json, parse_layers, quiet_libraries
+from modify.cli.common import Progress, add_common_flags, capacity_type, emit_json, quiet_libraries
 from modify.config import CAUSAL_RULES, MODES
 from modify.errors import ModifyError, UsageError
+from modify.io.checkpoint import check_output, is_converted_directory, load_source, resolve_source, save_converted
 
 EXAMPLES = """examples:
   modify convert smollm2 out/smollm2-mod                     # the default real checkpoint, the paper's plan
@@ -84,9 +89,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import modify
-    from modify.checkpoint import check_output, is_converted_directory, load_source, resolve_source, save_converted
-
     layers = parse_layers(args.layers)
     skip = skip_spec(args)
     if args.plan and skip != "identity":
@@ -111,16 +113,12 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_source(source, args.dtype)
     calibration = None
     if args.plan:
-        from modify.calibrate.plan_file import load_plan
-
         calibration, _ = load_plan(args.plan)
     elif args.data:
         calibration = run_calibration(args, model, tokenizer, progress)
     with progress.step("tracing blocks and inserting routers"):
         try:
             if calibration is not None:
-                from modify.calibrate.calibration import apply_calibration
-
                 apply_calibration(model, calibration, causal=args.causal)
             else:
                 modify.convert(

@@ -13,8 +13,12 @@ import contextlib
 import math
 from pathlib import Path
 
+import modify
 from modify.cli.common import Progress, add_common_flags, emit_json, quiet_libraries
 from modify.errors import ModifyError, UnsupportedModelError, UsageError
+from modify.io.checkpoint import load_any
+from modify.train.data import PackedStream, collect_files
+from modify.train.evaluate import evaluate
 
 EXAMPLES = """examples:
   modify eval out/smollm2-mod --data plays/m*.txt              # perplexity of a converted checkpoint
@@ -78,11 +82,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import modify
-    from modify.checkpoint import load_any
-    from modify.train.data import PackedStream, collect_files
-    from modify.train.evaluate import evaluate
-
     _check_args(args)
     progress = Progress(args.quiet or args.json, args.debug)
     quiet_libraries(args.debug, progress.enabled)

@@ -4,11 +4,24 @@ fewer layers, which loads without modify (see :mod:`modify.removal`)."""
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
+from modify.calibrate.calibration import apply_calibration
+from modify.calibrate.plan_file import load_plan
 from modify.cli.common import Progress, add_common_flags, emit_json, quiet_libraries
+from modify.config import CONFIG_KEY, MoDConfig
 from modify.errors import ModifyError, UsageError
+from modify.io.checkpoint import (
+    atomic_directory,
+    check_output,
+    is_converted_directory,
+    load_source,
+    resolve_source,
+    source_label,
+)
+from modify.removal import check_removal_plan, export_pruned
 
 EXAMPLES = """examples:
   modify calibrate smollm2 --data plays/*.txt --flops-budget 0.8 --removal only --out removal.json
@@ -60,17 +73,6 @@ the rest are the original weights. It is an ordinary checkpoint of its architect
 
 
 def run(args: argparse.Namespace) -> int:
-    from modify.checkpoint import (
-        atomic_directory,
-        check_output,
-        is_converted_directory,
-        load_source,
-        resolve_source,
-        source_label,
-    )
-    from modify.config import CONFIG_KEY, MoDConfig
-    from modify.removal import check_removal_plan, export_pruned
-
     progress = Progress(args.quiet or args.json, args.debug)
     quiet_libraries(args.debug, progress.enabled)
     start = time.perf_counter()
@@ -81,8 +83,6 @@ def run(args: argparse.Namespace) -> int:
     if converted and args.plan:
         raise UsageError(f"{source.path} is converted and carries its own plan; drop --plan or export its source")
     if args.plan:
-        from modify.calibrate.plan_file import load_plan
-
         calibration, _ = load_plan(args.plan)
         plan = calibration.plan()
     elif not converted:
@@ -91,8 +91,6 @@ def run(args: argparse.Namespace) -> int:
             "(modify calibrate --removal only) or export a converted checkpoint"
         )
     else:
-        import json
-
         try:
             plan = MoDConfig.from_dict(json.loads((source.path / "config.json").read_text())[CONFIG_KEY])
         except (TypeError, ValueError) as exc:
@@ -101,8 +99,6 @@ def run(args: argparse.Namespace) -> int:
     with progress.step(f"loading {source.path.name}"):
         model, tokenizer = load_source(source, args.dtype)
     if calibration is not None:
-        from modify.calibrate.calibration import apply_calibration
-
         with progress.step("applying the plan"):
             try:
                 apply_calibration(model, calibration)

@@ -9,12 +9,19 @@ routed-block positions that were processed and the decode speed go to stderr (or
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 
+import torch
+
+import modify
+from modify.api import routed_blocks
 from modify.cli.common import Progress, add_common_flags, emit_json, quiet_libraries
 from modify.errors import ModifyError, UsageError
+from modify.generate.cache import HISTORY_ATTR
+from modify.io.checkpoint import load_any
 
 EXAMPLES = """examples:
   modify generate out/smollm2-mod --prompt "To be, or not to be"           # greedy, 64 new tokens
@@ -77,21 +84,11 @@ def _check_args(args: argparse.Namespace) -> str:
 def _uncalibrated(model: object) -> list[int]:
     """Routed blocks whose causal decision has nothing fitted or trained behind it (the threshold rule's
     threshold not set; "aux" and "predictor" are trained rules and say nothing here)."""
-    import math
-
-    from modify.api import routed_blocks
-
     blocks = routed_blocks(model)  # type: ignore[arg-type]
     return sorted(s.index for _, s in blocks if math.isnan(s.threshold) and s.causal != "aux" and s.capacity < 1)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    import modify
-    from modify.checkpoint import load_any
-    from modify.generate.selective import HISTORY_ATTR
-
     text = _check_args(args)
     progress = Progress(args.quiet or args.json, args.debug)
     quiet_libraries(args.debug, progress.enabled)

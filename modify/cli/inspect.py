@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+import modify
 from modify.cli.common import Progress, add_common_flags, emit_json, quiet_libraries
+from modify.errors import UsageError
+from modify.io.checkpoint import load_any
 
 EXAMPLES = """examples:
   modify inspect smollm2                        # a source: every block, its form, FLOPs if dense
@@ -26,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seq-len",
         type=int,
-        default=2048,  # modify.checkpoint.CARD_SEQ_LEN, not imported: --help stays fast
+        default=2048,  # modify.io.checkpoint.CARD_SEQ_LEN, not imported: --help stays fast
         help="sequence length for the FLOPs (default 2048, the length convert's summary and the model card report; "
         "eval, train and calibrate default to 512, bench to 1024)",
     )
@@ -36,10 +39,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import modify
-    from modify.checkpoint import load_any
-    from modify.errors import UsageError
-
     if args.seq_len < 1:
         raise UsageError(f"--seq-len {args.seq_len} must be at least 1")
     progress = Progress(args.quiet or args.json, args.debug)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from dataclasses import fields
@@ -12,6 +13,16 @@ from typing import Any
 
 from modify.cli.common import add_common_flags, emit_json, quiet_libraries
 from modify.errors import ModifyError, UsageError
+from modify.io.checkpoint import (
+    check_parent,
+    is_converted_directory,
+    load_tokenizer,
+    resolve_source,
+    validate_source,
+)
+from modify.train import config as cfg
+from modify.train.config import TrainConfig, load_config_file
+from modify.train.data import PackedStream, collect_files
 
 EXAMPLES = """examples:
   modify train out/smollm2-mod --data plays/ --tokens 500000 --out runs/mod
@@ -47,8 +58,6 @@ _CHOICES = {"train": "TRAIN_MODES", "schedule": "SCHEDULES", "strategy": "STRATE
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from modify.train import config as cfg
-
     p = sub.add_parser(
         "train",
         help="continued pretraining of a converted model (or the dense baseline)",
@@ -84,9 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run, quiet=False, debug=False, json=False)
 
 
-def resolve_config(args: argparse.Namespace) -> Any:
-    from modify.train.config import TrainConfig, load_config_file
-
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
     settings: dict[str, Any] = load_config_file(args.config) if getattr(args, "config", None) else {}
     flags = {k: v for k, v in vars(args).items() if k in TrainConfig.keys()}
     settings.update(flags)
@@ -101,9 +108,7 @@ def resolve_config(args: argparse.Namespace) -> Any:
     return TrainConfig(**settings)
 
 
-def _check_model(config: Any) -> None:
-    from modify.checkpoint import is_converted_directory, resolve_source, validate_source
-
+def _check_model(config: TrainConfig) -> None:
     source = resolve_source(config.model)
     validate_source(source)
     converted = is_converted_directory(source)
@@ -118,7 +123,8 @@ def _check_model(config: Any) -> None:
         )
 
 
-def _resume_point(config: Any, resume: str | None) -> Path | None:
+def _resume_point(config: TrainConfig, resume: str | None) -> Path | None:
+    # import time: the training loop (transformers.Trainer, peft) loads only when the command runs
     from modify.train.checkpoints import latest
 
     out = Path(config.out)
@@ -136,11 +142,8 @@ def _resume_point(config: Any, resume: str | None) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
-    from modify.checkpoint import check_parent
+    # import time: the training loop (transformers.Trainer, peft) loads only when the command runs
     from modify.train.checkpoints import check_resume
-    from modify.train.data import PackedStream, collect_files
     from modify.train.loop import Trainer
 
     config = resolve_config(args)
@@ -159,8 +162,6 @@ def run(args: argparse.Namespace) -> int:
         raise ModifyError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
     check_parent(out)
     if resume is not None:
-        from modify.checkpoint import load_tokenizer, resolve_source
-
         tokenizer = load_tokenizer(resolve_source(config.model))
         stream = PackedStream(files, tokenizer, config.seq_len, seed=config.seed, split=config.train_split,
                               eval_fraction=config.eval_fraction)  # fmt: skip

@@ -18,8 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM
 
+import modify
 from modify.cli.common import Progress, add_common_flags, emit_json, quiet_libraries
+from modify.config import CONFIG_KEY, MoDConfig
+from modify.errors import ModifyError
+from modify.io.checkpoint import (
+    DEFAULT_SOURCE,
+    is_converted_directory,
+    load_source,
+    load_tokenizer,
+    resolve_source,
+    source_label,
+)
 
 EXAMPLES = """examples:
   modify verify out/smollm2-mod
@@ -67,9 +79,6 @@ def _perplexity(model: torch.nn.Module, ids: torch.Tensor) -> float:
 def find_source(record: dict[str, Any], given: str | None) -> Any:
     """The source ``record`` describes: ``given``, else the path older versions recorded, the model id (hub
     cache) or smollm2; refused (ModifyError) when none is found or its files don't match the record."""
-    from modify.checkpoint import DEFAULT_SOURCE, resolve_source, source_label
-    from modify.errors import ModifyError
-
     label = source_label(record)
     if given is not None:
         candidates = [given]
@@ -97,11 +106,6 @@ def find_source(record: dict[str, Any], given: str | None) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    import modify
-    from modify.checkpoint import is_converted_directory, load_source, load_tokenizer, resolve_source
-    from modify.config import CONFIG_KEY, MoDConfig
-    from modify.errors import ModifyError
-
     progress = Progress(args.quiet or args.json, args.debug)
     quiet_libraries(args.debug, progress.enabled)
     target = resolve_source(args.out)
@@ -117,8 +121,6 @@ def run(args: argparse.Namespace) -> int:
 
     def check(name: str, ok: bool, detail: str) -> None:
         checks.append({"name": name, "ok": bool(ok), "detail": detail})
-
-    from transformers import AutoModelForCausalLM
 
     with progress.step(f"loading {target.path}"):
         out_model, info = AutoModelForCausalLM.from_pretrained(target.path, output_loading_info=True)

@@ -3,6 +3,8 @@
 ``gather_tokens`` and ``gated_scatter_add`` are the torch custom ops ``torch.ops.modify.*`` of
 :mod:`modify.kernels.ops`: fused Triton kernels on GPU, the PyTorch reference of
 :mod:`modify.kernels.reference` on CPU. Importing this package does not import triton.
+
+The bottom layer: imports nothing of modify.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ static, FLOPs are known in advance (``modify.flops``) and share 0 reproduces the
 
 Inside ``generate()`` each token decides alone: it is dispatched when its margin is below the layer's
 threshold, the capacity quantile of the margins (set by the first batch, a moving average in training, saved
-with the weights).
+with the weights; one running-threshold rule with the causal rule's, :mod:`modify.routing.thresholds`).
 
 The router runs once on every token, so the layer's load-balancing loss still sees one row of router logits
 per token (the choices of tokens that took the no-op count as if dispatched); the layer's own forward then
@@ -31,7 +31,7 @@ import contextlib
 import math
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,8 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from modify.archs import MOE_PARTS
-from modify.placement import Wrapped, unwrap_forward, wrap_forward
-from modify.routing import capacity_tokens, recent_padding, select_tokens
+from modify.routing import thresholds
+from modify.routing.arguments import recent_padding
+from modify.routing.call import routed_call
+from modify.routing.placement import Wrapped, unwrap_forward, wrap_forward
+from modify.routing.selection import capacity_tokens, select_tokens
+from modify.routing.state import Generation
 
 __all__ = [
     "NOOP_ATTR",
@@ -51,6 +55,7 @@ __all__ = [
     "install_noop",
     "uninstall_noop",
     "leave_out_of_load_balancing",
+    "noop_layers",
 ]
 
 NOOP_ATTR = "mod_noop"
@@ -84,13 +89,14 @@ class NoOpState:
         capacity: share of each sequence's tokens dispatched to the experts (1 - the no-op share).
         forward_fn: the layer class's forward, run on the dispatched tokens.
         num_experts: real experts, from the router's weight.
-        enabled: False inside ``modify.routing_disabled``: the layer runs on every token.
+        mode: the run-time switch, as a routed block's (:data:`modify.routing.state.MODES`): "dense" inside
+            ``modify.routing_disabled`` (the layer runs on every token), else the no-op routes.
+        generation: the model's :class:`~modify.routing.state.Generation`: inside ``generate()`` each token
+            decides alone (see :func:`noop_forward`).
         input_padding: [B, P + T] bool, True at padding, from the model's ``attention_mask`` while it runs.
-        generating: True while ``generate()`` runs: each token decides alone (see :func:`noop_forward`).
-        fitted: the no-op's sampling threshold has been set (kept here so that a forward needn't read it back).
         counts: (dispatched real tokens, real tokens) of the last forward, as tensors: read on demand, so that
             a forward doesn't wait for the device.
-        wrapped: where :func:`install_noop` put the forward (under any accelerate hook; see modify.placement).
+        wrapped: where :func:`install_noop` put the forward (under any accelerate hook; see modify.routing.placement).
     """
 
     name: str
@@ -98,12 +104,23 @@ class NoOpState:
     capacity: float
     forward_fn: Callable[..., Any]
     num_experts: int
-    enabled: bool = True
+    mode: str = "auto"
+    generation: Generation = field(default_factory=Generation)
     input_padding: torch.Tensor | None = None
-    generating: bool = False
-    fitted: bool = False
     counts: tuple[torch.Tensor, torch.Tensor] | None = None
     wrapped: Wrapped | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "dense"
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self.mode = "auto" if value else "dense"
+
+    @property
+    def generating(self) -> bool:
+        return self.generation.active
 
     @property
     def last_share(self) -> float:
@@ -112,6 +129,11 @@ class NoOpState:
             return 0.0
         kept, real = self.counts
         return float(1 - kept / real.clamp(min=1))
+
+
+def noop_layers(model: nn.Module) -> list[tuple[nn.Module, NoOpState]]:
+    """The Mixture-of-Experts layers given a no-op expert (``mode="integrated"``), with their states."""
+    return [(m, getattr(m, NOOP_STATE_ATTR)) for m in model.modules() if hasattr(m, NOOP_STATE_ATTR)]
 
 
 def find_moe(block: nn.Module) -> tuple[str, nn.Module] | None:
@@ -142,7 +164,7 @@ def noop_forward(moe: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwar
     """The layer with its no-op expert: per sequence the ceil(c·T) tokens of lowest margin are dispatched; inside
     ``generate()`` each token decides alone, dispatched when its margin is below the layer's threshold."""
     state: NoOpState = getattr(moe, NOOP_STATE_ATTR)
-    if not state.enabled:
+    if state.mode == "dense":
         return state.forward_fn(moe, hidden_states, *args, **kwargs)
     batch, length, dim = hidden_states.shape
     flat = hidden_states.reshape(-1, dim)
@@ -159,37 +181,25 @@ def noop_forward(moe: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwar
     else:
         idx = select_tokens(-margin, capacity_tokens(state.capacity, length), padding)
         rows = (idx + torch.arange(batch, device=idx.device).unsqueeze(1) * length).reshape(-1)
-        if moe.training or not state.fitted:
-            state.fitted = _track_threshold(noop, margin[real], state.capacity, first=not state.fitted) or state.fitted
-    out = flat.new_zeros(flat.shape)
+        quantile = thresholds.quantile_of(margin, real, state.capacity)
+        (thresholds.follow if moe.training else thresholds.start)(noop.threshold, quantile)
+    out = flat.new_zeros(1, *flat.shape)
     if rows.numel():
-        with _router_returns(moe, tuple(r[rows] for r in routed)):
-            part = state.forward_fn(moe, flat[rows].unsqueeze(0), *args, **kwargs)
-        if not torch.is_tensor(part):
-            raise TypeError(f"{state.name} returned {type(part).__name__}; an integrated no-op needs a tensor output")
-        gate = 2 * torch.sigmoid(-q.reshape(-1)[rows])  # 1 at conversion
-        out = out.index_put((rows,), part[0] * gate.unsqueeze(-1).to(part.dtype))
+
+        def run(tokens: torch.Tensor) -> tuple[list[torch.Tensor], None]:
+            with _router_returns(moe, tuple(r[rows] for r in routed)):
+                part = state.forward_fn(moe, tokens, *args, **kwargs)
+            if not torch.is_tensor(part):
+                raise TypeError(f"{state.name} returned {type(part).__name__}; an integrated no-op needs a tensor")
+            return [part], None
+
+        gate = 2 * torch.sigmoid(-q.reshape(1, -1)[:, rows])  # 1 at conversion
+        # The experts work token by token, so the batch's dispatched tokens run as one sequence.
+        out, _ = routed_call(flat.unsqueeze(0), rows.unsqueeze(0), gate, run, base=out)
     with torch.no_grad():
         kept = torch.zeros(batch * length, dtype=torch.bool, device=q.device).index_fill_(0, rows, True)
         state.counts = ((kept.view(batch, length) & real).sum(), real.sum())
     return out.view(batch, length, dim)
-
-
-def _track_threshold(
-    noop: NoOpExpert, margins: torch.Tensor, capacity: float, first: bool, momentum: float = 0.9
-) -> bool:
-    """Keep the sampling threshold at the ``capacity`` quantile of the margins (a share c of tokens below it):
-    set by the first batch the layer sees, an exponential moving average in training. False if the batch had
-    no real token to set it from."""
-    if margins.numel() == 0:
-        return False
-    with torch.no_grad():
-        value = torch.quantile(margins.float(), capacity)
-        if first:
-            noop.threshold.copy_(value)
-        else:
-            noop.threshold.mul_(momentum).add_((1 - momentum) * value)
-    return True
 
 
 def leave_out_of_load_balancing(router: nn.Module, state: Any) -> Any | None:
@@ -199,6 +209,7 @@ def leave_out_of_load_balancing(router: nn.Module, state: Any) -> Any | None:
     Why: the loss weights one row per token by the attention mask, and a routed block's router sees only its
     k tokens per sequence. The layer's own forward ignores the logits (it takes the top-k weights and experts).
     """
+    # optional dependency: transformers' private recorder of router logits, which other versions lack
     try:
         from transformers.utils.output_capturing import _active_collector
     except ImportError:  # a transformers that records router logits some other way: nothing to leave out
@@ -216,8 +227,6 @@ def leave_out_of_load_balancing(router: nn.Module, state: Any) -> Any | None:
 def install_noop(moe: nn.Module, state: NoOpState, noop: NoOpExpert) -> None:
     if NOOP_ATTR not in moe._modules:
         moe.add_module(NOOP_ATTR, noop)
-    if not noop.threshold.is_meta:
-        state.fitted = not bool(noop.threshold.isnan())  # a loaded checkpoint's threshold
     setattr(moe, NOOP_STATE_ATTR, state)
     state.wrapped = wrap_forward(moe, types.MethodType(noop_forward, moe))
 

@@ -11,6 +11,9 @@ Run step by step on a model of your own::
     print(gm.code)
 
 A block form of your own: ``passes.register_block_form(passes.BlockForm("mine", lambda a: ...))``.
+
+Each pass reads a block and returns what it found; none changes the model. May import: :mod:`modify.kernels`,
+:mod:`modify.archs`, :mod:`modify.errors`.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import torch
 from torch import fx
 
 from modify.archs import NORM_CLASS_PATTERN
-from modify.errors import UnsupportedModelError
+from modify.errors import NotResidualError, UnsupportedModelError
 
 __all__ = [
     "ResidualAnalysis",
@@ -270,6 +270,6 @@ def analyze_residual(gm: fx.GraphModule, hidden: str, name: str = "") -> Residua
         analysis.trunk, analysis.branches = walked
         analysis.decomposable = True
     elif not any(_is_add(n) for n in nx.ancestors(dataflow, out) | {out} if nx.has_path(dataflow, x, n)):
-        raise UnsupportedModelError(name, "its input is never added back to its output; it is not a residual block")
+        raise NotResidualError(name, "its input is never added back to its output; it is not a residual block")
     analysis.form = next(f.name for f in block_forms() if f.matches(analysis))
     return analysis

@@ -37,7 +37,7 @@ from typing import Any
 from torch import fx, nn
 
 from modify.archs import NORM_CLASS_PATTERN
-from modify.errors import UnsupportedModelError
+from modify.errors import NotResidualError, UnsupportedModelError
 from modify.passes.analyze_residual import ADD_TARGETS
 from modify.passes.capture_block import capture_block
 from modify.passes.extract_delta import ExtractDeltaPass
@@ -92,9 +92,7 @@ def capture_delta(
     try:
         gm, extract = _extract(block, spec, name, inline)
         return gm, extract, inline
-    except UnsupportedModelError as exc:
-        if "never added back" not in exc.reason:
-            raise
+    except NotResidualError as exc:
         found, error, tried = None, exc, set()
     gm = capture_block(block, spec.structure, type(block).forward, name, (), spec.child_nones)
     while (new := next((c for c in children_given_the_stream(gm, inline) if c not in tried), None)) is not None:

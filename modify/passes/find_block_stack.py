@@ -21,6 +21,7 @@ from torch import nn
 
 from modify.archs import BLOCK_STACKS
 from modify.errors import UnsupportedModelError
+from modify.passes.probe_block_calls import random_token_ids, vocab_size
 
 __all__ = ["find_block_stack"]
 
@@ -36,8 +37,6 @@ _RUNS: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDi
 
 def _run_on_tokens(model: nn.Module, lists: list[tuple[str, nn.Module]]) -> dict[str, bool]:
     """Which of ``lists`` have a block that runs when the model is called on token ids alone (cached)."""
-    from modify.passes.probe_block_calls import random_token_ids, vocab_size
-
     known = _RUNS.get(model, {})
     if all(name in known for name, _ in lists):
         return known

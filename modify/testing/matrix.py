@@ -35,6 +35,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+import modify
+from modify.errors import UnsupportedModelError
+from modify.flops import flop_counter
+from modify.io.checkpoint import atomic_file
+from modify.testing.tiny_configs import tiny_config
+
 __all__ = ["EXCLUDED", "Row", "build", "check_family", "eager_experts", "run_matrix", "markdown", "main"]
 
 #: model_type -> why the family is outside Mixture-of-Depths' scope (a rule, not a failure).
@@ -105,8 +115,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _inputs(vocab: int) -> tuple[Any, Any]:
-    import torch
-
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(3, max(vocab, 4), (_BATCH, _LENGTH), generator=gen)
     mask = torch.ones_like(ids)
@@ -134,18 +142,12 @@ def eager_experts(model: Any) -> Iterator[Any]:
 def _measured(model: Any, ids: Any) -> int:
     """torch's FLOP counter (totals only) on a forward with eager experts: ``modify.flops`` counts the default
     grouped expert matmuls by its own formula, so this checks that too."""
-    import torch
-
-    from modify.flops import flop_counter
-
     with eager_experts(model), torch.no_grad(), flop_counter() as counter:
         model(input_ids=ids, use_cache=False)
     return counter.get_total_flops()
 
 
 def _logits(model: Any, ids: Any, mask: Any = None) -> Any:
-    import torch
-
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, use_cache=False)
     return out.logits.float()
@@ -153,11 +155,6 @@ def _logits(model: Any, ids: Any, mask: Any = None) -> Any:
 
 def build(model_type: str) -> Any:
     """The family's tiny model: eager attention, the family's default experts, parameters perturbed."""
-    import torch
-    import transformers
-
-    from modify.testing.tiny_configs import tiny_config
-
     config = tiny_config(model_type)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
@@ -170,11 +167,6 @@ def build(model_type: str) -> Any:
 
 def check_family(model_type: str) -> Row:
     """Build the family's tiny model and run the five checks; the row says which failed first and why."""
-    import torch
-
-    import modify
-    from modify.errors import UnsupportedModelError
-
     start = time.perf_counter()
     row = Row(model_type, "", "unsupported")
     stage = "build"
@@ -272,16 +264,13 @@ def check_family(model_type: str) -> Row:
 
 
 def _worker(model_type: str) -> Row:
-    import torch
-
     torch.set_num_threads(1)
     return check_family(model_type)
 
 
 def run_matrix(model_types: list[str] | None = None, processes: int = 2, timeout: float = 300.0) -> list[Row]:
     """One row per causal-LM model type (all of them by default), checked in ``processes`` worker processes."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as mapping
-
+    mapping = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     types = model_types or sorted(mapping)
     rows: dict[str, Row] = {}
     todo = []
@@ -334,10 +323,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
     args = parser.parse_args(argv)
-    import transformers
-
-    from modify.checkpoint import atomic_file
-
     start = time.perf_counter()
     if args.verbose:
         rows = [check_family(t) for t in args.model_types]

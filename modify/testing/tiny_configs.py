@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from transformers import AutoConfig
+
 __all__ = ["TINY_SIZES", "ADJUSTMENTS", "tiny_config", "NUM_LAYERS"]
 
 NUM_LAYERS = 4
@@ -241,8 +243,6 @@ def _merge(values: dict[str, Any], adjust: dict[str, Any]) -> dict[str, Any]:
 
 def tiny_config(model_type: str, **overrides: Any):  # type: ignore[no-untyped-def]
     """The default config of ``model_type`` shrunk to a tiny model of :data:`NUM_LAYERS` blocks."""
-    from transformers import AutoConfig
-
     adjust = ADJUSTMENTS.get(model_type, {})
     default = AutoConfig.for_model(model_type, **adjust)
     values = _merge(_merge(_shrink(default.to_dict()), adjust), overrides)

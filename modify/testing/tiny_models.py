@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import string
 from typing import Any
 
 import torch
+import transformers
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
 from torch import nn
+from transformers import PreTrainedTokenizerFast
 
 __all__ = ["FAMILIES", "tiny_model", "tiny_tokenizer"]
 
@@ -35,8 +40,6 @@ def tiny_model(family: str, seed: int = 0, attn_implementation: str = "eager", *
 
     Eager attention by default: FlopCounterMode counts its matmuls, and it takes every mask form.
     """
-    import transformers
-
     config_name, kwargs = FAMILIES[family]
     config = getattr(transformers, config_name)(**{**_COMMON, **kwargs, **overrides})
     torch.manual_seed(seed)
@@ -51,13 +54,8 @@ def tiny_model(family: str, seed: int = 0, attn_implementation: str = "eager", *
 
 def tiny_tokenizer(vocab_size: int = 97):  # type: ignore[no-untyped-def]
     """A character-level fast tokenizer over printable ASCII, ids below ``vocab_size``, unknown -> 0."""
-    import string
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     chars = [c for c in string.printable if c not in "\x0b\x0c"][: vocab_size - 1]
     vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")

@@ -19,24 +19,42 @@ import shutil
 import tempfile
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from modify.errors import ModifyError
-from modify.router import ROUTER_ATTR
+from modify.flops import flops
+from modify.io.checkpoint import CARD_SEQ_LEN, atomic_directory, write_converted
+from modify.routing.router import ROUTER_ATTR
 from modify.train import distributed
+from modify.train.config import TrainConfig
 from modify.train.trainable import base_model, merged_state_dict
-
-if TYPE_CHECKING:
-    from modify.train.config import TrainConfig
-    from modify.train.loop import Trainer
 
 __all__ = ["save", "restore", "save_model", "check_resume", "latest"]
 
 _FORMAT = "modify-train-checkpoint"
+
+
+class Trainer(Protocol):
+    """What a checkpoint saves and restores of a training run (:class:`modify.train.loop.Trainer` has it)."""
+
+    config: TrainConfig
+    d: distributed.Dist
+    model: torch.nn.Module  # as trained: wrapped by DDP or sharded by FSDP2
+    inner: torch.nn.Module  # the model itself
+    tokenizer: Any
+    converted: bool
+    trainable: list[str]
+    optimizer: torch.optim.Optimizer
+    train_data: Any
+    tokens_per_step: int
+    step: int
+    bad_steps: int
+    skipped: int
+    eval_history: list[tuple[int, float]]
 
 
 def _gather(obj: Any, d: distributed.Dist) -> list[Any]:
@@ -73,15 +91,10 @@ def _portable(settings: dict[str, Any]) -> dict[str, Any]:
 
 def _card_flops(trainer: Trainer) -> Any:
     """The model card's FLOP count, from every process: counting runs the model, a collective under FSDP."""
-    from modify.checkpoint import CARD_SEQ_LEN
-    from modify.flops import flops
-
     return flops(base_model(trainer.inner), CARD_SEQ_LEN) if trainer.converted else None
 
 
 def _write_model(trainer: Trainer, directory: Path, state: dict[str, torch.Tensor], count: Any) -> None:
-    from modify.checkpoint import write_converted
-
     model = base_model(trainer.inner)
     merged = dict(merged_state_dict(trainer.inner, state))  # save_pretrained drops tied keys from the dict it gets
     if trainer.converted:
@@ -100,8 +113,6 @@ def _write_model(trainer: Trainer, directory: Path, state: dict[str, torch.Tenso
 
 def save(trainer: Trainer, path: Path) -> None:
     """Write a checkpoint (a collective: every process calls it; the main one writes)."""
-    from modify.checkpoint import atomic_directory
-
     d = trainer.d
     state = distributed.full_model_state(trainer.model, d)
     optimizer = distributed.full_optimizer_state(trainer.model, trainer.optimizer, d)
@@ -155,8 +166,6 @@ def check_resume(config: TrainConfig, path: Path, world_size: int, fingerprint: 
         raise ModifyError(f"{path} is not a checkpoint of 'modify train'; give a step-* directory it wrote")
     mine = json.loads(json.dumps(_portable(config.run_identity())))
     # A key the checkpoint lacks was added later with its default (a run before distillation did not distil).
-    from modify.train.config import TrainConfig
-
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     theirs = {k: info["run"].get(k, defaults.get(k)) for k in mine}
     differ = [k for k in mine if theirs[k] != mine[k]]

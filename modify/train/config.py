@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from modify.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as a package (a requirement there)
+    import tomli as tomllib
 
 __all__ = [
     "TrainConfig",
@@ -69,7 +78,7 @@ class TrainConfig:
         clip: gradient-norm clipping (0 turns it off).
         capacity_anneal: steps over which every routed block's capacity goes from 1.0 to the plan's.
         router_phase: the first that many steps route with a straight-through gradient for every token's
-            router score, Δ computed for every token (a dense step's cost; see ``modify.routing._relaxed``).
+            router score, Δ computed for every token (a dense step's cost; see ``modify.routing.forward``).
         aux_weight: coefficient of any auxiliary loss the model returns (``outputs.aux_loss``) but does not add
             to ``outputs.loss`` itself (a converted model's causal-routing loss comes added, with ``lm_loss``).
         train: what learns: ``full``, ``lora`` (LoRA on the blocks' linears plus the routers, with peft),
@@ -231,8 +240,6 @@ class TrainConfig:
         return {key: getattr(self, key) for key in RUN_KEYS}
 
     def save(self, path: Path) -> None:
-        import yaml
-
         header = (
             "# modify train: the resolved settings of this run; rerun with: modify train --config THIS_FILE\n"
             "# (paths are relative to this file's directory, or to the home directory: ~/)\n"
@@ -261,8 +268,6 @@ def _relative(value: str, base: Path) -> str:
     """``value`` as this file records it: relative to ``base`` when the two share a directory below the root,
     else under the home directory as ``~/...``; a value that names no existing path (a model id, 'smollm2')
     as it is."""
-    import os
-
     if not Path(value).exists():
         return value
     target, base = Path(value).resolve(), base.resolve()
@@ -285,14 +290,8 @@ def load_config_file(path: Path) -> dict[str, Any]:
     text = path.read_text()
     try:
         if path.suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml", ".json"):
-            import yaml
-
             data = yaml.safe_load(text) if path.suffix != ".json" else json.loads(text)
         else:
             raise UsageError(f"config file {path} is neither YAML (.yaml, .yml) nor TOML (.toml); rename or convert it")

@@ -30,8 +30,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import Trainer
 
+from modify.api import routing_disabled
 from modify.errors import ModifyError
+from modify.model_hooks import aux_loss_coef
+from modify.train.trainable import base_model
 
 __all__ = [
     "DistillParts",
@@ -193,8 +197,6 @@ class Teacher:
 
     @contextlib.contextmanager
     def _as_original(self) -> Iterator[None]:
-        from modify.api import routing_disabled
-
         disable = getattr(self.student, "disable_adapter", None)
         trained = [p.detach().clone() for p in self.restore]
         was_training = self.student.training
@@ -235,15 +237,7 @@ def vocabulary_check(student: nn.Module, teacher: nn.Module, student_tok: Any, t
         )
 
 
-def _hf_trainer_base() -> type:
-    try:
-        from transformers import Trainer
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return object
-    return Trainer
-
-
-class DistillationTrainer(_hf_trainer_base()):  # type: ignore[misc]
+class DistillationTrainer(Trainer):
     """``transformers.Trainer`` with ``modify train --distill``'s loss.
 
     Usage::
@@ -308,9 +302,6 @@ class DistillationTrainer(_hf_trainer_base()):  # type: ignore[misc]
         loss = parts.loss
         aux = getattr(out, "aux_loss", None)
         if aux is not None:  # a converted model's causal-routing loss, at the coefficient its plan gives
-            from modify.generate.causal import aux_loss_coef
-            from modify.train.trainable import base_model
-
             coef = aux_loss_coef(base_model(self.accelerator.unwrap_model(model)))
             loss = loss + (coef or 0.0) * aux
         return (loss, out) if return_outputs else loss

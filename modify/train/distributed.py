@@ -18,6 +18,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from modify.passes.find_block_stack import find_block_stack
 
 __all__ = ["Dist", "setup", "wrap", "full_model_state", "full_optimizer_state", "load_optimizer_state"]
 
@@ -82,13 +93,7 @@ def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
         return model
     d.strategy = "fsdp" if strategy == "auto" else strategy
     if d.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
-
-    from modify.passes.find_block_stack import find_block_stack
-
     _, stack = find_block_stack(model)
     for block in stack:
         fully_shard(block)
@@ -97,24 +102,18 @@ def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    return (
-        model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
-    )
+    return model.module if hasattr(model, "module") and isinstance(model, DistributedDataParallel) else model
 
 
 def full_model_state(model: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
     """The whole model's state dict as plain CPU tensors (a collective under FSDP: call on every rank)."""
     if d.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], d: Dist) -> None:
     if d.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
         set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
         return
     missing, unexpected = unwrap(model).load_state_dict(state, strict=False)
@@ -124,8 +123,6 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], d: Dist) 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> dict[str, Any]:
     if d.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         return get_optimizer_state_dict(
             model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
@@ -134,8 +131,6 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, d: 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], d: Dist) -> None:
     if d.strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
         return
     optimizer.load_state_dict(state)
@@ -144,7 +139,7 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
 @contextlib.contextmanager
 def no_sync(model: nn.Module, active: bool) -> Iterator[None]:
     """Skip DDP's gradient all-reduce on micro-steps that are not the last of a step."""
-    if active and isinstance(model, nn.parallel.DistributedDataParallel):
+    if active and isinstance(model, DistributedDataParallel):
         with model.no_sync():
             yield
     else:

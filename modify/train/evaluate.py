@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from modify.errors import UnsupportedModelError
+from modify.flops import flops
+
 __all__ = ["EvalResult", "evaluate"]
 
 
@@ -55,9 +58,6 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _forward_flops(model: nn.Module, seq_len: int) -> float:
-    from modify.errors import UnsupportedModelError
-    from modify.flops import flops
-
     try:
         return float(flops(model, seq_len).routed)
     except UnsupportedModelError:
@@ -94,6 +94,7 @@ def evaluate(
         a rank without data does not leave the others waiting in ``reduce``).
     """
     if teacher is not None:
+        # import time: modify.train.distill imports transformers.Trainer and peft (about 1.5 s); only the KL needs it
         from modify.train.distill import kl_per_token
     device = next(model.parameters()).device
     totals = torch.zeros(4, dtype=torch.float64, device=device)

@@ -23,11 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from modify.api import is_converted, revert, routed_blocks
 from modify.errors import ModifyError
-from modify.train import distributed
+from modify.flops import flops
+from modify.io.checkpoint import load_any
+from modify.model_hooks import aux_loss_coef
+from modify.train import checkpoints, distributed
 from modify.train.config import TrainConfig
-from modify.train.trainable import base_model, param_groups, prepare_trainable
+from modify.train.data import PackedStream, collect_files
+from modify.train.distill import Teacher, block_outputs, distill_loss, hidden_loss, vocabulary_check
+from modify.train.evaluate import evaluate
+from modify.train.report import MetricsLog, plot_report
+from modify.train.stats import RoutingMonitor
+from modify.train.trainable import _is_router, _is_skip_path, base_model, param_groups, prepare_trainable
 
 __all__ = ["Trainer", "autocast_dtype", "lr_factor"]
 
@@ -87,11 +97,6 @@ class Trainer:
 
     # -- setup ------------------------------------------------------------------------------------------------
     def setup(self, d: distributed.Dist) -> None:
-        from modify.api import routed_blocks
-        from modify.checkpoint import load_any
-        from modify.train.data import PackedStream, collect_files
-        from modify.train.stats import RoutingMonitor
-
         c = self.config
         self.d = d
         # transformers' GGUF loader draws its own progress bar on stderr, whatever its verbosity.
@@ -151,11 +156,6 @@ class Trainer:
 
     def _make_teacher(self, model: torch.nn.Module, tokenizer: Any) -> Any:
         """The conversion's source to distil from (see :class:`modify.train.distill.Teacher`)."""
-        from modify.api import is_converted, revert
-        from modify.checkpoint import load_any
-        from modify.train.distill import Teacher, vocabulary_check
-        from modify.train.trainable import _is_router, _is_skip_path
-
         c = self.config
         if not c.teacher and c.train != "full":
             # Only routers, skip paths, adapters (and norms, put back for the teacher) move: the student with
@@ -181,8 +181,6 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------------------------
     def _set_capacity(self, step: int | None) -> None:
         """Capacities at ``step`` of the anneal; ``None``: the plan's (what evaluation and the saved model use)."""
-        from modify.api import routed_blocks
-
         anneal = self.config.capacity_anneal
         share = 1.0 if anneal == 0 or step is None else min(1.0, step / anneal)
         for _, state in routed_blocks(self.inner):
@@ -190,8 +188,6 @@ class Trainer:
             state.capacity = 1.0 - (1.0 - plan) * share
 
     def _set_relaxed(self, on: bool) -> None:
-        from modify.api import routed_blocks
-
         for _, state in routed_blocks(self.inner):
             state.relaxed = on
 
@@ -204,14 +200,11 @@ class Trainer:
         aux = getattr(out, "aux_loss", None)
         lm = getattr(out, "lm_loss", None)
         parts = {} if aux is None else {"aux": aux.detach()}
-        if lm is not None:  # the model added its auxiliary loss itself (causal routing, modify.generate.causal)
+        if lm is not None:  # the model added its auxiliary loss itself (causal routing, modify.routing.rules)
             return out.loss, {"lm": lm.detach(), **parts}
         return out.loss if aux is None else out.loss + self.config.aux_weight * aux, {"lm": out.loss.detach(), **parts}
 
     def _distill_forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from modify.generate.causal import aux_loss_coef
-        from modify.train.distill import block_outputs, distill_loss, hidden_loss
-
         c = self.config
         hidden = c.distill_hidden > 0
         assert self.teacher is not None
@@ -297,8 +290,6 @@ class Trainer:
 
     def evaluate(self) -> tuple[float, float]:
         """Held-out (perplexity, KL to the teacher: nan without --distill)."""
-        from modify.train.evaluate import evaluate
-
         assert self.make_eval_data is not None
         c = self.config
         batches = max(1, c.eval_tokens // (c.batch_size * c.seq_len * self.d.world_size))
@@ -316,9 +307,6 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from modify.train import checkpoints
-        from modify.train.report import MetricsLog, plot_report
-
         d = distributed.setup()
         try:
             self.setup(d)
@@ -364,9 +352,6 @@ class Trainer:
 
     def finish(self, metrics: Any) -> dict[str, Any]:
         """Write the trained model into OUT (convert's format; LoRA merged, adapters in OUT/adapter)."""
-        from modify.flops import flops
-        from modify.train import checkpoints
-
         self._set_capacity(None)
         checkpoints.save_model(self, self.out)
         c = self.config
@@ -406,8 +391,6 @@ class _Bar:
         self.enabled = enabled and sys.stderr.isatty()
         if not self.enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
         self.progress = Progress(
             TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(), transient=True,

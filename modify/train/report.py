@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 __all__ = ["MetricsLog", "plot_report", "read_metrics", "BASE_COLUMNS"]
 
 BASE_COLUMNS = [
@@ -50,13 +52,13 @@ class MetricsLog:
         for row in self.rows:
             self.writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
         self.file.flush()
-        try:
+        try:  # optional dependency: tensorboard (pip install modify[tensorboard])
             from torch.utils.tensorboard import SummaryWriter
 
             self.tensorboard = SummaryWriter(
                 str(out / "tensorboard"), purge_step=keep_until + 1 if keep_until else None
             )
-        except ImportError:  # tensorboard is optional
+        except ImportError:  # not installed: metrics.csv alone
             pass
 
     def write(self, row: dict[str, float]) -> None:
@@ -83,11 +85,11 @@ def plot_report(out: Path, metrics: MetricsLog, main: bool) -> None:
     """report.png: the loss curves, and per routed block its mean gate and router entropy over training."""
     if not main or not metrics.rows:
         return
+    # import time: matplotlib (about 0.4 s) loads only to draw the chart, on Agg (no display needed)
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # import time: as matplotlib, once its backend is chosen
 
     rows = metrics.rows
     steps = [r["step"] for r in rows]

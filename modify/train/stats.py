@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from modify.api import routed_blocks
+
 __all__ = ["RoutingMonitor", "BlockStats"]
 
 _FLAT = 1e-6
@@ -50,8 +52,6 @@ class RoutingMonitor:
     """Watches every routed block of ``model`` through its routing state's observer hook."""
 
     def __init__(self, model: nn.Module, patience: int = 20, warn: Callable[[str], None] = print) -> None:
-        from modify.api import routed_blocks
-
         self.states = [state for _, state in routed_blocks(model)]
         self.stats = {state.index: BlockStats() for state in self.states}
         self.patience = patience

@@ -3,7 +3,7 @@
 - ``full``: every weight; routers at ``--router-lr``.
 - ``routers``: the routers alone (the model frozen).
 - ``routers+norms``: the routers and every normalisation layer's weights.
-- ``routers+skip``: the routers and the skip paths (:mod:`modify.skip_path`).
+- ``routers+skip``: the routers and the skip paths (:mod:`modify.routing.skip_path`).
 - ``lora``: LoRA (peft) on every linear layer of the blocks, plus the routers and skip paths trained in full.
   Checkpoints and the final model hold the merged weights W + B·A, computed out of place so that the weights
   being trained are never rounded by a merge and unmerge; the adapters are saved beside them.
@@ -14,12 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from modify.errors import ModifyError
 from modify.moe.noop import NOOP_ATTR
-from modify.router import PREDICTOR_ATTR, ROUTER_ATTR
-from modify.skip_path import SKIP_ATTR
+from modify.passes.find_block_stack import find_block_stack
+from modify.routing.router import PREDICTOR_ATTR, ROUTER_ATTR
+from modify.routing.skip_path import SKIP_ATTR
 
 __all__ = ["prepare_trainable", "param_groups", "merged_state_dict", "base_model", "LORA_ADAPTER"]
 
@@ -46,8 +49,6 @@ def _norm_parameters(model: nn.Module) -> set[int]:
 
 
 def _block_linears(model: nn.Module) -> list[str]:
-    from modify.passes.find_block_stack import find_block_stack
-
     stack_name, stack = find_block_stack(model)
     names = []
     for i, block in enumerate(stack):
@@ -60,8 +61,6 @@ def _block_linears(model: nn.Module) -> list[str]:
 def prepare_trainable(model: nn.Module, mode: str, rank: int = 16, alpha: float = 32.0) -> nn.Module:
     """Set ``requires_grad`` for ``mode``; for ``lora``, return the peft model wrapping ``model``."""
     if mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
         targets = _block_linears(model)
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, bias="none")
         model = get_peft_model(model, config)
@@ -121,8 +120,6 @@ def merged_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[
     """
     if not hasattr(model, "peft_config"):
         return state
-    from peft.tuners.lora import LoraLayer
-
     prefix = "base_model.model."
     merged: dict[str, torch.Tensor] = {}
     for key, value in state.items():

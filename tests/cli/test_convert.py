@@ -48,7 +48,7 @@ def test_round_trip_equals_converting_in_memory(family: str, saved_models: dict,
 
 
 def test_trained_routers_survive_the_round_trip(saved_models: dict, tmp_path: Path) -> None:
-    from modify.checkpoint import load_source, resolve_source, save_converted
+    from modify.io.checkpoint import load_source, resolve_source, save_converted
 
     source = resolve_source(str(saved_models["llama"]))
     model, tokenizer = load_source(source)
@@ -191,7 +191,7 @@ def test_output_problems(saved_models: dict, tmp_path: Path, capsys) -> None:
 
 def test_missing_parents_are_created_and_removed_again_on_failure(saved_models: dict, tmp_path: Path, capsys) -> None:
     """OUT in directories that don't exist yet works, as save_pretrained does; a failed write leaves none."""
-    from modify.checkpoint import atomic_directory
+    from modify.io.checkpoint import atomic_directory
 
     out = tmp_path / "runs" / "today" / "mod"
     code, _, err = _run(capsys, "convert", str(saved_models["llama"]), str(out), "-q")

@@ -32,7 +32,7 @@ print(model.config.num_hidden_layers)
 @pytest.fixture(scope="module")
 def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Some plays, for calibrating tiny models (as tests/calibrate's fixture)."""
-    from modify.assets import shakespeare_split
+    from modify.io.assets import shakespeare_split
 
     path = tmp_path_factory.mktemp("data") / "plays.txt"
     path.write_text("".join(p.read_text(errors="replace")[20000:60000] for p in shakespeare_split()[0][:3]))

@@ -120,7 +120,7 @@ def test_bench_measure_replaces_mode(capsys) -> None:
 def test_seq_len_defaults_agree_or_say_why() -> None:
     """512 where the length is the text's (eval, train, calibrate and convert --calibrate); elsewhere the help
     says why it differs and what the others use."""
-    from modify.checkpoint import CARD_SEQ_LEN
+    from modify.io.checkpoint import CARD_SEQ_LEN
 
     subs = _subparsers()
     assert TrainConfig.__dataclass_fields__["seq_len"].default == 512

@@ -121,7 +121,7 @@ def test_verify_finds_a_cached_model_id(src: Path, tmp_path: Path, monkeypatch, 
 
 def test_an_old_record_with_a_path_still_verifies_and_is_not_written_again(src: Path, tmp_path: Path, capsys) -> None:
     import modify
-    from modify.checkpoint import write_converted
+    from modify.io.checkpoint import write_converted
 
     out = tmp_path / "out"
     assert main(["convert", str(src), str(out), "-q"]) == 0

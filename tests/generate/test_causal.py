@@ -11,8 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import modify
 from modify.api import routed_blocks
-from modify.checkpoint import Source, save_converted
 from modify.config import MoDConfig
+from modify.io.checkpoint import Source, save_converted
 from modify.testing import tiny_model
 from tests.generate.test_generate import GREEDY, routed_model
 

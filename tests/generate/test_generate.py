@@ -9,7 +9,7 @@ from torch import nn
 
 import modify
 from modify.api import routed_blocks
-from modify.generate.selective import HISTORY_ATTR
+from modify.generate.cache import HISTORY_ATTR
 from modify.testing import FAMILIES, tiny_model
 
 GREEDY = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False, "pad_token_id": 0}

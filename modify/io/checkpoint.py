@@ -2,11 +2,11 @@
 
 Sources: a Hugging Face model directory (safetensors, sharded or not, or .bin), a single ``.gguf`` file
 (dequantised by transformers), a model id already in the local Hugging Face cache (nothing is downloaded),
-or ``smollm2``, the default real checkpoint (SmolLM2-135M-Instruct, see :mod:`modify.assets`).
+or ``smollm2``, the default real checkpoint (SmolLM2-135M-Instruct, see :mod:`modify.io.assets`).
 
 A converted directory holds config.json (with the plan under ``mixture_of_depths`` and a
 ``quantization_config`` of method "modify", the hook through which ``AutoModelForCausalLM.from_pretrained``
-restores the routing once ``modify`` is imported; see :mod:`modify.hf_integration`), safetensors weights
+restores the routing once ``modify`` is imported; see :mod:`modify.io.hf_integration`), safetensors weights
 including the routers, the tokenizer, and a model card.
 """
 
@@ -30,6 +30,9 @@ from torch import nn
 
 from modify.config import CONFIG_KEY, LOAD_MARKER_KEY, MoDConfig
 from modify.errors import ModifyError
+from modify.flops import flops
+from modify.io.assets import AssetError, smollm2_gguf
+from modify.modes import sync_plan
 
 __all__ = [
     "Source",
@@ -158,13 +161,12 @@ def resolve_source(src: str) -> Source:
             f"{src} is a file but not a .gguf file; give a model directory, a .gguf file or a cached model id"
         )
     if src == DEFAULT_SOURCE:
-        from modify.assets import AssetError, smollm2_gguf
-
         try:
             return Source("smollm2", smollm2_gguf().resolve())
         except AssetError as exc:
             raise ModifyError(str(exc)) from None
     if _looks_like_model_id(src) and "/" in src:
+        # optional dependency: huggingface_hub, with transformers (import modify works on plain torch models)
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -201,7 +203,7 @@ def _check_safetensors(path: Path) -> None:
 def validate_source(source: Source) -> None:
     """Raise ModifyError (with the fix) when ``source`` can't be a model: no config, no weights, a damaged file."""
     if source.path.suffix == ".gguf":
-        from gguf import GGUFReader
+        from gguf import GGUFReader  # optional dependency: gguf, for .gguf sources (import modify works without it)
 
         try:
             GGUFReader(source.path)
@@ -231,6 +233,7 @@ def validate_source(source: Source) -> None:
 
 def load_tokenizer(source: Source) -> Any:
     """The source's tokenizer, or None when it carries none (a model directory need not)."""
+    # optional dependency: transformers (import modify works on plain torch models without it)
     from transformers import AutoTokenizer
 
     try:
@@ -241,6 +244,7 @@ def load_tokenizer(source: Source) -> Any:
 
 def load_source(source: Source, dtype: str | None = None) -> tuple[nn.Module, Any]:
     """Load the model (with its routing, for a converted directory) and its tokenizer, if any."""
+    # optional dependency: transformers (import modify works on plain torch models without it)
     from transformers import AutoModelForCausalLM
 
     validate_source(source)
@@ -351,8 +355,6 @@ CARD_SEQ_LEN = 2048
 
 
 def _model_card(model: nn.Module, plan: MoDConfig, trained: str = "", count: Any = None) -> str:
-    from modify.flops import flops
-
     seq_len = CARD_SEQ_LEN
     count = count or flops(model, seq_len)
     routed = ", ".join(
@@ -407,8 +409,6 @@ def write_converted(
     says in the card how the model was trained; ``flop_count`` is ``modify.flops(model, CARD_SEQ_LEN)`` if already
     counted (a sharded model is counted by all its processes together, before one of them writes).
     """
-    from modify.generate.causal import sync_plan
-
     sync_plan(model)  # thresholds that training's running statistics moved
     plan = MoDConfig.from_dict(getattr(model.config, CONFIG_KEY))
     if source is not None:
@@ -432,9 +432,11 @@ def save_converted(model: nn.Module, tokenizer: Any, out: Path, source: Source, 
 
 def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     """Load a directory written by ``modify convert``: the model with its routing and trained routers."""
+    # optional dependency: transformers, as modify.io.hf_integration (the loading hook, registered on import);
+    # import modify works on plain torch models without it
     from transformers import AutoModelForCausalLM
 
-    import modify.hf_integration  # noqa: F401  (registers the loading hook)
+    from modify.io.hf_integration import ModifyLoadConfig
 
     directory = Path(path)
     config = directory / "config.json"
@@ -447,7 +449,7 @@ def from_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
         )
     if LOAD_MARKER_KEY not in saved:
         # Saved by a release whose save_pretrained dropped the marker: name the hook here instead.
-        kwargs.setdefault(LOAD_MARKER_KEY, modify.hf_integration.ModifyLoadConfig())
+        kwargs.setdefault(LOAD_MARKER_KEY, ModifyLoadConfig())
     return AutoModelForCausalLM.from_pretrained(directory, **kwargs).eval()
 
 

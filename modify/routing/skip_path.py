@@ -41,35 +41,44 @@ SKIP_ATTR = "mod_skip_path"
 SKIP_KINDS = ("identity", "linear", "mlp")
 
 
-class LinearSkipPath(nn.Module):
+class _TwoLayerSkipPath(nn.Module):
+    """hidden → rank → hidden, the second layer at zero: a new skip path estimates Δ̂ = 0 (changes nothing).
+    Subclasses name the two layers (their names are the checkpoint's keys) and the activation between them."""
+
+    layers: tuple[str, str]
+    out_bias: bool
+
+    def __init__(self, hidden_size: int, rank: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:  # fmt: skip
+        super().__init__()
+        first = nn.Linear(hidden_size, rank, bias=True, device=device, dtype=dtype)
+        second = nn.Linear(rank, hidden_size, bias=self.out_bias, device=device, dtype=dtype)
+        for param in second.parameters():
+            nn.init.zeros_(param)
+        self.add_module(self.layers[0], first)
+        self.add_module(self.layers[1], second)
+
+    def activation(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+    def forward(self, n: torch.Tensor) -> torch.Tensor:
+        first, second = (getattr(self, name) for name in self.layers)
+        return second(self.activation(first(n)))
+
+
+class LinearSkipPath(_TwoLayerSkipPath):
     """Δ̂ = up(down(n)): a rank-``rank`` linear map of the normed block input to the block's contribution."""
 
-    def __init__(
-        self, hidden_size: int, rank: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> None:
-        super().__init__()
-        self.down = nn.Linear(hidden_size, rank, bias=True, device=device, dtype=dtype)
-        self.up = nn.Linear(rank, hidden_size, bias=False, device=device, dtype=dtype)
-        nn.init.zeros_(self.up.weight)
-
-    def forward(self, n: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(n))
+    layers, out_bias = ("down", "up"), False
 
 
-class MLPSkipPath(nn.Module):
+class MLPSkipPath(_TwoLayerSkipPath):
     """Δ̂ = fc2(silu(fc1(n))): a small MLP with ``rank`` hidden units."""
 
-    def __init__(
-        self, hidden_size: int, rank: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(hidden_size, rank, bias=True, device=device, dtype=dtype)
-        self.fc2 = nn.Linear(rank, hidden_size, bias=True, device=device, dtype=dtype)
-        nn.init.zeros_(self.fc2.weight)
-        nn.init.zeros_(self.fc2.bias)
+    layers, out_bias = ("fc1", "fc2"), True
 
-    def forward(self, n: torch.Tensor) -> torch.Tensor:
-        return self.fc2(nn.functional.silu(self.fc1(n)))
+    def activation(self, h: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(h)
 
 
 def parse_spec(spec: str) -> tuple[str, int]:

@@ -100,10 +100,14 @@ def register_offloaded(model: nn.Module, name: str) -> None:
     """Hand the tensors of the module ``name`` (just added, on the execution device) to the offloading hook
     that covers it, if one does: into its weights map, and to the meta device. Tensors the map already holds
     (routers loaded with an offloaded checkpoint) are left as they are."""
+    covering = _covering_hooks(model, name)
+    if not any(getattr(hook, "offload", False) and hook.weights_map is not None for _, hook in covering):
+        return
+    # optional dependency: accelerate, only for a model it offloads (import modify works on plain torch models)
     from accelerate.utils import set_module_tensor_to_device
     from accelerate.utils.offload import OffloadedWeightsLoader, PrefixedDataset
 
-    for owner, hook in _covering_hooks(model, name):
+    for owner, hook in covering:
         if not getattr(hook, "offload", False) or hook.weights_map is None:
             continue
         store, prefix = hook.weights_map, ""
@@ -135,13 +139,14 @@ def keep_resident(model: nn.Module, name: str) -> None:
     its own (transformers' layout puts one on every module with weights). A router is read outside its
     forward (its gate's scale), where such a hook has put its weights back on the meta device; it is small.
     A hook on the block or above, which loads it for the whole block call, stays."""
-    from accelerate.hooks import remove_hook_from_module
-    from accelerate.utils import set_module_tensor_to_device
-
     module = model.get_submodule(name)
     hooks = [h for h in _align_hooks(module) if getattr(h, "offload", False) and h.weights_map is not None]
     if not hooks:
         return
+    # optional dependency: accelerate, only for a model it offloads (import modify works on plain torch models)
+    from accelerate.hooks import remove_hook_from_module
+    from accelerate.utils import set_module_tensor_to_device
+
     hook = hooks[0]
     for tensor_name, tensor in module.named_parameters():
         if tensor.is_meta:

@@ -79,7 +79,7 @@ class MoDRouter(_Float32):
         self.scale = nn.Parameter(
             torch.full((1,), 0.0 if seed is not None else 1.0, dtype=torch.float32, device=device)
         )
-        # The "threshold" causal rule's threshold (modify.generate.causal); NaN until fitted, trained or set from
+        # The "threshold" causal rule's threshold (modify.routing.rules); NaN until fitted, trained or set from
         # text. A buffer, so that training moves it in place without a host sync (torch.compile keeps one graph)
         # and it follows the model's device; persistent, so that every save_pretrained (a Trainer checkpoint's
         # too, which doesn't refresh the plan in config.json) keeps the value training left.
@@ -97,7 +97,7 @@ class MoDRouter(_Float32):
 class MoDPredictor(_Float32):
     """The paper's causal predictor: a small MLP that guesses, from a token's block input alone, whether top-k
     would route it; logit > 0 means "process". It reads the input (RMS-normalised) through a stop-gradient, so
-    training it (a BCE on top-k membership, :mod:`modify.generate.causal`) leaves the language model untouched.
+    training it (a BCE on top-k membership, :mod:`modify.routing.rules`) leaves the language model untouched.
 
     Its logit is ``a·(r - t) + mlp(x)``: the router's score r against the block's threshold t (both held
     fixed here), scaled by a learnt ``a`` (1 at first), plus the MLP's correction, whose output layer starts

@@ -14,15 +14,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from modify.api import convert
 from modify.config import CONFIG_KEY, QUANT_METHOD, MoDConfig
 from modify.errors import ModifyError
 from modify.moe.noop import NOOP_ATTR, NoOpExpert, find_moe
-from modify.router import PREDICTOR_ATTR, ROUTER_ATTR, MoDPredictor, MoDRouter
-from modify.skip_path import SKIP_ATTR, make_skip_path
+from modify.routing.router import PREDICTOR_ATTR, ROUTER_ATTR, MoDPredictor, MoDRouter
+from modify.routing.skip_path import SKIP_ATTR, make_skip_path
 
 __all__ = ["QUANT_METHOD", "ModifyLoadConfig", "ModifyLoader"]  # QUANT_METHOD from modify.config
 
@@ -73,8 +75,6 @@ class ModifyLoader(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        from modify.api import convert
-
         self.remove_quantization_config(model)
         convert(model, plan=self._plan(model))
         return model
@@ -91,8 +91,6 @@ def _check_checkpoint(plan: MoDConfig, files: list[str]) -> set[str]:
     """Refuse, before loading, a checkpoint whose routers don't match its plan: a router the plan doesn't
     route would be dropped as an unexpected key, and one it routes but the files lack would start untrained;
     transformers would only warn of either. Only safetensors files are read (their headers); returns their keys."""
-    from safetensors import safe_open
-
     names = [f for f in files if str(f).endswith(".safetensors")]
     if not names:
         return set()
