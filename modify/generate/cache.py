@@ -6,8 +6,10 @@ length, and Hugging Face's masks, positions and cache bookkeeping, computed once
 stay right. (A compact cache, without the hidden zeros, would save memory.) Which positions of a block's layer
 hold real keys is kept beside the cache (:data:`HISTORY_ATTR`), keyed by the layer.
 
-Cache layers are told apart by what they do: a layer whose update appends along the sequence can hold the
-hidden zeros; one of fixed shape (static, quantized, offloaded-static) can't, and is refused with what to use.
+Cache layers are told apart by what they do (:func:`layer_kind`): a layer whose update appends along the
+sequence can hold the hidden zeros; one that keeps a running state (linear attention's convolution and
+recurrent states) has no per-position entry for a skipped token, and one of fixed shape (static) or that
+re-encodes its keys (quantized, indexed) is not one routing is tested with; both are refused with what to do.
 """
 
 from __future__ import annotations
@@ -17,15 +19,40 @@ from typing import Any
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from modify.errors import UnsupportedModelError
 from modify.routing.ragged import History
 
-__all__ = ["HISTORY_ATTR", "KVCacheFollower"]
+__all__ = ["HISTORY_ATTR", "KVCacheFollower", "layer_kind"]
 
 #: Attribute of a cache object holding, per cache layer, which positions of the layer are real keys.
 HISTORY_ATTR = "_modify_history"
 _TOPK_FILLED = "top-k"
 #: Cache layers whose update appends along the sequence, as the hidden zeros of skipped positions need.
 _APPENDING_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+
+def layer_kind(layer: Any) -> str:
+    """"appending" (one entry per position, appended), "running state" (linear attention: a convolution and a
+    recurrent state, no entry per position) or "other" (static shapes, quantized or indexed keys)."""
+    if hasattr(layer, "update_recurrent_state") or hasattr(layer, "update_conv_state"):
+        return "running state"
+    return "appending" if type(layer).__name__ in _APPENDING_LAYERS else "other"
+
+
+def _refusal(cache: Any, layer: int) -> str:
+    current = cache.layers[layer]
+    if layer_kind(current) == "running state":
+        return (
+            f"the routed block's layer {layer} of the cache is a {type(current).__name__}: linear attention keeps "
+            "a running state, not one entry per position, so causal routing can't skip tokens in it; leave the "
+            "linear-attention blocks out of the routed layers (layers=[...]) to use generate(), or generate inside "
+            "modify.routing_disabled"
+        )
+    return (
+        f"the routed block's layer {layer} of the cache is a {type(current).__name__}, which causal routing isn't "
+        "tested with (routed layers keep one appended entry per position); if you set cache_implementation, drop "
+        "it for the default dynamic cache, else generate inside modify.routing_disabled"
+    )
 
 
 class _SelectedCache:
@@ -67,7 +94,9 @@ class KVCacheFollower:
     """The :class:`modify.routing.ragged.CacheFollower` for transformers' caches."""
 
     def cached(self, cache: Any, layer: int) -> int:
-        return int(cache.get_seq_length(layer)) if layer < len(cache.layers) else 0
+        if layer >= len(cache.layers) or layer_kind(cache.layers[layer]) == "running state":
+            return 0  # no length: the layer's running state has no entry per position
+        return int(cache.get_seq_length(layer))
 
     def topk_filled(self, cache: Any, layer: int) -> None:
         cache.__dict__.setdefault(HISTORY_ATTR, {})[layer] = _TOPK_FILLED
@@ -97,12 +126,10 @@ class KVCacheFollower:
         cache.update(marker, marker, layer)
 
     def history(self, cache: Any, layer: int, batch: int, device: torch.device) -> History:
-        kind = type(cache.layers[layer]).__name__ if layer < len(cache.layers) else "DynamicLayer"
-        if kind not in _APPENDING_LAYERS:
-            raise ValueError(
-                f"a {kind} cache is not supported with causal routing (routed layers keep one appended entry per "
-                "position); use the default dynamic cache (drop cache_implementation)"
-            )
+        if layer < len(cache.layers) and layer_kind(cache.layers[layer]) == "running state":
+            raise UnsupportedModelError("", _refusal(cache, layer))
+        if layer < len(cache.layers) and layer_kind(cache.layers[layer]) != "appending":
+            raise ValueError(_refusal(cache, layer))
         store: dict[int, Any] = cache.__dict__.setdefault(HISTORY_ATTR, {})
         length = self.cached(cache, layer)
         h = store.get(layer)
