@@ -150,6 +150,14 @@ def _analyse(block: nn.Module, spec: BlockCallSpec, name: str) -> _Analysis:
     """
     if not spec.runs:
         raise UnsupportedModelError(name, NOT_RUN)
+    if spec.position_tables:
+        path = ".".join(map(str, spec.position_tables[0]))
+        raise UnsupportedModelError(
+            name,
+            f"its argument '{path}' is a table over the model's maximum number of positions (an ALiBi table, say), "
+            "of which the block takes its own rows by the sequence's length: routed tokens would get the rows of "
+            "other positions",
+        )
     gm, extract, inline = capture_delta(block, spec, name)
     analysis = extract.analysis
     assert analysis is not None

@@ -52,12 +52,7 @@ TESTED_FAMILIES: dict[str, str] = {
 MOE_PARTS: tuple[str, str] = ("gate", "experts")
 
 #: model_type -> why its blocks can't be routed, for what the generic passes can't see.
-UNROUTABLE_FAMILIES: dict[str, str] = {
-    "mpt": (
-        "its attention slices ALiBi biases for the last keys out of a table over max_seq_len positions, so the "
-        "routed tokens would get the biases of other positions"
-    ),
-}
+UNROUTABLE_FAMILIES: dict[str, str] = {}
 
 #: Hugging Face attention implementations routing is tested with (tests/test_packed.py, tests/generate/).
 ROUTABLE_ATTENTION = ("eager", "sdpa")

@@ -32,7 +32,7 @@ _APPENDING_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
 
 
 def layer_kind(layer: Any) -> str:
-    """"appending" (one entry per position, appended), "running state" (linear attention: a convolution and a
+    """ "appending" (one entry per position, appended), "running state" (linear attention: a convolution and a
     recurrent state, no entry per position) or "other" (static shapes, quantized or indexed keys)."""
     if hasattr(layer, "update_recurrent_state") or hasattr(layer, "update_conv_state"):
         return "running state"
@@ -50,8 +50,8 @@ def _refusal(cache: Any, layer: int) -> str:
         )
     return (
         f"the routed block's layer {layer} of the cache is a {type(current).__name__}, which causal routing isn't "
-        "tested with (routed layers keep one appended entry per position); if you set cache_implementation, drop "
-        "it for the default dynamic cache, else generate inside modify.routing_disabled"
+        "tested with (routed layers keep one appended entry per position); use the default dynamic cache (drop "
+        "cache_implementation if you set one), or generate inside modify.routing_disabled"
     )
 
 

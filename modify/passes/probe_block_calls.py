@@ -65,6 +65,9 @@ class BlockCallSpec:
             only with image inputs); nothing else is known of it.
         mask_blocks_true: the 4-D mask is bool with True where attention is blocked (MPT), the reverse of
             Hugging Face's usual convention.
+        position_tables: paths of arguments that hold a table over the model's maximum number of positions
+            rather than this sequence's tokens (MPT's ALiBi biases over ``max_seq_len``): the block takes its own
+            rows of it by the sequence's length, which routed tokens' original positions would not follow.
     """
 
     hidden: str
@@ -78,6 +81,7 @@ class BlockCallSpec:
     child_nones: dict[str, tuple[bool, ...]] = field(default_factory=dict)
     runs: bool = True
     mask_blocks_true: bool = False
+    position_tables: tuple[Path, ...] = ()
 
     @property
     def pairwise(self) -> Path | None:
@@ -206,7 +210,8 @@ def probe_block_calls(
             h.remove()
         for m, flag in flags.items():
             m.training = flag
-    specs = [_spec_from_calls(type(b).__name__, c) for b, c in zip(blocks, calls)]
+    limits = _position_limits(model)
+    specs = [_spec_from_calls(type(b).__name__, c, limits) for b, c in zip(blocks, calls)]
     for spec, found in zip(specs, nones):
         spec.child_nones = found
     for spec, extra in zip(specs, plain):
@@ -217,7 +222,24 @@ def probe_block_calls(
     return specs
 
 
-def _spec_from_calls(name: str, calls: list[tuple[dict[str, Any], Any]]) -> BlockCallSpec:
+#: Config fields that give a model's maximum number of positions.
+_POSITION_LIMIT_FIELDS = ("max_position_embeddings", "max_seq_len", "n_positions", "max_sequence_length")
+
+
+def _position_limits(model: nn.Module) -> set[int]:
+    config = getattr(model, "config", None)
+    configs = [config, getattr(config, "get_text_config", lambda: None)()] if config is not None else []
+    return {
+        v
+        for cfg in configs
+        for key in _POSITION_LIMIT_FIELDS
+        if isinstance(v := getattr(cfg, key, None), int) and v > PROBE_LENGTHS[-1]
+    }
+
+
+def _spec_from_calls(
+    name: str, calls: list[tuple[dict[str, Any], Any]], limits: set[int] = frozenset()
+) -> BlockCallSpec:
     if not calls:
         return BlockCallSpec(hidden="", runs=False)
     if len(calls) != len(PROBE_LENGTHS):
@@ -238,6 +260,7 @@ def _spec_from_calls(name: str, calls: list[tuple[dict[str, Any], Any]]) -> Bloc
         )
     leaves2 = {p: v for k, v in second.items() for p, v in flatten_leaves(v, (k,))}
     token_dims: dict[Path, tuple[int, ...]] = {}
+    tables: list[Path] = []
     for key, value in first.items():
         for path, leaf in flatten_leaves(value, (key,)):
             other = leaves2.get(path)
@@ -248,6 +271,8 @@ def _spec_from_calls(name: str, calls: list[tuple[dict[str, Any], Any]]) -> Bloc
             )
             if dims:
                 token_dims[path] = dims
+            elif any(leaf.shape[d] == other.shape[d] and leaf.shape[d] in limits for d in range(leaf.dim())):
+                tables.append(path)
     padding_mask, padding_value = next(
         ((p, v) for p, dims in token_dims.items() if (v := _padding_convention(first, p, dims)) is not None),
         (None, "zero"),
@@ -280,6 +305,7 @@ def _spec_from_calls(name: str, calls: list[tuple[dict[str, Any], Any]]) -> Bloc
         padding_mask=padding_mask,
         padding_value=padding_value,
         mask_blocks_true=blocks_true,
+        position_tables=tuple(tables),
     )
 
 

@@ -32,7 +32,6 @@ from torch import nn
 
 import modify
 from modify.api import routed_blocks
-from modify.archs import UNROUTABLE_FAMILIES
 from modify.passes.find_block_stack import find_block_stack
 
 __all__ = [
@@ -40,7 +39,6 @@ __all__ = [
     "UnverifiedError",
     "reference_error",
     "check_reference",
-    "without_hand_refusals",
     "TOLERANCE",
 ]
 
@@ -192,27 +190,9 @@ def _reference_block(
     return out[0] if isinstance(out, tuple) else out
 
 
-@contextlib.contextmanager
-def without_hand_refusals() -> Iterator[None]:
-    """Inside, ``convert`` ignores :data:`modify.archs.UNROUTABLE_FAMILIES`, so that the reference can find by
-    itself what the hand-made table refuses (MPT)."""
-    saved = dict(UNROUTABLE_FAMILIES)
-    UNROUTABLE_FAMILIES.clear()
-    try:
-        yield
-    finally:
-        UNROUTABLE_FAMILIES.update(saved)
-
-
 def check_reference(model: nn.Module, ids: torch.Tensor | None = None) -> float:
-    """The worst :func:`reference_error` over every routable block of ``model`` (converted one at a time, the
-    hand-made refusals ignored); raises AssertionError over :data:`TOLERANCE` and :class:`UnverifiedError`
-    where no reference can be built."""
-    with without_hand_refusals():
-        return _check_reference(model, ids)
-
-
-def _check_reference(model: nn.Module, ids: torch.Tensor | None) -> float:
+    """The worst :func:`reference_error` over every routable block of ``model`` (converted one at a time);
+    raises AssertionError over :data:`TOLERANCE` and :class:`UnverifiedError` where no reference can be built."""
     _, stack = find_block_stack(model)
     vocab = model.config.get_text_config().vocab_size
     if ids is None:
