@@ -12,6 +12,7 @@ import torch
 import modify
 import modify.routing.call as routed_call
 from modify.errors import UnsupportedModelError
+from modify.testing import reference
 from modify.testing.matrix import build
 from modify.testing.reference import check_reference
 from modify.testing.tiny_models import tiny_model
@@ -84,3 +85,13 @@ def test_the_reference_catches_an_unsorted_index(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(routed_call, "routed_call", backwards)
     with pytest.raises(AssertionError, match="differs from the reference"):
         check_reference(model)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_a_sliding_window_counts_original_positions(monkeypatch: pytest.MonkeyPatch, family: str) -> None:
+    """With the window cut to a few positions it bites within the check's 16 tokens: the routed blocks equal
+    the reference whose masks keep the original positions, and not one whose window counts the k indices."""
+    assert check_reference(build(family)) <= 1e-5
+    monkeypatch.setattr(reference, "_masks_at_selected", lambda sub, full, idx: None)
+    with pytest.raises(AssertionError, match="differs from the reference"):
+        check_reference(build(family))

@@ -15,8 +15,10 @@ Where a family computes positions from something other than ``position_ids``, th
 give each token its original position. :data:`POSITION_RULES` holds that knowledge, one entry per family; a
 family whose model renumbers the position ids it was given (from the attention mask, say) is seen by the ids
 its block receives, and gets the full sequence's position ids and rotary tables at the selected tokens.
-The reference is checked too: at capacity 1.0 (every token selected) it must equal the dense block's output,
-or the family is unverified.
+A sliding window is cut to :data:`WINDOW` positions, so that it bites within the check's tokens; the model
+would build the subsequence's window over its k indices, so the reference takes the full sequence's masks at
+the selected queries and keys. The reference is checked too: at capacity 1.0 (every token selected) it must
+equal the dense block's output, or the family is unverified.
 A family the reference can't be built for is "unverified at c < 1", not supported.
 """
 
@@ -82,6 +84,34 @@ def _positions_at_selected(sub: dict[str, Any], full: dict[str, Any], idx: torch
             sub[name] = tuple(v.expand(idx.shape[0], *v.shape[1:])[rows, idx] for v in value)
 
 
+def _masks_at_selected(sub: dict[str, Any], full: dict[str, Any], idx: torch.Tensor) -> None:
+    """A sliding window counts positions: the model builds the subsequence's mask over its k indices, where for
+    Mixture-of-Depths a token keeps its original position. The reference takes the full sequence's 4-D masks
+    at the selected queries and keys (one row at a time)."""
+    keep = idx[0]
+    for name, value in full.items():
+        if torch.is_tensor(value) and value.dim() == 4 and value.shape[-1] == value.shape[-2] == _LENGTH:
+            sub[name] = value[..., keep, :][..., keep]
+
+
+#: A sliding window this short, so that the check's 16 tokens reach past it (the tiny configs' are 4096).
+WINDOW = 5
+
+
+@contextlib.contextmanager
+def _short_window(model: nn.Module) -> Iterator[bool]:
+    """Inside, a model whose config has a sliding window uses one of :data:`WINDOW` positions; yields whether."""
+    configs = {id(c): c for c in (model.config, model.config.get_text_config())}.values()
+    saved = [(c, c.sliding_window) for c in configs if isinstance(getattr(c, "sliding_window", None), int)]
+    for c, _ in saved:
+        c.sliding_window = WINDOW
+    try:
+        yield bool(saved)
+    finally:
+        for c, value in saved:
+            c.sliding_window = value
+
+
 #: model_type -> how the reference gives each token its original position, where ``position_ids`` don't.
 POSITION_RULES: dict[str, Callable[[dict[str, Any], dict[str, Any], torch.Tensor], None]] = {
     "bloom": _alibi_keys_at_positions("alibi"),  # ALiBi from the attention mask's running count
@@ -139,7 +169,9 @@ def _call_args(model: nn.Module, block: nn.Module, **inputs: Any) -> dict[str, A
     return store
 
 
-def reference_error(model: nn.Module, index: int, ids: torch.Tensor, dense: bool = False) -> float:
+def reference_error(
+    model: nn.Module, index: int, ids: torch.Tensor, dense: bool = False, windowed: bool = False
+) -> float:
     """max |routed - reference| / max |x| for block ``index`` of a converted ``model`` (only that block routed);
     with ``dense``, the dense block's output in place of the routed one (to check the reference itself)."""
     (block, state), *others = [(b, s) for b, s in routed_blocks(model) if s.index == index]
@@ -166,24 +198,27 @@ def reference_error(model: nn.Module, index: int, ids: torch.Tensor, dense: bool
     # One sequence at a time: some families pass the block arguments shared by the batch (MPT's ALiBi table),
     # which can't hold two rows' positions.
     for b in range(batch):
-        out = _reference_block(model, block, ids[b : b + 1], selected[b : b + 1], idx[b : b + 1])
+        out = _reference_block(model, block, ids[b : b + 1], selected[b : b + 1], idx[b : b + 1], windowed)
         reference[b, idx[b]] = selected[b] + gate[b, :, None].to(x.dtype) * (out[0] - selected[b])
     return float((y - reference).abs().max().detach() / x.abs().max())
 
 
 def _reference_block(
-    model: nn.Module, block: nn.Module, ids: torch.Tensor, selected: torch.Tensor, idx: torch.Tensor
+    model: nn.Module, block: nn.Module, ids: torch.Tensor, selected: torch.Tensor, idx: torch.Tensor, windowed: bool
 ) -> torch.Tensor:
     """The original block on one row's selected tokens, with the arguments the model computes for them."""
     with modify.routing_disabled(model):
         sub = _call_args(model, block, inputs_embeds=selected, position_ids=idx, attention_mask=torch.ones_like(idx))
-        rule = POSITION_RULES.get(getattr(model.config, "model_type", ""))
+        rules = [POSITION_RULES.get(getattr(model.config, "model_type", ""))]
         given = sub["kwargs"].get("position_ids")
-        if rule is None and torch.is_tensor(given) and not torch.equal(given.expand_as(idx), idx):
-            rule = _positions_at_selected
-        if rule is not None:
+        if rules[0] is None and torch.is_tensor(given) and not torch.equal(given.expand_as(idx), idx):
+            rules.append(_positions_at_selected)
+        if windowed:
+            rules.append(_masks_at_selected)
+        if any(rules):
             full = _call_args(model, block, input_ids=ids)
-            rule(sub["kwargs"], full["kwargs"], idx)
+            for rule in filter(None, rules):
+                rule(sub["kwargs"], full["kwargs"], idx)
         args, kwargs = _with_hidden(sub, selected)
         with torch.no_grad():
             out = block(*args, **kwargs)
@@ -191,8 +226,14 @@ def _reference_block(
 
 
 def check_reference(model: nn.Module, ids: torch.Tensor | None = None) -> float:
-    """The worst :func:`reference_error` over every routable block of ``model`` (converted one at a time);
-    raises AssertionError over :data:`TOLERANCE` and :class:`UnverifiedError` where no reference can be built."""
+    """The worst :func:`reference_error` over every routable block of ``model`` (converted one at a time, a
+    sliding window cut to :data:`WINDOW` positions); raises AssertionError over :data:`TOLERANCE` and
+    :class:`UnverifiedError` where no reference can be built."""
+    with _short_window(model) as windowed:
+        return _check_reference(model, ids, windowed)
+
+
+def _check_reference(model: nn.Module, ids: torch.Tensor | None, windowed: bool) -> float:
     _, stack = find_block_stack(model)
     vocab = model.config.get_text_config().vocab_size
     if ids is None:
@@ -206,20 +247,22 @@ def check_reference(model: nn.Module, ids: torch.Tensor | None = None) -> float:
         if info.form == "unroutable":
             continue
         # At capacity 1.0 the reference must give the dense block's output, or it doesn't rebuild the call.
-        error = _block_error(model, info.index, ids, 1.0, dense=True)
+        error = _block_error(model, info.index, ids, 1.0, dense=True, windowed=windowed)
         if not error <= TOLERANCE:
             raise UnverifiedError(f"the reference differs from the dense block {info.index} by {error:.1e}")
-        error = _block_error(model, info.index, ids, _CAPACITY)
+        error = _block_error(model, info.index, ids, _CAPACITY, windowed=windowed)
         if not error <= TOLERANCE:
             raise AssertionError(f"block {info.index} differs from the reference at c < 1 by {error:.1e}")
         worst = max(worst, error)
     return worst
 
 
-def _block_error(model: nn.Module, index: int, ids: torch.Tensor, capacity: float, dense: bool = False) -> float:
+def _block_error(
+    model: nn.Module, index: int, ids: torch.Tensor, capacity: float, dense: bool = False, windowed: bool = False
+) -> float:
     modify.convert(model, capacity=capacity, layers=[index])
     try:
-        return reference_error(model, index, ids, dense)
+        return reference_error(model, index, ids, dense, windowed)
     except (UnverifiedError, AssertionError, modify.UnsupportedModelError):
         raise
     except Exception as exc:  # noqa: BLE001 - the family's own code refused the subsequence call
