@@ -14,7 +14,7 @@ changes no weights and draws no numbers from the global random generator.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,9 +237,7 @@ def _position_limits(model: nn.Module) -> set[int]:
     }
 
 
-def _spec_from_calls(
-    name: str, calls: list[tuple[dict[str, Any], Any]], limits: set[int] = frozenset()
-) -> BlockCallSpec:
+def _spec_from_calls(name: str, calls: list[tuple[dict[str, Any], Any]], limits: Collection[int] = ()) -> BlockCallSpec:
     if not calls:
         return BlockCallSpec(hidden="", runs=False)
     if len(calls) != len(PROBE_LENGTHS):

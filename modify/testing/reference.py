@@ -34,7 +34,6 @@ from torch import nn
 
 import modify
 from modify.api import routed_blocks
-from modify.passes.find_block_stack import find_block_stack
 
 __all__ = [
     "POSITION_RULES",
@@ -122,11 +121,6 @@ POSITION_RULES: dict[str, Callable[[dict[str, Any], dict[str, Any], torch.Tensor
 @contextlib.contextmanager
 def _capture(block: nn.Module, store: dict[str, Any], stop: bool) -> Iterator[None]:
     def pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        # A copy of the hidden states: some models update the stream in place after the block has run.
-        if args:
-            args = (args[0].clone(), *args[1:])
-        elif torch.is_tensor(kwargs.get("hidden_states")):
-            kwargs = {**kwargs, "hidden_states": kwargs["hidden_states"].clone()}
         store["args"], store["kwargs"] = args, dict(kwargs)
         if stop:
             raise _Stop
@@ -234,7 +228,6 @@ def check_reference(model: nn.Module, ids: torch.Tensor | None = None) -> float:
 
 
 def _check_reference(model: nn.Module, ids: torch.Tensor | None, windowed: bool) -> float:
-    _, stack = find_block_stack(model)
     vocab = model.config.get_text_config().vocab_size
     if ids is None:
         # No token twice in a row: a first block's input is the token's embedding alone, and equal scores would
