@@ -4,7 +4,8 @@ A routed block's layer of the cache keeps the processed tokens' keys and values 
 block skipped, which the rebuilt mask hides (see :mod:`modify.routing.ragged`). So every layer keeps the same
 length, and Hugging Face's masks, positions and cache bookkeeping, computed once per step for all layers,
 stay right. (A compact cache, without the hidden zeros, would save memory.) Which positions of a block's layer
-hold real keys is kept beside the cache (:data:`HISTORY_ATTR`), keyed by the layer.
+hold real keys is kept beside the cache (:data:`HISTORY_ATTR`), keyed by the layer, and is cut with the layer
+when transformers crops the cache (assisted generation, prompt lookup).
 
 Cache layers are told apart by what they do (:func:`layer_kind`): a layer whose update appends along the
 sequence can hold the hidden zeros; one that keeps a running state (linear attention's convolution and
@@ -53,6 +54,16 @@ def _refusal(cache: Any, layer: int) -> str:
         "tested with (routed layers keep one appended entry per position); use the default dynamic cache (drop "
         "cache_implementation if you set one), or generate inside modify.routing_disabled"
     )
+
+
+def _cropped(h: History, length: int) -> History:
+    """``h`` after transformers cut its layer of the cache to ``length`` positions (``crop``: assisted generation
+    and prompt lookup drop the rejected candidates), so that the next call's mask sees the positions it keeps.
+
+    Padding is only ever on the left of a generated sequence, so the dropped positions are the last real ones.
+    """
+    dropped = h.valid.shape[1] - length
+    return History(h.valid[:, :length].clone(), (h.real - dropped).clamp(min=0))
 
 
 class _SelectedCache:
@@ -138,6 +149,9 @@ class KVCacheFollower:
                 "this cache was filled by a top-k forward, which keeps only the routed tokens' keys, so it can't "
                 "be continued; call modify.set_routing(model, 'causal') before the first forward, or use generate()"
             )
+        if isinstance(h, History) and 0 < length < h.valid.shape[1]:
+            h = _cropped(h, length)
+            store[layer] = h
         if not isinstance(h, History) or length == 0:
             # A fresh cache, or one a dense call filled (routing disabled): every cached position is real.
             h = History(
