@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["UnsupportedModelError", "NotResidualError", "ModifyError", "UsageError", "NotRemovalOnlyError"]
+__all__ = [
+    "UnsupportedModelError",
+    "NotResidualError",
+    "ModifyError",
+    "UsageError",
+    "NotRemovalOnlyError",
+    "HarnessMissingError",
+    "UnknownTaskError",
+    "TokenizerMismatchError",
+]
 
 
 class UnsupportedModelError(ValueError):
@@ -54,3 +63,31 @@ class NotRemovalOnlyError(ModifyError):
     def __init__(self, blocks: list[int], reason: str) -> None:
         self.blocks = blocks
         super().__init__(reason)
+
+
+class HarnessMissingError(ModifyError):
+    """lm-evaluation-harness, the optional extra behind ``modify eval --tasks``, is not installed (or is not 0.4.x)."""
+
+
+class UnknownTaskError(UsageError):
+    """A task name that neither lm-eval nor ``--include-path`` defines.
+
+    Args:
+        names: the names not found.
+    """
+
+    def __init__(self, names: list[str], reason: str) -> None:
+        self.names = names
+        super().__init__(reason)
+
+
+class TokenizerMismatchError(UsageError):
+    """Two models compared task by task (``modify eval --baseline``) that read text with different tokenizers,
+    so the same request would be scored on different tokens."""
+
+
+class NotExportableError(ModifyError, ValueError):
+    """Blocks can't be deleted into a plain checkpoint that reloads as the same model: every block would go, the
+    config decides a kept layer's kind from its index in a way that can't be renumbered, or what was written
+    reloads otherwise. A ``ValueError`` too, as :func:`modify.remove_blocks` raised for bad input before.
+    """

@@ -11,6 +11,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from types import ModuleType
 from typing import Any
 
 from huggingface_hub.utils import disable_progress_bars
@@ -18,7 +19,17 @@ from rich.console import Console
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-__all__ = ["Parser", "capacity_type", "Progress", "emit_json", "add_common_flags", "quiet_libraries"]
+from modify.errors import HarnessMissingError
+
+__all__ = [
+    "Parser",
+    "capacity_type",
+    "Progress",
+    "emit_json",
+    "add_common_flags",
+    "quiet_libraries",
+    "load_harness",
+]
 
 
 class Parser(argparse.ArgumentParser):
@@ -122,3 +133,20 @@ class _Bar:
 
 def emit_json(data: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def load_harness() -> ModuleType:
+    """:mod:`modify.bench.harness`, or a one-line error naming the install when lm-eval is missing or not 0.4.x."""
+    try:  # optional dependency: lm-eval, the extra modify[eval]; the harness module imports it at its top
+        from modify.bench import harness
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if missing in ("", "modify"):
+            raise
+        what = "lm-evaluation-harness is" if missing == "lm_eval" else f"{missing}, which lm-eval needs, is"
+        raise HarnessMissingError(f'{what} not installed; install the extra: pip install "modify[eval]"') from None
+    if not harness.LM_EVAL_VERSION.startswith("0.4."):
+        raise HarnessMissingError(
+            f'lm-eval {harness.LM_EVAL_VERSION} is installed; modify needs 0.4.x: pip install "modify[eval]"'
+        )
+    return harness
