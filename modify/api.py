@@ -29,6 +29,7 @@ from modify.moe.noop import (
 from modify.passes.capture_delta import capture_delta
 from modify.passes.find_block_stack import find_block_stack
 from modify.passes.probe_block_calls import BlockCallSpec, probe_block_calls
+from modify.passes.trace_attention import find_attention
 from modify.routing.forward import install, uninstall
 from modify.routing.placement import block_device, keep_resident, register_offloaded
 from modify.routing.router import PREDICTOR_ATTR, ROUTER_ATTR, MoDPredictor, MoDRouter
@@ -62,6 +63,7 @@ class BlockInfo:
         capacity: its capacity when routed, else None.
         reason: why the block can't be routed (form "unroutable"), else "".
         skip_path: the skip path's spec when routed (see :mod:`modify.routing.skip_path`), else None.
+        kv: what the block's skipped tokens leave in its attention when routed ("routed" or "all"), else None.
     """
 
     index: int
@@ -72,6 +74,7 @@ class BlockInfo:
     capacity: float | None
     reason: str = ""
     skip_path: str | None = None
+    kv: str | None = None
 
 
 def resolve_layers(layers: Layers, num_blocks: int) -> list[int]:
@@ -198,6 +201,7 @@ def convert(
     skip_rank: int = 32,
     causal: str | None = None,
     mode: str | None = None,
+    kv: str | Sequence[str] = "routed",
 ) -> nn.Module:
     """Convert ``model`` to Mixture-of-Depths in place and return it.
 
@@ -222,7 +226,10 @@ def convert(
             "integrated" (a no-op expert in each routed block's Mixture-of-Experts router, dispatching
             ``capacity`` of each sequence's tokens to the experts; see :mod:`modify.moe.noop`). By default
             the plan's mode.
-        plan: a saved plan to apply instead of ``capacity``, ``layers``, ``keep_first`` and the skip paths
+        kv: what a routed block's skipped tokens leave in its attention: "routed" (nothing: the paper's rule) or
+            "all" (their keys and values, so routed tokens attend to every token; see
+            :mod:`modify.routing.kv_all`), one option or one per routed block.
+        plan: a saved plan to apply instead of ``capacity``, ``layers``, ``keep_first``, ``kv`` and the skip paths
             (its source is kept). A block that already carries a router or skip path (as when loading a
             converted checkpoint) keeps it and its weights.
 
@@ -256,6 +263,7 @@ def convert(
             block_stack=stack_name,
             keep_first=keep_first,
             skip_paths=_skip_specs(skip_path, skip_rank, len(routed)),
+            kv=[kv] * len(routed) if isinstance(kv, str) else list(kv),
             causal=causal or "threshold",
             mode=mode or "staged",
         )
@@ -305,7 +313,7 @@ def _convert_staged(
 ) -> None:
     """Put a router in front of each routed block (all analysed and captured before any is changed)."""
     states = []
-    for i, cap, skip in zip(plan.routed, plan.capacities, plan.skip_paths):
+    for i, cap, skip, kv in zip(plan.routed, plan.capacities, plan.skip_paths, plan.kv):
         name = f"{stack_name}.{i}"
         found = _analyse(blocks[i], specs[i], name)
         forward_fn = type(blocks[i]).forward
@@ -313,7 +321,13 @@ def _convert_staged(
             specs[i], found.form, found.delta, forward_fn, inspect.signature(forward_fn), found.input_norm,
             found.inline, _cache_layer(blocks[i], i),
         )  # fmt: skip
-        plan_part = BlockPlan(i, name, cap, plan.keep_first, skip, plan.causal)
+        if kv == "all" and cap > 0.0:
+            spec = specs[i]
+            assert spec.structure is not None
+            program.attention = find_attention(
+                blocks[i], spec.structure, spec.examples[spec.structure], found.inline, name, spec.child_nones
+            )
+        plan_part = BlockPlan(i, name, cap, plan.keep_first, skip, plan.causal, kv)
         state = RoutingState(plan_part, program, device=block_device(model, name))
         state.prepare(blocks[i])
         states.append(state)
@@ -411,7 +425,8 @@ def find_blocks(
         name = f"{stack_name}.{i}"
         state = states.get(id(block))
         if state is not None:
-            infos.append(BlockInfo(i, name, state.form, state.delta, True, state.capacity, skip_path=state.skip_path))
+            routed = (state.capacity, state.skip_path, state.kv)
+            infos.append(BlockInfo(i, name, state.form, state.delta, True, routed[0], skip_path=routed[1], kv=routed[2]))
             continue
         if i in noops:  # integrated: routed inside its Mixture-of-Experts layer, the block itself unanalysed
             infos.append(BlockInfo(i, name, "moe-noop", "", True, noops[i].capacity))

@@ -17,6 +17,10 @@ __all__ = [
     "UNROUTABLE_ATTENTION",
     "attention_refusal",
     "UNROUTABLE_FAMILIES",
+    "ATTENTION_REGISTRY",
+    "EAGER_ATTENTION_FUNCTION",
+    "ATTENTION_ROLES",
+    "ATTENTION_PER_QUERY_ARGUMENTS",
 ]
 
 #: model_type -> qualified name of the module list holding the transformer blocks. A hint: a model type
@@ -54,6 +58,28 @@ MOE_PARTS: tuple[str, str] = ("gate", "experts")
 #: model_type -> why its blocks can't be routed, for what the generic passes can't see.
 UNROUTABLE_FAMILIES: dict[str, str] = {}
 
+#: Config fields from which a family decides a layer's kind by the layer's index, and how deleting blocks
+#: renumbers them (``modify.remove_blocks``): (rule, the field it goes with). A list of one entry per layer
+#: needs no entry; a field that no rule renumbers is found by rebuilding the layers from the new config.
+#:   indices: a list of layer indices (Llama 4's moe_layers is one even when it is as long as the depth)
+#:   below: the layers before this index are of one kind; through: the layers up to it, inclusive
+#:   sparse step: Qwen-MoE's rule, sparse when (i + 1) % step == 0 and i is not in the partner list
+#:   period: Jamba's rule, i % period == the partner (the offset)
+#:   runs: GPT-Neo's [[kinds], repeat] runs, which the partner (one entry per layer) expands
+LAYER_INDEX_FIELDS: dict[str, tuple[str, str]] = {
+    "moe_layers": ("indices", ""),
+    "mlp_only_layers": ("indices", ""),
+    "cross_attention_layers": ("indices", ""),
+    "first_k_dense_replace": ("below", ""),
+    "num_dense_layers": ("below", ""),
+    "moe_layer_start_index": ("below", ""),
+    "moe_layer_end_index": ("through", ""),
+    "decoder_sparse_step": ("sparse step", "mlp_only_layers"),
+    "attn_layer_period": ("period", "attn_layer_offset"),
+    "expert_layer_period": ("period", "expert_layer_offset"),
+    "attention_types": ("runs", "attention_layers"),
+}
+
 #: Hugging Face attention implementations routing is tested with (tests/test_packed.py, tests/generate/).
 ROUTABLE_ATTENTION = ("eager", "sdpa")
 #: Attention implementations (a name, or a prefix of one) whose masks can't follow the routed tokens, and why.
@@ -84,3 +110,17 @@ def attention_refusal(config: object) -> str:
         fix = "load the model with attn_implementation='sdpa' or 'eager'"
         return f"attention implementation {name!r} can't be routed: {reason}; {fix}"
     return ""
+
+
+#: Where transformers keeps its attention functions by implementation name (the registry a modeling file's
+#: attention looks its function up in); tracing into attention keeps each of them as one call.
+ATTENTION_REGISTRY = "transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS"
+#: The modeling files' own eager attention function, the registry lookup's default.
+EAGER_ATTENTION_FUNCTION = "eager_attention_forward"
+#: The parameters of a transformers attention function that split attention reads: its query, keys, values
+#: and mask, by name in the function's signature.
+ATTENTION_ROLES: tuple[str, str, str, str] = ("query", "key", "value", "attention_mask")
+#: Arguments an attention function may get that index tokens only along the query axis, so the query side
+#: takes them gathered with the routed tokens (eager and sdpa ignore position ids; flash, which reads them,
+#: is refused for routing).
+ATTENTION_PER_QUERY_ARGUMENTS = ("position_ids",)

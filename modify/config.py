@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from modify.routing.kv_all import KV_OPTIONS
 from modify.routing.skip_path import parse_spec
 
 __all__ = [
@@ -34,7 +35,8 @@ GATE_KINDS = ("sigmoid",)
 #: capacity); "aux": router score > 0, the router trained with an auxiliary BCE on top-k membership;
 #: "predictor": a small MLP on the stop-gradient block input, trained on the same targets, logit > 0.
 CAUSAL_RULES = ("threshold", "aux", "predictor")
-_VERSION = 1
+#: 2: ``kv`` per routed block (version 1 plans have none and load as "routed", as they ran).
+_VERSION = 2
 
 #: How routing meets a Mixture-of-Experts layer (both work on dense blocks too, "integrated" only on MoE blocks).
 MODES = ("staged", "integrated")
@@ -54,6 +56,9 @@ class MoDConfig:
         block_stack: qualified name of the module list holding the blocks (filled in by ``convert``).
         skip_paths: what each routed block gives the tokens it skips, as a spec: "identity" (nothing: the
             paper's rule), "linear-R" or "mlp-R" (see :mod:`modify.routing.skip_path`); empty means identity everywhere.
+        kv: what each routed block's skipped tokens leave in its attention: "routed" (nothing, the paper's rule:
+            a routed token attends to the other routed tokens) or "all" (their keys and values: a routed token
+            attends to every token, see :mod:`modify.routing.kv_all`); empty means "routed" everywhere.
         keep_first: the first ``keep_first`` real tokens of every sequence always go through routed blocks
             (0 is the paper's pure top-k; 1 keeps the attention sink of a pretrained model).
         source: where the converted checkpoint came from (``kind``, ``path``, ``gguf_file``, ``model_id``), as
@@ -81,6 +86,9 @@ class MoDConfig:
     block_stack: str = field(default="", metadata={"help": "qualified name of the block list"})
     keep_first: int = field(default=0, metadata={"help": "leading tokens every routed block always processes"})
     skip_paths: list[str] = field(default_factory=list, metadata={"help": "skip path of each routed block"})
+    kv: list[str] = field(
+        default_factory=list, metadata={"help": "what skipped tokens leave in each block's attention"}
+    )
     causal: str = field(default="threshold", metadata={"help": "causal decision rule for sampling"})
     thresholds: list[float | None] = field(default_factory=list, metadata={"help": "threshold of each routed block"})
     aux_loss_coef: float = field(default=0.01, metadata={"help": "coefficient of the causal routing loss"})
@@ -94,6 +102,7 @@ class MoDConfig:
         self.routed = [int(i) for i in self.routed]
         self.capacities = [float(c) for c in self.capacities]
         self.skip_paths = [str(s) for s in self.skip_paths] or ["identity"] * len(self.routed)
+        self.kv = [str(k) for k in self.kv] or ["routed"] * len(self.routed)
         self.thresholds = [None if t is None else float(t) for t in self.thresholds] or [None] * len(self.routed)
         if self.version > _VERSION:
             raise ValueError(f"MoDConfig version {self.version} is newer than this modify ({_VERSION}); upgrade modify")
@@ -114,6 +123,13 @@ class MoDConfig:
             )
         for spec in self.skip_paths:
             parse_spec(spec)
+        if len(self.kv) != len(self.routed):
+            raise ValueError(
+                f"got {len(self.kv)} kv options for {len(self.routed)} routed blocks; give one per routed block"
+            )
+        bad = next((k for k in self.kv if k not in KV_OPTIONS), None)
+        if bad is not None:
+            raise ValueError(f"unknown kv option {bad!r}; choose one of {KV_OPTIONS}")
         for c in self.capacities:
             if not (math.isfinite(c) and 0.0 <= c <= 1.0):
                 raise ValueError(f"capacity {c} is out of range: it must be in [0, 1] (0 removes a block), e.g. 0.125")
@@ -152,6 +168,10 @@ class MoDConfig:
     def skip_path_of(self, index: int) -> str | None:
         """The skip path of block ``index``, or None when it is not routed."""
         return self.skip_paths[self.routed.index(index)] if index in self.routed else None
+
+    def kv_of(self, index: int) -> str | None:
+        """The kv option of block ``index`` ("routed" or "all"), or None when it is not routed."""
+        return self.kv[self.routed.index(index)] if index in self.routed else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -67,7 +67,7 @@ def test_plan_lives_in_the_config_and_round_trips() -> None:
     saved = json.loads(model.config.to_json_string())["mixture_of_depths"]
     plan = MoDConfig.from_dict(saved)
     assert plan.routed == [1, 3] and plan.capacities == [0.25, 0.25]
-    assert plan.block_stack == "model.layers" and plan.num_blocks == 4 and plan.version == 1
+    assert plan.block_stack == "model.layers" and plan.num_blocks == 4 and plan.version == 2
     assert plan.gate == "sigmoid" and plan.router == "linear"
 
 

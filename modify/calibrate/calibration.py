@@ -457,10 +457,17 @@ def _calibrate(
     )
 
 
-def apply_calibration(model: nn.Module, calibration: Calibration, causal: str | None = None) -> nn.Module:
+def apply_calibration(
+    model: nn.Module, calibration: Calibration, causal: str | None = None, kv: str | None = None
+) -> nn.Module:
     """Convert ``model`` with the calibrated plan and load the fitted routers (gate scale 0: gates are 1) and
-    skip paths; ``causal`` chooses the causal routing rule (by default the plan's thresholds)."""
-    convert(model, plan=calibration.plan(), causal=causal)
+    skip paths; ``causal`` chooses the causal routing rule (by default the plan's thresholds); ``kv`` gives
+    every routed block that option (the planner measures blocks with ``kv="routed"``, so with "all" the plan
+    costs the skipped tokens' key/value projections beyond its budget; see ``modify.flops``)."""
+    plan = calibration.plan()
+    if kv is not None:
+        plan.kv = [kv] * len(plan.routed)
+    convert(model, plan=plan, causal=causal)
     for block, state in routed_blocks(model):
         load_router(getattr(block, ROUTER_ATTR), calibration.routers[state.index])
         if state.index in calibration.skips:  # load_state_dict copies into the path's own device and dtype

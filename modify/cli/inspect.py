@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
             "routed": b.routed,
             "capacity": b.capacity,
             "skip_path": b.skip_path,
+            "kv": b.kv,
             "flops_dense": dense,
             "flops_routed": routed,
             **({"reason": b.reason} if b.reason else {}),
@@ -78,12 +79,15 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     print(f"{source.path} ({'converted' if converted else 'source'}), forward FLOPs at {args.seq_len} tokens")
-    print(f"{'block':>5}  {'name':<24} {'form':<11} {'routed':<8} {'skip path':<11} {'dense':>12} {'routed':>12}")
+    print(
+        f"{'block':>5}  {'name':<24} {'form':<11} {'routed':<8} {'skip path':<11} {'kv':<6} "
+        f"{'dense':>12} {'routed':>12}"
+    )
     for r in rows:
         capacity = ("removed" if r["capacity"] == 0 else f"{r['capacity']:g}") if r["routed"] else "-"
         print(
             f"{r['index']:>5}  {r['name']:<24} {r['form']:<11} {capacity:<8} {r['skip_path'] or '-':<11} "
-            f"{r['flops_dense']:>12.4g} {r['flops_routed']:>12.4g}"
+            f"{r['kv'] or '-':<6} {r['flops_dense']:>12.4g} {r['flops_routed']:>12.4g}"
         )
     print(f"total (with embeddings and head): dense {count.dense:.4g}, routed {count.routed:.4g} ({count.ratio:.1%})")
     for u in unroutable:

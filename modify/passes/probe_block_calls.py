@@ -68,6 +68,8 @@ class BlockCallSpec:
         position_tables: paths of arguments that hold a table over the model's maximum number of positions
             rather than this sequence's tokens (MPT's ALiBi biases over ``max_seq_len``): the block takes its own
             rows of it by the sequence's length, which routed tokens' original positions would not follow.
+        examples: the graph inputs of one probe call of each structure in ``structures`` (detached), for
+            captures that read lengths off real values (:mod:`modify.passes.trace_attention`).
     """
 
     hidden: str
@@ -82,6 +84,7 @@ class BlockCallSpec:
     runs: bool = True
     mask_blocks_true: bool = False
     position_tables: tuple[Path, ...] = ()
+    examples: dict[CallStructure, list[Any]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def pairwise(self) -> Path | None:
@@ -194,6 +197,7 @@ def probe_block_calls(
                 inputs = example_inputs(length) if example_inputs else _default_inputs(model, length, generator)
                 model(**inputs)
             plain: list[CallStructure | None] = [None] * len(blocks)
+            plain_examples: list[list[Any] | None] = [None] * len(blocks)
             if example_inputs is None:
                 # How most callers call a causal LM: no mask, the config's use_cache. Only its structure is kept.
                 ids = _default_inputs(model, PROBE_LENGTHS[-1], generator)["input_ids"]
@@ -202,7 +206,9 @@ def probe_block_calls(
                     model(input_ids=ids)
                 except Exception:  # an optimisation only: a model that needs more inputs is probed as before
                     pass
-                plain = [call_structure(c[m][0], False)[0] if len(c) > m else None for c, m in zip(calls, marks)]
+                plain_calls = [call_structure(c[m][0], False) if len(c) > m else None for c, m in zip(calls, marks)]
+                plain = [p[0] if p is not None else None for p in plain_calls]
+                plain_examples = [p[1] if p is not None else None for p in plain_calls]
                 for c, m in zip(calls, marks):
                     del c[m:]
     finally:
@@ -214,9 +220,11 @@ def probe_block_calls(
     specs = [_spec_from_calls(type(b).__name__, c, limits) for b, c in zip(blocks, calls)]
     for spec, found in zip(specs, nones):
         spec.child_nones = found
-    for spec, extra in zip(specs, plain):
+    for spec, extra, example in zip(specs, plain, plain_examples):
         if not spec.runs:
             continue
+        if extra is not None and example is not None:
+            spec.examples.setdefault(extra, example)
         assert spec.structure is not None
         spec.structures = (spec.structure,) + ((extra,) if extra is not None and extra != spec.structure else ())
     return specs
@@ -294,12 +302,14 @@ def _spec_from_calls(name: str, calls: list[tuple[dict[str, Any], Any]], limits:
     out_tensor = out[0] if isinstance(out, (tuple, list)) else out
     if not torch.is_tensor(out_tensor) or out_tensor.shape != x.shape:
         raise UnsupportedModelError(name, "it does not return hidden states of its input's shape")
+    structure, leaves = call_structure(second, training=False)
     return BlockCallSpec(
+        examples={structure: leaves},
         hidden=hidden,
         token_dims=token_dims,
         output_is_tuple=isinstance(out, (tuple, list)),
         hidden_size=x.shape[-1],
-        structure=call_structure(second, training=False)[0],
+        structure=structure,
         padding_mask=padding_mask,
         padding_value=padding_value,
         mask_blocks_true=blocks_true,

@@ -77,14 +77,16 @@ class BlockCall:
         return torch.ones(self.x.shape[:2], dtype=torch.bool, device=self.x.device)
 
 
-def padding_from_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
+def padding_from_mask(mask: torch.Tensor, batch: int, past: int | None = None) -> torch.Tensor:
     """[B, T] bool, True where a token is padding, read from a [B|1, H|1, T, T + P] attention mask.
 
     A real token always attends to itself; Hugging Face masks a padding key in every row, its own
     included. So the diagonal tells padding apart whatever causal, sliding-window or chunked pattern the
-    mask also carries. With P cached positions before the T tokens, their own keys are the last T columns.
+    mask also carries. With P cached positions before the T tokens, their own keys are columns P to P + T: the
+    last T columns, unless the cache has a fixed length (static), where ``past`` gives P.
     """
-    diag = mask.diagonal(offset=mask.shape[-1] - mask.shape[-2], dim1=-2, dim2=-1)[:, 0]
+    offset = mask.shape[-1] - mask.shape[-2] if past is None else past
+    diag = mask.diagonal(offset=offset, dim1=-2, dim2=-1)[:, 0]
     return (~mask_allows(diag)).expand(batch, diag.shape[-1])
 
 

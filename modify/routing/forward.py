@@ -30,8 +30,9 @@ from torch import nn
 from modify.kernels.ops import route_gather, route_scatter_add
 from modify.passes.probe_block_calls import bind_call
 from modify.routing import rules
-from modify.routing.arguments import BlockCall
+from modify.routing.arguments import BlockCall, padding_from_mask
 from modify.routing.call import routed_delta
+from modify.routing.kv_all import kv_all_delta, kv_all_per_token
 from modify.routing.placement import unwrap_forward, wrap_forward
 from modify.routing.ragged import cache_follower, ragged_forward
 from modify.routing.router import PREDICTOR_ATTR, ROUTER_ATTR
@@ -66,11 +67,14 @@ def routed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
         fn(block, call.x, scores, idx, call.padding)
     if state.relaxed and block.training and idx.shape[1] < call.x.shape[1]:
         return _relaxed(block, state, call.x, scores, idx, args, kwargs)
-    if cache is not None:
+    if cache is not None and state.kv != "all":
         cache_follower().topk_filled(cache, state.cache_layer)
     gate = getattr(block, ROUTER_ATTR).gate(torch.gather(scores, 1, idx))
     _observe(state, scores, idx, gate)
-    y, rest = routed_delta(block, state, named, idx, gate)
+    if state.kv == "all":
+        y, rest = kv_all_delta(block, state, named, idx, gate)
+    else:
+        y, rest = routed_delta(block, state, named, idx, gate)
     y = _add_skip_estimate(block, state, call.x, y, idx, gate.dtype)
     return (y, *rest) if state.spec.output_is_tuple else y
 
@@ -146,6 +150,9 @@ def _per_token(block: nn.Module, state: RoutingState, call: BlockCall, scores: t
     x = call.x
     batch = x.shape[0]
     history = None
+    if state.kv == "all":
+        past = cache_follower().cached(call.cache[1], state.cache_layer) if call.cache is not None else 0
+        return kv_all_per_token(block, state, call, scores, _process(state, block, call, scores, causal, past), past)
     if call.cache is not None:
         history = cache_follower().history(call.cache[1], state.cache_layer, batch, x.device)
     real = call.real()
@@ -156,6 +163,26 @@ def _per_token(block: nn.Module, state: RoutingState, call: BlockCall, scores: t
         idx = state.topk(scores, call.padding)
         process = torch.zeros_like(real).scatter_(1, idx, True) & real
     return ragged_forward(block, state, call, scores, process, history)
+
+
+def _process(
+    state: RoutingState, block: nn.Module, call: BlockCall, scores: torch.Tensor, causal: bool, past: int
+) -> torch.Tensor:
+    """[B, q] the tokens a ``kv="all"`` block processes in a per-token call, ``past`` positions in its cache layer.
+    That layer is the dense model's, so the real tokens seen before are those positions less the padding."""
+    length = call.x.shape[1]
+    padding = call.padding
+    if call.mask is not None and call.mask.shape[-1] != past + length:
+        # a cache of fixed length (static): this call's keys are columns past..past + T, not the last T
+        padding = padding_from_mask(~call.mask if state.spec.mask_blocks_true else call.mask, call.x.shape[0], past)
+    real = ~padding if padding is not None else call.real()
+    if not causal:
+        return torch.zeros_like(real).scatter_(1, state.topk(scores, padding), True) & real
+    seen = torch.full((call.x.shape[0],), past, dtype=torch.int64, device=call.x.device)
+    padding = state.hooks.input_padding
+    if padding is not None and past > 0 and padding.shape[-1] >= past + length:
+        seen = seen - padding[:, -(past + length) : -length].sum(-1).to(seen.device).expand_as(seen)
+    return rules.causal_process(state, block, call.x, scores, real, seen)
 
 
 def install(

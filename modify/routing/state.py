@@ -28,6 +28,7 @@ from torch import fx, nn
 from modify.passes.capture_block import CallStructure, capture_block
 from modify.passes.extract_delta import ExtractDeltaPass
 from modify.passes.probe_block_calls import BlockCallSpec
+from modify.passes.split_attention import AttentionSplit, split_attention
 from modify.routing.placement import Wrapped
 from modify.routing.selection import capacity_tokens, select_tokens
 
@@ -61,6 +62,8 @@ class BlockPlan:
         keep_first: leading real tokens always routed (see :func:`modify.routing.selection.select_tokens`).
         skip_path: the spec of the block's skip path ("identity": skipped tokens get nothing).
         causal: how a token decides alone when sampling (see :mod:`modify.routing.rules`).
+        kv: what a skipped token leaves in the block's attention: "routed" (nothing, the paper's rule) or "all"
+            (its keys and values; see :mod:`modify.routing.kv_all`).
     """
 
     index: int
@@ -69,6 +72,7 @@ class BlockPlan:
     keep_first: int = 0
     skip_path: str = "identity"
     causal: str = "threshold"
+    kv: str = "routed"
 
 
 @dataclass
@@ -85,6 +89,9 @@ class BlockProgram:
         inline: children traced into when capturing, because they add the residual themselves.
         cache_layer: index of the block's layer in a Hugging Face cache (its attention's ``layer_idx``).
         graphs: the Δ graph of each call structure seen.
+        attention: for ``kv="all"``: the children traced into so that the attention call shows (see
+            :func:`modify.passes.trace_attention.find_attention`); None when the block isn't split.
+        splits: the key/value and query sides of the Δ graph of each call structure seen (``kv="all"``).
     """
 
     spec: BlockCallSpec
@@ -96,6 +103,18 @@ class BlockProgram:
     inline: tuple[str, ...] = ()
     cache_layer: int = 0
     graphs: dict[CallStructure, fx.GraphModule] = field(default_factory=dict)
+    attention: tuple[str, ...] | None = None
+    splits: dict[CallStructure, AttentionSplit] = field(default_factory=dict)
+
+    def split(self, block: nn.Module, structure: CallStructure, examples: list[Any], name: str) -> AttentionSplit:
+        """The key/value and query sides for calls of this structure, captured now (on ``examples``, the graph
+        inputs of one such call) if not yet."""
+        found = self.splits.get(structure)
+        if found is None:
+            assert self.attention is not None, "the block was converted with kv='routed'"
+            found = split_attention(block, structure, examples, self.attention, self.spec, name)
+            self.splits[structure] = found
+        return found
 
     def graph(self, block: nn.Module, structure: CallStructure, name: str) -> fx.GraphModule:
         """The Δ graph for calls of this structure, captured now if not yet."""
@@ -200,6 +219,7 @@ class RoutingState:
     keep_first = _part("plan", "keep_first")
     skip_path = _part("plan", "skip_path")
     causal = _part("plan", "causal")
+    kv = _part("plan", "kv")
     spec = _part("program", "spec")
     form = _part("program", "form")
     delta = _part("program", "delta")
@@ -276,8 +296,12 @@ class RoutingState:
         """
         for structure in self.spec.structures or (self.spec.structure,):
             if structure is not None:
+                examples = self.spec.examples.get(structure)
                 for training in (False, True):
-                    self.graph(block, dataclasses.replace(structure, training=training))
+                    mode = dataclasses.replace(structure, training=training)
+                    self.graph(block, mode)
+                    if self.kv == "all" and examples is not None:
+                        self.program.split(block, mode, examples, self.name)
 
     def graph(self, block: nn.Module, structure: CallStructure) -> fx.GraphModule:
         return self.program.graph(block, structure, self.name)

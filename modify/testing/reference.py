@@ -40,6 +40,8 @@ __all__ = [
     "UnverifiedError",
     "reference_error",
     "check_reference",
+    "kv_all_reference_error",
+    "check_kv_all_reference",
     "TOLERANCE",
 ]
 
@@ -262,3 +264,53 @@ def _block_error(
         raise UnverifiedError(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}") from exc
     finally:
         modify.revert(model)
+
+
+def kv_all_reference_error(model: nn.Module, index: int, ids: torch.Tensor) -> float:
+    """max |routed - reference| / max |x| for block ``index`` of a model converted with ``kv="all"`` (only that
+    block routed). The reference is the family's own block run on every token, its Δ kept, gated, at the k
+    highest router scores of each row only: what a routed token computes when it attends to every token."""
+    (block, state), *others = [(b, s) for b, s in routed_blocks(model) if s.index == index]
+    assert not others
+    router = block.mod_router
+    with torch.no_grad():
+        router.scale.fill_(_GATE_SCALE)
+    routed: dict[str, Any] = {}
+    dense: dict[str, Any] = {}
+    with torch.no_grad():
+        with _capture(block, routed, stop=False):
+            model(input_ids=ids, use_cache=False)
+        with _capture(block, dense, stop=False), modify.routing_disabled(model):
+            model(input_ids=ids, use_cache=False)
+        x, y = _hidden(routed), routed["output"]
+        scores = router(x)
+        k = math.ceil(state.capacity * x.shape[1])
+        idx = torch.topk(scores, k, dim=-1).indices
+        keep = torch.zeros_like(scores).scatter_(1, idx, 1.0)
+        gate = 2 * torch.sigmoid(router.scale * scores) * keep
+        reference = x + gate[..., None].to(x.dtype) * (dense["output"] - x)
+    return float((y - reference).abs().max() / x.abs().max())
+
+
+def check_kv_all_reference(model: nn.Module, ids: torch.Tensor | None = None) -> float:
+    """The worst :func:`kv_all_reference_error` over every routable block of ``model``, each converted alone at
+    capacity 0.5 with ``kv="all"`` (a sliding window cut to :data:`WINDOW` positions); raises AssertionError over
+    :data:`TOLERANCE`, and UnsupportedModelError where the block's attention can't be split."""
+    with _short_window(model):
+        vocab = model.config.get_text_config().vocab_size
+        if ids is None:
+            generator = torch.Generator().manual_seed(11)
+            ids = torch.stack([torch.randperm(vocab - 3, generator=generator)[:_LENGTH] + 3 for _ in range(_BATCH)])
+        worst = 0.0
+        for info in modify.find_blocks(model, strict=False):
+            if info.form == "unroutable":
+                continue
+            modify.convert(model, capacity=_CAPACITY, layers=[info.index], kv="all")
+            try:
+                error = kv_all_reference_error(model, info.index, ids)
+            finally:
+                modify.revert(model)
+            if not error <= TOLERANCE:
+                raise AssertionError(f"block {info.index} (kv='all') differs from the reference by {error:.1e}")
+            worst = max(worst, error)
+        return worst
