@@ -425,8 +425,9 @@ def find_blocks(
         name = f"{stack_name}.{i}"
         state = states.get(id(block))
         if state is not None:
-            routed = (state.capacity, state.skip_path, state.kv)
-            infos.append(BlockInfo(i, name, state.form, state.delta, True, routed[0], skip_path=routed[1], kv=routed[2]))
+            info = BlockInfo(i, name, state.form, state.delta, True, state.capacity, skip_path=state.skip_path)
+            info.kv = state.kv
+            infos.append(info)
             continue
         if i in noops:  # integrated: routed inside its Mixture-of-Experts layer, the block itself unanalysed
             infos.append(BlockInfo(i, name, "moe-noop", "", True, noops[i].capacity))
