@@ -11,6 +11,7 @@ __all__ = [
     "HarnessMissingError",
     "UnknownTaskError",
     "TokenizerMismatchError",
+    "NotExportableError",
 ]
 
 

@@ -8,11 +8,13 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 from modify.calibrate.calibration import apply_calibration
 from modify.calibrate.plan_file import load_plan
 from modify.cli.common import Progress, add_common_flags, emit_json, quiet_libraries
 from modify.config import CONFIG_KEY, MoDConfig
-from modify.errors import ModifyError, UsageError
+from modify.errors import ModifyError, NotExportableError, UsageError
 from modify.io.checkpoint import (
     atomic_directory,
     check_output,
@@ -29,12 +31,14 @@ EXAMPLES = """examples:
   modify convert smollm2 out/removed --capacity 0 --layers 12-17 && modify export out/removed out/pruned
   modify export out/removed out/pruned --force --json          # replace OUT; print a JSON summary
 
-SRC is a converted checkpoint whose plan only removes blocks, or any source with --plan PLAN.json. OUT holds an
-ordinary transformers checkpoint of the same architecture with the removed layers deleted (num_hidden_layers,
-layer_types and each attention's layer index renumbered), without routers or plan:
-AutoModelForCausalLM.from_pretrained(OUT) loads it without modify. A plan that routes a block at a capacity in
-(0, 1), or gives a removed block a skip path, is refused. SRC is never modified; OUT is written into a
-temporary directory beside it and renamed when complete."""
+SRC is a converted checkpoint whose plan only removes blocks, or any source with --plan PLAN.json (a plan made
+on that checkpoint: its files are checked against the plan's record). OUT holds an ordinary transformers
+checkpoint of the same architecture with the removed layers deleted (num_hidden_layers, per-layer lists, fields
+that give a layer's kind by its index, and each attention's layer index renumbered), without routers or plan:
+AutoModelForCausalLM.from_pretrained(OUT) loads it without modify. Refused: a plan that routes a block at a
+capacity in (0, 1), gives a removed block a skip path or removes every block, and a family whose config can't
+describe the kept layers. SRC is never modified; OUT is written into a temporary directory beside it, reloaded
+with transformers and checked against the converted model's logits, and renamed only then."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -72,6 +76,53 @@ the rest are the original weights. It is an ordinary checkpoint of its architect
 """
 
 
+#: Tokens of the probe that the written checkpoint, reloaded, must compute the converted model's logits on.
+PROBE_TOKENS = 32
+#: Largest difference of the reloaded logits from the converted model's, relative to their largest magnitude:
+#: the checkpoint holds the same weights and the same layers, so only summation order may differ (a few units
+#: of float32's 1.2e-7 were measured on MoE families; bfloat16 and float16 carry 2^-8 and 2^-11).
+_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _probe(model: torch.nn.Module) -> torch.Tensor:
+    vocab = model.config.get_text_config().vocab_size
+    return torch.randint(0, vocab, (1, PROBE_TOKENS), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    device = model.get_input_embeddings().weight.device
+    with torch.no_grad():
+        return model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+
+
+def _check_reload(tmp: Path, out: Path, model: torch.nn.Module, probe: torch.Tensor, expected: torch.Tensor) -> None:
+    """Load what was written into ``tmp`` as a user would (transformers alone) and compare: every weight read
+    and nothing else, the converted model's logits on ``probe``. Raises NotExportableError; OUT is not made."""
+    from transformers import AutoModelForCausalLM  # optional dependency, as in modify.io.checkpoint
+
+    dtype = next(model.parameters()).dtype
+    fix = "nothing was written; keep the converted checkpoint, which routes the blocks away without deleting them"
+    try:
+        again, report = AutoModelForCausalLM.from_pretrained(
+            tmp, dtype=dtype, attn_implementation=model.config._attn_implementation, output_loading_info=True
+        )
+        got = _logits(again.eval(), probe)
+    except (OSError, ValueError, RuntimeError, KeyError, AttributeError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise NotExportableError(f"{out} would not reload with transformers ({first}); {fix}") from None
+    lost = [k for part in ("missing_keys", "unexpected_keys", "mismatched_keys") for k in report.get(part) or ()]
+    if lost:
+        raise NotExportableError(
+            f"reloaded, {out} would leave {len(lost)} weights unread or randomly initialised ({lost[0]}, ...); {fix}"
+        )
+    scale = max(1.0, float(expected.abs().max()))
+    difference = float((got - expected).abs().max())
+    if not difference <= _TOLERANCE.get(dtype, 1e-5) * scale:
+        raise NotExportableError(
+            f"reloaded, {out} computes logits {difference:.3g} from the converted model's (largest {scale:.3g}); {fix}"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     progress = Progress(args.quiet or args.json, args.debug)
     quiet_libraries(args.debug, progress.enabled)
@@ -83,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if converted and args.plan:
         raise UsageError(f"{source.path} is converted and carries its own plan; drop --plan or export its source")
     if args.plan:
-        calibration, _ = load_plan(args.plan)
+        calibration, plan_source = load_plan(args.plan)
         plan = calibration.plan()
     elif not converted:
         raise ModifyError(
@@ -96,6 +147,13 @@ def run(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as exc:
             raise ModifyError(f"{source.path}'s plan in config.json is not valid ({exc}); convert it again") from None
     check_removal_plan(plan)  # before loading any weights
+    if calibration is not None:
+        problem = source.mismatch(plan_source)
+        if problem:
+            raise ModifyError(
+                f"plan {args.plan} was made on {source_label(plan_source)}, not on {source.path} ({problem}); "
+                f"export the checkpoint it was made on, or calibrate this one (modify calibrate {args.src} ...)"
+            )
     with progress.step(f"loading {source.path.name}"):
         model, tokenizer = load_source(source, args.dtype)
     if calibration is not None:
@@ -107,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
     label = source_label(plan.source) if plan.source else source.path.name
     before = plan.num_blocks
     removed = plan.removed
+    probe = _probe(model)
+    expected = _logits(model, probe)  # the converted model's: what the checkpoint must compute
     export_pruned(model)
     after = before - len(removed)
     with progress.step(f"saving {args.out}"), atomic_directory(args.out, args.force) as tmp:
@@ -114,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_card(label, removed, before, after))
+        with progress.step("reloading it with transformers"):
+            _check_reload(tmp, args.out, model, probe, expected)
     out = args.out.expanduser().resolve()
     seconds = time.perf_counter() - start
     if args.json:
