@@ -11,6 +11,7 @@ loads the dense model, warning about the router weights it skipped.
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import torch
@@ -87,17 +88,31 @@ class ModifyLoader(HfQuantizer):
         return True
 
 
+def _keys(name: str) -> set[str]:
+    """The tensor names one weights file holds: a safetensors header, or a pickled state dict (.bin) read onto
+    the meta device, so no tensor's data is loaded."""
+    if name.endswith(".safetensors"):
+        with safe_open(name, framework="pt") as f:
+            return set(f.keys())
+    try:
+        state = torch.load(name, map_location="meta", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ModifyError(f"{name} is not a readable PyTorch state dict ({first}); save the model again") from None
+    return set(state)
+
+
 def _check_checkpoint(plan: MoDConfig, files: list[str]) -> set[str]:
     """Refuse, before loading, a checkpoint whose routers don't match its plan: a router the plan doesn't
     route would be dropped as an unexpected key, and one it routes but the files lack would start untrained;
-    transformers would only warn of either. Only safetensors files are read (their headers); returns their keys."""
-    names = [f for f in files if str(f).endswith(".safetensors")]
+    transformers would only warn of either. Reads the keys of safetensors and .bin files alike (a .bin's
+    threshold not found here would be left an uninitialised buffer); returns them."""
+    names = [str(f) for f in files if str(f).endswith((".safetensors", ".bin"))]
     if not names:
         return set()
     keys: set[str] = set()
     for name in names:
-        with safe_open(str(name), framework="pt") as f:
-            keys.update(f.keys())
+        keys.update(_keys(name))
     if plan.mode == "integrated":
         return keys
     prefix = f"{plan.block_stack}."
