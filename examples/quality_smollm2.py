@@ -12,9 +12,9 @@ Every step runs through the `modify` command line, as a user would:
    (``modify calibrate``; the blocks' budget is derived so that the whole model lands on the budget) planned
    three ways: ``removal`` (only whole blocks removed: the static baseline, ShortGPT-style, by the same
    measured loss per FLOP), ``mod`` (only MoD capacities, the retrofit as before) and ``mixed`` (the planner
-   chooses among removal and capacities); ``mod-kv-all`` and ``mixed-kv-all``: the same calibrations with
-   ``--kv all`` (routed tokens attend to every token's keys and values; the planner measured the blocks with
-   subsequence attention, so these cost the skipped tokens' key/value projections beyond the budget); with
+   chooses among removal and capacities); ``mod-kv-all`` and ``mixed-kv-all``: the same with ``--kv all``
+   (routed tokens attend to every token's keys and values, which the planner measures and prices), and
+   ``mixed-kv-both``, the planner choosing per block among removal and capacities × {routed, all}; with
    ``--skip-path linear`` also a fitted-skip-path plan;
 3. zero-shot held-out perplexity of each, over the original model's, on both kinds (``modify eval``);
 4. at the heal budgets, each method healed on the same tokens in the same order with the LM loss (``lm``),
@@ -306,9 +306,11 @@ def main() -> None:
                 for kind in ("play", "docs")}  # fmt: skip
     results: dict[str, Any] = {"original": original, "rows": [], "tokens": args.tokens, "seq_len": SEQ_LEN}
     methods = {"removal": ("--removal", "only"), "mod": ("--removal", "never"), "mixed": ("--removal", "allow"),
-               # the "mod" calibration, its routed tokens attending to every token's keys and values
+               # routed tokens attending to every token's keys and values (measured so by the planner)
                "mod-kv-all": ("--removal", "never", "--kv", "all"),
-               "mixed-kv-all": ("--removal", "allow", "--kv", "all")}  # fmt: skip
+               "mixed-kv-all": ("--removal", "allow", "--kv", "all"),
+               # the planner choosing per block among removal, capacities x {routed, all}
+               "mixed-kv-both": ("--removal", "allow", "--kv", "both")}  # fmt: skip
     plans: dict[tuple[float, str], Path] = {}
     for budget in args.budgets:
         blocks = block_budget(budget)

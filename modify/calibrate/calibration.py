@@ -58,6 +58,7 @@ from modify.calibrate.planning import (
     REMOVAL_MODES,
     BudgetPlan,
     Option,
+    option_kv,
     plan_under_budget,
     restrict_removal,
 )
@@ -68,6 +69,7 @@ from modify.io.checkpoint import file_record
 from modify.modes import fit_thresholds
 from modify.passes.find_block_stack import find_block_stack
 from modify.routing import STATE_ATTR, capacity_tokens, select_tokens
+from modify.routing.kv_all import KV_OPTIONS
 from modify.routing.router import ROUTER_ATTR
 from modify.routing.skip_path import SKIP_ATTR, parse_spec
 
@@ -112,6 +114,9 @@ class CalibrationSettings:
         removal: "allow" (capacity 0 on the grid: removal competes with routing and skip paths under the same
             budget), "only" (each block kept dense or removed, nothing routed: ShortGPT's static baseline, which
             ``modify export`` writes as a plain checkpoint with fewer layers) or "never" (0 off the grid).
+        kv: what a routed block's skipped tokens may leave in its attention, the planner measuring each: "routed"
+            (nothing: the paper's rule), "all" (their keys and values, :mod:`modify.routing.kv_all`), or both,
+            when it chooses per block.
         importance: what a token's importance for a block is, which the routers are fitted to and the
             sensitivity's oracle routes by: "norm", log ‖Δ‖ (how much the block changes the token), or "grad",
             asinh(−⟨∂L/∂y, Δ⟩), the first-order increase of the loss if the block skipped the token, from one
@@ -131,8 +136,11 @@ class CalibrationSettings:
     dtype: str = "bfloat16"
     removal: str = "allow"
     importance: str = "norm"
+    kv: tuple[str, ...] = ("routed",)
 
     def __post_init__(self) -> None:
+        if not self.kv or any(k not in KV_OPTIONS for k in self.kv):
+            raise ValueError(f"kv options {self.kv} must be some of {', '.join(KV_OPTIONS)}")
         if self.importance not in IMPORTANCE_KINDS:
             raise ValueError(f"unknown importance {self.importance!r}; choose one of {', '.join(IMPORTANCE_KINDS)}")
         if self.dtype not in ("bfloat16", "float32", "float16"):
@@ -179,6 +187,7 @@ class Calibration:
     router_overlap: dict[str, float]
     rounds: list[dict[str, Any]] = field(default_factory=list)
     skip_paths: list[str] = field(default_factory=list)
+    kv: list[str] = field(default_factory=list)
     skip_fit: dict[str, float] = field(default_factory=dict)
     #: block index -> the "threshold" causal rule's threshold: the (1 - c) quantile of its router's scores
     thresholds: dict[str, float] = field(default_factory=dict)
@@ -199,6 +208,7 @@ class Calibration:
             [self.capacities[i] for i in self.routed],
             keep_first=self.settings["keep_first"],
             skip_paths=[self.skip_paths[i] if self.skip_paths else "identity" for i in self.routed],
+            kv=[self.kv[i] if self.kv else "routed" for i in self.routed],
             thresholds=[self.thresholds.get(str(i)) for i in self.routed],
             calibration=self.to_dict(),
         )
@@ -258,7 +268,10 @@ def calibrate(
     report = progress or (lambda stage, done, total: None)
     torch.manual_seed(settings.seed)
     work = copy.deepcopy(model).to(getattr(torch, settings.dtype)).eval()
-    convert(work, capacity=1.0, layers="all", keep_first=settings.keep_first)
+    # Converted with kv="all" when it is a candidate, so every block's attention is split once; blocks run
+    # whichever kv an option says (see measure.variant).
+    kv = "all" if "all" in settings.kv else "routed"
+    convert(work, capacity=1.0, layers="all", keep_first=settings.keep_first, kv=kv)
     return _calibrate(work, windows, data, settings, report)
 
 
@@ -268,21 +281,22 @@ def grid_costs(model: nn.Module, grid: Sequence[float], seq_len: int) -> list[di
 
 
 def option_costs(
-    model: nn.Module, grid: Sequence[float], seq_len: int, specs: Sequence[str]
+    model: nn.Module, grid: Sequence[float], seq_len: int, specs: Sequence[str], kvs: Sequence[str] = ("routed",)
 ) -> list[dict[Option, float]]:
-    """Per block, (capacity, skip path) -> forward FLOPs at ``seq_len``, skip path included: the planner's costs
-    when it chooses skip paths too. Capacity 1.0 appears once, as (1.0, "identity")."""
+    """Per block, (capacity, skip path) -> forward FLOPs at ``seq_len``, skip path included, and (capacity, skip
+    path, "all") for ``kv="all"`` among ``kvs`` (the model converted with it): the planner's costs. Capacity 1.0
+    appears once, as (1.0, "identity"); capacity 0 only without kv (no token is routed)."""
     _, stack = find_block_stack(model)
-    return [
-        {
-            (c, spec): float(
-                routed_block_flops(model, i, c, seq_len, spec) if c < 1 else block_flops(model, i, seq_len)
-            )
-            for c in grid
-            for spec in (specs if c < 1 else ("identity",))
-        }
-        for i in range(len(stack))
-    ]
+    tables = []
+    for i in range(len(stack)):
+        table: dict[Option, float] = {(1.0, "identity"): float(block_flops(model, i, seq_len))} if 1.0 in grid else {}
+        for c in (c for c in grid if c < 1):
+            for spec in specs:
+                for kv in kvs if c > 0 else ("routed",):
+                    option = (c, spec) if kv == "routed" else (c, spec, kv)
+                    table[option] = float(routed_block_flops(model, i, c, seq_len, spec, kv=kv))
+        tables.append(table)
+    return tables
 
 
 def loss_tables(
@@ -306,7 +320,8 @@ def replan(
     ``specs`` as candidates and removal as ``removal`` allows (re-planning with fewer candidates is what
     calibrating with fewer computes). Removal ("0") is measured by every calibration, on the grid or not."""
     grid = sorted(set(calibration.settings["grid"]) | ({0.0} if removal != "never" else set()), reverse=True)
-    costs = restrict_removal(option_costs(model, grid, seq_len, specs), removal)
+    kvs = calibration.settings.get("kv", ("routed",))
+    costs = restrict_removal(option_costs(model, grid, seq_len, specs, kvs), removal)
     return plan_under_budget(loss_tables(calibration.sensitivity, costs), costs, budget)
 
 
@@ -359,7 +374,7 @@ def _calibrate(
     other_batches = [other[i : i + s.batch_size] for i in range(0, len(other), s.batch_size)]
 
     grid = sorted(set(s.grid), reverse=True)
-    costs = option_costs(model, grid, s.seq_len, s.skip_paths)
+    costs = option_costs(model, grid, s.seq_len, s.skip_paths, s.kv)
     options = list(costs[0])
     # A budget no plan can meet (or one that routes nothing) fails here, before minutes of measurement.
     plan_under_budget([{o: 0.0 for o in table} for table in costs], costs, s.budget)
@@ -392,7 +407,7 @@ def _calibrate(
             report,
         )
     sensitivity = sensitivity_tables(
-        model, blocks, states, windows, sens_batches, dense, s.grid, s.skip_paths, fits, report
+        model, blocks, states, windows, sens_batches, dense, s.grid, s.skip_paths, fits, report, s.kv
     )
 
     chosen = plan_under_budget(loss_tables(sensitivity, costs), costs, s.budget)
@@ -403,6 +418,7 @@ def _calibrate(
         return {
             "capacities": [o[0] for o in plan],
             "skip_paths": [o[1] for o in plan],
+            "kv": [option_kv(o) for o in plan],
             "predicted": predicted,
             "measured": loss - dense.loss,
         }
@@ -428,11 +444,11 @@ def _calibrate(
     set_plan(blocks, states, chosen.capacities, routers, fits)
     fitted = fit_thresholds(model, (windows[b] for b in sens_batches + other_batches))
     # A removed block has no decision to make (no token runs it): no threshold.
-    thresholds = {str(i): round(t, 6) for i, (t, (c, _)) in enumerate(zip(fitted, chosen.capacities)) if 0.0 < c < 1.0}
+    thresholds = {str(i): round(t, 6) for i, (t, o) in enumerate(zip(fitted, chosen.capacities)) if 0.0 < o[0] < 1.0}
     set_plan(blocks, states, chosen.capacities, None, fits)
     untrained = plan_loss(model, windows, sens_batches)
-    capacities = [c for c, _ in chosen.capacities]
-    paths = [spec for _, spec in chosen.capacities]
+    capacities = [o[0] for o in chosen.capacities]
+    paths = [o[1] for o in chosen.capacities]
     for block, state in zip(blocks, states):
         attach_skip(block, state, "identity", None)
     return Calibration(
@@ -449,25 +465,19 @@ def _calibrate(
         rounds=rounds,
         router_overlap=_overlap(dense, routers, capacities, s.keep_first),
         skip_paths=paths,
-        skip_fit={str(i): round(r2[i, c, p], 4) for i, (c, p) in enumerate(chosen.capacities) if p != "identity"},
+        kv=[option_kv(o) for o in chosen.capacities],
+        skip_fit={str(i): round(r2[i, o[0], o[1]], 4) for i, o in enumerate(chosen.capacities) if o[1] != "identity"},
         thresholds=thresholds,
         routers={i: routers[i] for i, c in enumerate(capacities) if c < 1.0},
-        skips={i: fits[i, c, p] for i, (c, p) in enumerate(chosen.capacities) if p != "identity"},
+        skips={i: fits[i, o[0], o[1]] for i, o in enumerate(chosen.capacities) if o[1] != "identity"},
         candidates={"routers": routers, "skips": fits, "r2": r2},
     )
 
 
-def apply_calibration(
-    model: nn.Module, calibration: Calibration, causal: str | None = None, kv: str | None = None
-) -> nn.Module:
+def apply_calibration(model: nn.Module, calibration: Calibration, causal: str | None = None) -> nn.Module:
     """Convert ``model`` with the calibrated plan and load the fitted routers (gate scale 0: gates are 1) and
-    skip paths; ``causal`` chooses the causal routing rule (by default the plan's thresholds); ``kv`` gives
-    every routed block that option (the planner measures blocks with ``kv="routed"``, so with "all" the plan
-    costs the skipped tokens' key/value projections beyond its budget; see ``modify.flops``)."""
-    plan = calibration.plan()
-    if kv is not None:
-        plan.kv = [kv] * len(plan.routed)
-    convert(model, plan=plan, causal=causal)
+    skip paths; ``causal`` chooses the causal routing rule (by default the plan's thresholds)."""
+    convert(model, plan=calibration.plan(), causal=causal)
     for block, state in routed_blocks(model):
         load_router(getattr(block, ROUTER_ATTR), calibration.routers[state.index])
         if state.index in calibration.skips:  # load_state_dict copies into the path's own device and dtype

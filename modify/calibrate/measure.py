@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modify.calibrate.planning import Option
+from modify.calibrate.planning import Option, option_kv
 from modify.calibrate.skip_fit import attach_skip
 from modify.routing.forward import routed_forward
 from modify.routing.router import ROUTER_ATTR
@@ -60,40 +60,47 @@ def sensitivity_tables(
     specs: Sequence[str],
     fits: dict[tuple[int, float, str], dict[str, torch.Tensor]],
     report: Callable,
+    kvs: Sequence[str] = ("routed",),
 ) -> dict[str, dict[str, float]]:
     """Loss increase per block: removed ("0"), and routing its most important tokens at each capacity, with
-    each candidate skip path (keys as :func:`option_key`; at capacity 0 a path runs on every token)."""
+    each candidate skip path and each of ``kvs`` (keys as :func:`option_key`; at capacity 0 a path runs on every
+    token)."""
     routed = sorted((c for c in grid if c < 1.0), reverse=True)
     # Removal ("0") is always measured, on the grid or not: the chart's baseline, and replan's removal options.
-    variants = list(dict.fromkeys([(0.0, "identity")] + [(c, spec) for c in routed for spec in specs]))
+    variants: list[tuple[Any, ...]] = [(0.0, "identity")]
+    for c in routed:  # kv="all" is a way to route tokens: a removed block (0) has no tokens to route
+        variants += [(c, spec, *(("all",) if kv == "all" and c > 0 else ())) for spec in specs for kv in kvs]
+    variants = list(dict.fromkeys(variants))
     table: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for i, block in enumerate(blocks):
             router = getattr(block, ROUTER_ATTR)
             row = {}
-            for c, spec in variants:
+            for option in variants:
+                c, spec = option[:2]
                 losses = []
                 for b, batch in enumerate(sens_batches):
                     oracle = dense.importance[i][b]
                     handle = router.register_forward_hook(lambda m, a, out, _o=oracle: _o)
                     with (
                         replay(blocks[:i], [dense.outputs[j][b] for j in range(i)]),
-                        variant(block, states[i], c, router),
+                        variant(block, states[i], c, router, option_kv(option)),
                     ):
                         attach_skip(block, states[i], spec, fits.get((i, c, spec)))
                         losses.append(measure_loss(model, windows[batch]))
                         attach_skip(block, states[i], "identity", None)
                     handle.remove()
-                row[option_key(c, spec)] = sum(losses) / len(losses) - dense.loss
+                row[option_key(*option)] = sum(losses) / len(losses) - dense.loss
             row["1"] = 0.0
             table[str(i)] = row
             report("sensitivity", i + 1, len(blocks))
     return table
 
 
-def option_key(capacity: float, spec: str) -> str:
-    """The sensitivity table's key for an option: "0.5" (pure MoD) or "0.5 linear-32"."""
-    return f"{capacity:g}" if spec == "identity" else f"{capacity:g} {spec}"
+def option_key(capacity: float, spec: str, kv: str = "routed") -> str:
+    """The sensitivity table's key for an option: "0.5" (pure MoD), "0.5 linear-32", "0.5 kv-all"."""
+    key = f"{capacity:g}" if spec == "identity" else f"{capacity:g} {spec}"
+    return key if kv == "routed" else f"{key} kv-{kv}"
 
 
 def set_plan(
@@ -103,11 +110,11 @@ def set_plan(
     routers: dict[int, dict[str, torch.Tensor]] | None,
     fits: dict[tuple[int, float, str], dict[str, torch.Tensor]],
 ) -> None:
-    """Route every block as planned ((capacity, skip path) per block), with the fitted routers (or zero
+    """Route every block as planned ((capacity, skip path[, kv]) per block), with the fitted routers (or zero
     routers when ``routers`` is None) and the fitted skip paths."""
     for i, block in enumerate(blocks):
-        c, spec = options[i]
-        states[i].capacity, states[i].enabled = c, c < 1.0
+        c, spec = options[i][:2]
+        states[i].capacity, states[i].enabled, states[i].kv = c, c < 1.0, option_kv(options[i])
         load_router(getattr(block, ROUTER_ATTR), routers[i] if routers is not None else None)
         attach_skip(block, states[i], spec, fits.get((i, c, spec)))
 
@@ -149,16 +156,16 @@ def refined_tables(
         for i in range(len(blocks)):
             losses = {}
             for option in options:
-                c, spec = option
-                states[i].capacity, states[i].enabled = c, c < 1.0
+                c, spec = option[:2]
+                states[i].capacity, states[i].enabled, states[i].kv = c, c < 1.0, option_kv(option)
                 attach_skip(blocks[i], states[i], spec, fits.get((i, c, spec)))
                 total = 0.0
                 for b, batch in enumerate(sens_batches):
                     with replay(blocks[:i], [outputs[j][b] for j in range(i)]):
                         total += measure_loss(model, windows[batch])
                 losses[option] = total / len(sens_batches)
-            c, spec = plan[i]
-            states[i].capacity, states[i].enabled = c, c < 1.0
+            c, spec = plan[i][:2]
+            states[i].capacity, states[i].enabled, states[i].kv = c, c < 1.0, option_kv(plan[i])
             attach_skip(blocks[i], states[i], spec, fits.get((i, c, spec)))
             tables.append({o: losses[o] - losses[1.0, "identity"] for o in losses})
             report("refining", i + 1, len(blocks))
@@ -177,17 +184,19 @@ def load_router(router: nn.Module, values: dict[str, torch.Tensor] | None) -> No
 
 
 @contextlib.contextmanager
-def variant(block: nn.Module, state: Any, capacity: float, router: nn.Module) -> Iterator[None]:
-    """Block routed at ``capacity`` with its gate held at exactly 1, or removed (capacity 0: the routed
-    forward's own removal, so a skip path attached to the block gives every token its estimate)."""
+def variant(
+    block: nn.Module, state: Any, capacity: float, router: nn.Module, kv: str = "routed"
+) -> Iterator[None]:
+    """Block routed at ``capacity`` (with ``kv``) with its gate held at exactly 1, or removed (capacity 0: the
+    routed forward's own removal, so a skip path attached to the block gives every token its estimate)."""
     saved_scale = router.scale.detach().clone()
-    state.enabled, state.capacity = True, capacity
+    state.enabled, state.capacity, state.kv = True, capacity, kv
     with torch.no_grad():
         router.scale.zero_()
     try:
         yield
     finally:
         block.forward = types.MethodType(routed_forward, block)  # type: ignore[method-assign]
-        state.enabled, state.capacity = False, 1.0
+        state.enabled, state.capacity, state.kv = False, 1.0, "routed"
         with torch.no_grad():
             router.scale.copy_(saved_scale)

@@ -11,7 +11,9 @@ routers included. The prediction assumes the blocks' effects add up (measured on
 programming over blocks, keeping only the Pareto frontier of (cost, loss) partial plans; it agrees with
 brute force on small cases (tests/test_planning.py).
 
-A block's options are its grid capacities, or (capacity, skip path) pairs when skip paths are candidates
+A block's options are its grid capacities, or (capacity, skip path) pairs when skip paths are candidates, and
+(capacity, skip path, "all") triples where routed tokens may attend to every token's keys and values
+(``kv="all"``, :mod:`modify.routing.kv_all`; its key/value side on every token is in the option's cost)
 (:mod:`modify.routing.skip_path`): the planner then chooses both under the same budget, a skip path's FLOPs on the
 skipped tokens counted in the option's cost. Exactly one option per block has capacity 1.0: dense.
 
@@ -45,6 +47,7 @@ __all__ = [
     "plan_under_budget",
     "brute_force_plan",
     "option_capacity",
+    "option_kv",
 ]
 
 #: Capacities the planner may choose; 1.0 leaves a block dense, 0.0 removes it.
@@ -95,8 +98,14 @@ def option_capacity(option: Option) -> float:
     return float(option[0] if isinstance(option, tuple) else option)
 
 
-def _order(option: Option) -> tuple[float, str]:
-    return option_capacity(option), str(option[1]) if isinstance(option, tuple) else ""
+def option_kv(option: Option) -> str:
+    """What a skipped token leaves in the block's attention under an option: "all" for a (capacity, skip path,
+    "all") triple, "routed" otherwise."""
+    return str(option[2]) if isinstance(option, tuple) and len(option) > 2 else "routed"
+
+
+def _order(option: Option) -> tuple[float, str, str]:
+    return option_capacity(option), str(option[1]) if isinstance(option, tuple) else "", option_kv(option)
 
 
 def _dense(table: dict[Option, float]) -> Option:

@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   modify calibrate smollm2 --data plays/*.txt --flops-budget 0.8 --removal only --out removal.json   # ShortGPT-style
   modify convert smollm2 out/removed --plan removal.json && modify export out/removed out/pruned   # fewer layers
   modify calibrate smollm2 --data plays/*.txt --flops-budget 0.75 --importance grad --out plan.json  # loss-based
+  modify calibrate smollm2 --data plays/*.txt --flops-budget 0.8 --kv both --out plan.json   # kv chosen per block
 
 Writes PLAN.json, the fitted routers as PLAN.safetensors and a chart as PLAN.png beside it."""
 
@@ -78,6 +79,21 @@ def skip_spec(args: argparse.Namespace) -> str:
         return spec_name(args.skip_path, args.skip_rank)
     except ValueError as exc:
         raise UsageError(f"--skip-rank {args.skip_rank}: {exc}") from None
+
+
+#: ``--kv``: the kv options the planner measures and chooses among.
+KV_CANDIDATES = {"routed": ("routed",), "all": ("all",), "both": ("routed", "all")}
+
+
+def add_kv_flag(p: Parser) -> None:
+    """--kv, shared by calibrate and convert."""
+    p.add_argument(
+        "--kv",
+        choices=tuple(KV_CANDIDATES),
+        help="what a routed block's skipped tokens leave in its attention: nothing (routed, the paper's rule and "
+        "the default) or their keys and values, so routed tokens attend to every token (all); with calibration "
+        "also both, the planner measuring each and choosing per block",
+    )
 
 
 def add_calibration_flags(p: Parser, required: bool) -> None:
@@ -185,6 +201,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, metavar="PLAN.json", help="where to write the plan")
     add_calibration_flags(p, required=True)
     add_skip_flags(p, fitted=True)
+    add_kv_flag(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_common_flags(p)
     p.set_defaults(run=run)
@@ -206,6 +223,7 @@ def calibration_settings(args: argparse.Namespace) -> Any:
             skip_paths=(skip_spec(args),),
             removal=args.removal,
             importance=args.importance,
+            kv=KV_CANDIDATES[args.kv or "routed"],
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -249,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
         "routed": calibration.routed,
         "capacities": [calibration.capacities[i] for i in calibration.routed],
         "skip_paths": [calibration.skip_paths[i] for i in calibration.routed],
+        "kv": [calibration.kv[i] if calibration.kv else "routed" for i in calibration.routed],
         "cost_ratio": calibration.cost_ratio,
         "predicted_loss_increase": calibration.predicted_loss_increase,
         "measured_loss_increase": calibration.measured_loss - calibration.dense_loss,
@@ -259,7 +278,8 @@ def run(args: argparse.Namespace) -> int:
     elif not args.quiet:
         routed = ", ".join(
             f"{i}:{c:g}" + (" (removed)" if c == 0 else "") + (f" ({p})" if p != "identity" else "")
-            for i, c, p in zip(summary["routed"], summary["capacities"], summary["skip_paths"])
+            + (" kv-all" if kv == "all" else "")
+            for i, c, p, kv in zip(summary["routed"], summary["capacities"], summary["skip_paths"], summary["kv"])
         )
         print(
             f"wrote {path} (+ .safetensors, .png): blocks {routed}; {calibration.cost_ratio:.3f} of dense block FLOPs; "

@@ -12,6 +12,7 @@ from modify.calibrate.calibration import apply_calibration
 from modify.calibrate.plan_file import load_plan
 from modify.cli.calibrate import (
     add_calibration_flags,
+    add_kv_flag,
     add_skip_flags,
     calibration_settings,
     run_calibration,
@@ -21,7 +22,6 @@ from modify.cli.common import Progress, add_common_flags, capacity_type, emit_js
 from modify.config import CAUSAL_RULES, MODES
 from modify.errors import ModifyError, UsageError
 from modify.io.checkpoint import check_output, is_converted_directory, load_source, resolve_source, save_converted
-from modify.routing.kv_all import KV_OPTIONS
 
 EXAMPLES = """examples:
   modify convert smollm2 out/smollm2-mod                     # the default real checkpoint, the paper's plan
@@ -37,6 +37,7 @@ EXAMPLES = """examples:
   modify convert ./my-llama out/removed --capacity 0 --layers 12-17   # remove blocks 12-17 (no token runs them)
   modify convert smollm2 out/mod --calibrate plays/*.txt --flops-budget 0.8 --removal only   # ShortGPT-style
   modify convert smollm2 out/mod --capacity 0.5 --layers 4-27 --kv all   # skipped tokens keep their keys/values
+  modify convert smollm2 out/mod --calibrate plays/*.txt --flops-budget 0.8 --kv both   # planner picks kv per block
 
 SRC is a Hugging Face model directory (safetensors, sharded or not, or .bin), a .gguf file, a model id in the
 local Hugging Face cache (nothing is downloaded) or 'smollm2'. SRC is never modified; OUT is written into a
@@ -85,13 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="on Mixture-of-Experts models: a router in front of each routed block (staged, the default) or a "
         "no-op expert in each routed block's expert router, --capacity of the tokens dispatched (integrated)",
     )
-    p.add_argument(
-        "--kv",
-        choices=KV_OPTIONS,
-        help="what a routed block's skipped tokens leave in its attention: nothing (routed, the paper's rule and "
-        "the default) or their keys and values, so routed tokens attend to every token (all); with --plan or "
-        "--calibrate, every routed block of the plan gets it",
-    )
+    add_kv_flag(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_common_flags(p)
     p.set_defaults(run=run)
@@ -102,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
     skip = skip_spec(args)
     if args.plan and skip != "identity":
         raise UsageError("--skip-path comes from the plan with --plan; calibrate with --skip-path instead")
+    if args.kv and args.plan:
+        raise UsageError("--kv comes from the plan with --plan; calibrate with --kv instead")
+    if args.kv == "both" and not args.data:
+        raise UsageError("--kv both lets calibration choose per block; add --calibrate FILES, or give routed or all")
     if args.mode == "integrated" and (args.plan or args.data or skip != "identity" or args.kv):
         raise UsageError("--mode integrated takes --capacity and --layers; calibration and skip paths are staged only")
     if args.data and args.flops_budget is None:
@@ -128,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     with progress.step("tracing blocks and inserting routers"):
         try:
             if calibration is not None:
-                apply_calibration(model, calibration, causal=args.causal, kv=args.kv)
+                apply_calibration(model, calibration, causal=args.causal)
             else:
                 modify.convert(
                     model,
