@@ -88,21 +88,33 @@ def fit_thresholds(model: nn.Module, batches: Iterable[Any]) -> list[float]:
     """Set each routed block's "threshold" rule from text: the (1 - c) quantile of its router scores.
 
     The model runs top-k routing over ``batches`` (token-id tensors [B, T], or keyword dicts); each block's
-    scores, the always-processed leading tokens left out, are pooled, so that on text like this the share of
-    tokens scoring above the threshold is the block's capacity. Returns the thresholds, in block order.
+    scores of real tokens (a dict's ``attention_mask`` marks them; padding may be on either side), each row's
+    always-processed leading ones left out, are pooled, so that on text like this the share of real tokens
+    scoring above the threshold is the block's capacity. Returns the thresholds, in block order.
     """
     found = sorted(_states(model), key=lambda s: s.index)
     scores: dict[int, list[torch.Tensor]] = {s.index: [] for s in found}
+    real: list[torch.Tensor | None] = [None]  # the batch being run's attention mask, as booleans
+
+    def tracked() -> Iterator[dict[str, Any]]:
+        for batch in _batches(batches):
+            mask = batch.get("attention_mask")
+            real[0] = mask.bool() if mask is not None else None
+            yield batch
 
     def observer_for(state: Any) -> Any:
         def observe(s: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> None:
-            scores[state.index].append(s[:, state.keep_first :].flatten().double().cpu())
+            mask = real[0].to(s.device) if real[0] is not None else torch.ones_like(s, dtype=torch.bool)
+            # The leading tokens are a row's first real ones, wherever its padding is (left-padded rows too).
+            counted = mask & (mask.cumsum(-1) > state.keep_first)
+            scores[state.index].append(s[counted].double().cpu())
 
         return observe
 
-    run_topk(model, batches, [s.hooks.add_selection(observer_for(s)) for s in found])
+    run_topk(model, tracked(), [s.hooks.add_selection(observer_for(s)) for s in found])
     for s in found:
-        if s.capacity < 1.0 and scores[s.index]:
-            s.threshold = float(torch.quantile(torch.cat(scores[s.index]), 1.0 - s.capacity))
+        pooled = torch.cat(scores[s.index]) if scores[s.index] else torch.empty(0, dtype=torch.float64)
+        if s.capacity < 1.0 and pooled.numel() > 0:
+            s.threshold = float(torch.quantile(pooled, 1.0 - s.capacity))
     sync_plan(model)
     return [s.threshold for s in found]
