@@ -33,9 +33,10 @@ from torch import nn
 from transformers import Trainer
 
 from modify.api import routing_disabled
+from modify.archs import NORM_CLASS_PATTERN
 from modify.errors import ModifyError
 from modify.model_hooks import aux_loss_coef
-from modify.train.trainable import base_model
+from modify.train.trainable import _is_router, _is_skip_path, base_model
 
 __all__ = [
     "DistillParts",
@@ -237,24 +238,51 @@ def vocabulary_check(student: nn.Module, teacher: nn.Module, student_tok: Any, t
         )
 
 
+def _self_teacher_restore(model: nn.Module) -> list[nn.Parameter]:
+    """The trained base parameters the self-teacher puts back (norms), as ``modify train`` picks them; refuses
+    base weights of any other kind that train, which the student's forward can't undo (see DistillationTrainer)."""
+    norms = {id(p) for module in model.modules() if NORM_CLASS_PATTERN.search(type(module).__name__)
+             for p in module.parameters(recurse=False)}  # fmt: skip
+    base = [
+        (name, p) for name, p in model.named_parameters()
+        if p.requires_grad and not (_is_router(name) or _is_skip_path(name) or ".lora_" in name)
+    ]  # fmt: skip
+    moving = [name for name, p in base if id(p) not in norms]
+    if moving:
+        raise ModifyError(
+            f"{len(moving)} base weights train ({moving[0]}, ...), so the model with routing off is no longer the "
+            "original to distil from; pass teacher= a copy of the original model (loaded again), or train only "
+            "routers, norms, skip paths or adapters (modify.train.trainable.prepare_trainable(model, 'routers'))"
+        )
+    return [p for _, p in base]
+
+
 class DistillationTrainer(Trainer):
     """``transformers.Trainer`` with ``modify train --distill``'s loss.
 
     Usage::
 
         from modify.train.distill import DistillationTrainer
+        from modify.train.trainable import prepare_trainable
+        converted = prepare_trainable(converted, "routers+norms")  # base weights that don't move
         trainer = DistillationTrainer(model=converted, args=args, train_dataset=data,
                                       distill_weight=1.0, distill_temperature=1.0)  # teacher: the model itself
         trainer.train()
 
     Args (besides ``Trainer``'s):
         teacher: a frozen model of the student's vocabulary; None: the student with routing (and peft
-            adapters) off, right for router, skip-path or LoRA training, whose base weights do not move.
-            Training every weight, pass a copy of the original model instead (loaded again).
+            adapters) off and any trained norm put back to its value when the trainer was made, as
+            ``modify train`` does (routers, norms, skip paths or LoRA training). Where other base weights
+            train (``requires_grad`` when the trainer is made), the student is no longer the original model:
+            pass a copy of it (loaded again) as the teacher, or the trainer refuses.
         distill_weight, distill_temperature: W and τ.
         chunk: tokens per chunk of the loss.
 
-    Labels of -100 (padding, prompts) are left out of both terms, as transformers does for the LM loss.
+    Labels of -100 (padding, prompts) are left out of both terms, as transformers does for the LM loss; without
+    a ``labels`` column the inputs are the labels, and the positions ``attention_mask`` marks 0 predict nothing.
+    With gradient accumulation the loss of a micro-batch is its share of the accumulated batch's predicted
+    tokens (transformers' ``num_items_in_batch``), so the update doesn't depend on how the batch is split;
+    without that count (no ``labels`` column) it is the micro-batch's mean, which Trainer divides by the steps.
     """
 
     def __init__(
@@ -272,10 +300,13 @@ class DistillationTrainer(Trainer):
                 f"distill_weight must be in [0, 1] and distill_temperature > 0, got {distill_weight}, "
                 f"{distill_temperature}"
             )
+        restore: list[nn.Parameter] = []
         if teacher is not None:
             teacher.to(self.args.device)
+        else:
+            restore = _self_teacher_restore(self.model)
         self.distill_weight, self.distill_temperature, self.chunk = distill_weight, distill_temperature, chunk
-        self.teacher = Teacher(self.model, teacher)
+        self.teacher = Teacher(self.model, teacher, restore=restore)
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -283,6 +314,9 @@ class DistillationTrainer(Trainer):
         labels = inputs.get("labels")
         if labels is None:
             labels = inputs["input_ids"]
+            mask = inputs.get("attention_mask")
+            if mask is not None:
+                labels = labels.masked_fill(mask == 0, IGNORE_INDEX)
         forward = {k: v for k, v in inputs.items() if k != "labels"}
         teacher_out = None
         if self.distill_weight > 0:
@@ -304,6 +338,13 @@ class DistillationTrainer(Trainer):
         if aux is not None:  # a converted model's causal-routing loss, at the coefficient its plan gives
             coef = aux_loss_coef(base_model(self.accelerator.unwrap_model(model)))
             loss = loss + (coef or 0.0) * aux
+        if num_items_in_batch is not None:
+            # Given the count, transformers 5 sums the micro-batches' losses without dividing by the accumulation
+            # steps: each is weighted by its share of the batch's predicted tokens, as its own LM loss is.
+            predicted = (labels[:, 1:] != IGNORE_INDEX).sum()
+            loss = loss * (predicted.to(loss.device) / num_items_in_batch)
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes  # the count is of every process's tokens
         return (loss, out) if return_outputs else loss
 
     def _self_teacher(self, forward: dict[str, Any]) -> Any:

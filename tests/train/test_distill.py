@@ -14,6 +14,7 @@ import modify
 from modify.cli import main
 from modify.train.distill import DistillationTrainer, Teacher, distill_loss, hidden_loss, kl_per_token
 from modify.train.report import read_metrics
+from modify.train.trainable import prepare_trainable
 from tests.helpers import open_gates
 from tests.train.conftest import train_args
 from tests.train.test_train_cli import _weights, killed_run
@@ -208,7 +209,8 @@ def test_bad_distillation_settings_get_one_line(
 def test_hf_trainer_helper_adds_the_same_loss(tiny_run: dict[str, Path], tmp_path: Path) -> None:
     from transformers import TrainingArguments
 
-    model = modify.from_pretrained(tiny_run["converted"])
+    # the routers train: the model with routing off stays the original (base weights that train need a teacher)
+    model = prepare_trainable(modify.from_pretrained(tiny_run["converted"]), "routers")
     ids = torch.randint(3, 90, (4, 16), generator=torch.Generator().manual_seed(2))
     data = [{"input_ids": row, "labels": row} for row in ids]
     args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=1,
