@@ -13,8 +13,8 @@ WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "it",
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny llama (vocabulary 98, eos 97) and its conversion at capacity 0.5 on blocks 1 and 3, a second
-    conversion at capacity 1.0 on every block, and a directory of 16 short text documents."""
+    """A tiny llama (vocabulary 98, eos 97) and its conversion at capacity 0.5 on blocks 1 and 3 (also with
+    kv='all'), a conversion at capacity 1.0 on every block, and a directory of 16 short text documents."""
     root = tmp_path_factory.mktemp("train-inputs")
     tokenizer = tiny_tokenizer()
     tokenizer.add_special_tokens({"eos_token": "<eos>"})
@@ -22,8 +22,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tiny_model("llama", vocab_size=98).save_pretrained(src)
     tokenizer.save_pretrained(src)
     paths = {"src": src, "converted": root / "converted", "full": root / "full", "data": root / "data"}
+    paths["kv_all"] = root / "kv_all"
     assert main(["convert", str(src), str(paths["converted"]), "--capacity", "0.5", "-q"]) == 0
     assert main(["convert", str(src), str(paths["full"]), "--capacity", "1.0", "--layers", "all", "-q"]) == 0
+    assert main(["convert", str(src), str(paths["kv_all"]), "--capacity", "0.5", "--kv", "all", "-q"]) == 0
     rng = random.Random(0)
     paths["data"].mkdir()
     for i in range(16):
