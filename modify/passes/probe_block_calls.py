@@ -141,7 +141,26 @@ def random_token_ids(model: nn.Module, batch: int, length: int, generator: torch
             type(model).__name__,
             "it has no config.vocab_size to build inputs from; pass example_inputs=lambda T: {...}",
         )
-    return torch.randint(0, vocab, (batch, length), generator=generator).to(next(model.parameters()).device)
+    return torch.randint(0, vocab, (batch, length), generator=generator).to(input_device(model))
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's token ids go: its input embedding's device. Under accelerate's offload the weights
+    are on ``meta`` until a hook loads them, so the device is the hook's execution device (the embedding's,
+    else the model's); failing both, the first parameter with data, else the CPU, from which the hooks move
+    inputs to where they run."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    weight = getattr(embedding, "weight", None)
+    if isinstance(weight, torch.Tensor) and not weight.is_meta:
+        return weight.device
+    for module in (embedding, model):
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):  # SequentialHook's chain
+            device = getattr(h, "execution_device", None)
+            if device is not None:
+                return torch.device(device)
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
 
 
 def _default_inputs(model: nn.Module, length: int, generator: torch.Generator) -> dict[str, Any]:
