@@ -45,7 +45,8 @@ checkpoint; --resume CKPT from that one. Data: text files, directories of them, 
 --autocast the compute dtype (auto: bfloat16 where the hardware has it). --distill trains on
 (1 - W) * LM + W * tau^2 * KL(teacher || student) per token (W --distill-weight, default 1; tau
 --distill-temperature); the teacher is the conversion's source: the student with routing (and LoRA) off for
---train routers/routers+norms/routers+skip/lora, a frozen copy for --train full, or --teacher SRC."""
+--train routers/routers+norms/routers+skip/lora, a frozen copy for --train full, or --teacher SRC (needed when
+MODEL is the output of a run whose --train moved base weights)."""
 
 _TYPES = {"steps": int, "tokens": int, "seq_len": int, "batch_size": int, "grad_accum": int, "lr": float,
           "router_lr": float, "warmup": int, "weight_decay": float, "clip": float, "capacity_anneal": int,

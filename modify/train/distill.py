@@ -26,9 +26,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 from transformers import Trainer
 
@@ -225,6 +227,23 @@ class Teacher:
                 return self.frozen(**kwargs)
             with self._as_original():
                 return model(**kwargs)
+
+
+#: ``--train`` modes that leave the base weights as converted: their output with routing off is still the source.
+_BASE_KEPT = ("routers", "routers+skip")
+
+
+def trained_by(model: str) -> str:
+    """The ``--train`` of the ``modify train`` run that wrote the directory ``model`` (its train_config.yaml),
+    when that run moved base weights (merged LoRA included); "" otherwise."""
+    record = Path(model).expanduser() / "train_config.yaml"
+    if not record.is_file():
+        return ""
+    try:
+        mode = (yaml.safe_load(record.read_text()) or {}).get("train", "")
+    except (yaml.YAMLError, OSError, AttributeError):
+        return ""
+    return mode if isinstance(mode, str) and mode not in _BASE_KEPT else ""
 
 
 def vocabulary_check(student: nn.Module, teacher: nn.Module, student_tok: Any, teacher_tok: Any, name: str) -> None:

@@ -33,7 +33,7 @@ from modify.model_hooks import aux_loss_coef
 from modify.train import checkpoints, distributed
 from modify.train.config import TrainConfig
 from modify.train.data import PackedStream, collect_files
-from modify.train.distill import Teacher, block_outputs, distill_loss, hidden_loss, vocabulary_check
+from modify.train.distill import Teacher, block_outputs, distill_loss, hidden_loss, trained_by, vocabulary_check
 from modify.train.evaluate import evaluate
 from modify.train.report import MetricsLog, plot_report
 from modify.train.stats import RoutingMonitor
@@ -157,6 +157,13 @@ class Trainer:
     def _make_teacher(self, model: torch.nn.Module, tokenizer: Any) -> Any:
         """The conversion's source to distil from (see :class:`modify.train.distill.Teacher`)."""
         c = self.config
+        moved = trained_by(c.model) if not c.teacher else ""
+        if moved:
+            raise ModifyError(
+                f"{c.model} was written by modify train --train {moved}, which moved its base weights, so neither it "
+                "with routing off nor a copy of it is the conversion's source; pass --teacher SRC (the checkpoint it "
+                "was converted from)"
+            )
         if not c.teacher and c.train != "full":
             # Only routers, skip paths, adapters (and norms, put back for the teacher) move: the student with
             # routing and adapters off is the original model, with no second copy of its weights.
