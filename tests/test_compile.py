@@ -42,17 +42,18 @@ def _dynamo_graphs(model: torch.nn.Module, ids: torch.Tensor, **kwargs: Any) -> 
     return explained.graph_count, explained.graph_break_count, [str(b.reason)[:200] for b in explained.break_reasons]
 
 
-def _fresh(dtype: torch.dtype) -> torch.nn.Module:
+def _fresh(dtype: torch.dtype, kv: str = "routed") -> torch.nn.Module:
     model = tiny_model("llama").to(dtype)
-    return modify.convert(model, capacity=0.5, layers="all")  # the default threshold rule tracks in training
+    return modify.convert(model, capacity=0.5, layers="all", kv=kv)  # the default threshold rule tracks in training
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("training", [False, True])
-def test_fresh_conversion_compiles_to_one_graph(dtype: torch.dtype, training: bool) -> None:
-    """No eager call first: the Δ graphs were captured at conversion, so dynamo sees one graph and no break,
-    with the cache the plain call builds and without it, with a padding mask and without."""
-    model = _fresh(dtype).train(training)
+@pytest.mark.parametrize("kv", ["routed", "all"])
+def test_fresh_conversion_compiles_to_one_graph(dtype: torch.dtype, training: bool, kv: str) -> None:
+    """No eager call first: the Δ graphs (kv='all': their two sides) were captured at conversion, so dynamo sees
+    one graph and no break, with the cache the plain call builds and without it, with a padding mask and without."""
+    model = _fresh(dtype, kv).train(training)
     ids = torch.randint(3, 97, (2, 16))
     padded = torch.ones_like(ids)
     padded[0, :3] = 0
@@ -66,9 +67,10 @@ def test_loaded_model_compiles_to_one_graph(tmp_path: Path) -> None:
     assert _dynamo_graphs(loaded.eval(), torch.randint(3, 97, (2, 16))) == (1, 0, [])
 
 
-def test_compiled_training_step_matches_eager_without_recompiles() -> None:
+@pytest.mark.parametrize("kv", ["routed", "all"])
+def test_compiled_training_step_matches_eager_without_recompiles(kv: str) -> None:
     """fullgraph=True raises on any break; a second step at the same shapes must not recompile."""
-    eager = _fresh(torch.float32).train()
+    eager = _fresh(torch.float32, kv).train()
     set_router_weights(eager)
     for _, state in routed_blocks(eager):
         state.threshold = 0.0  # fitted: it moves by a share of each batch's quantile (an unfitted one jumps to it)
