@@ -425,9 +425,8 @@ def find_blocks(
         name = f"{stack_name}.{i}"
         state = states.get(id(block))
         if state is not None:
-            info = BlockInfo(i, name, state.form, state.delta, True, state.capacity, skip_path=state.skip_path)
-            info.kv = state.kv
-            infos.append(info)
+            kind = (state.form, state.delta)
+            infos.append(BlockInfo(i, name, *kind, True, state.capacity, skip_path=state.skip_path, kv=state.kv))
             continue
         if i in noops:  # integrated: routed inside its Mixture-of-Experts layer, the block itself unanalysed
             infos.append(BlockInfo(i, name, "moe-noop", "", True, noops[i].capacity))

@@ -27,7 +27,7 @@ import torch
 import modify
 from modify.api import is_converted, routed_blocks
 from modify.flops import flop_counter
-from modify.testing.reference import check_reference
+from modify.testing.reference import check_kv_all_reference, check_reference
 
 __all__ = ["COLUMNS", "CHECKS", "Inputs", "eager_experts", "logits"]
 
@@ -100,6 +100,10 @@ def _identity(model: Any, inputs: Inputs) -> None:
 
 def _reference(model: Any, inputs: Inputs) -> None:
     check_reference(model)
+
+
+def _kv_all(model: Any, inputs: Inputs) -> None:
+    check_kv_all_reference(model)
 
 
 def _greedy(model: Any, prompt: torch.Tensor, mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
@@ -197,6 +201,10 @@ CHECKS: tuple[tuple[str, Callable[[Any, Inputs], None]], ...] = (
     ("revert", _revert),
 )
 COLUMNS = tuple(name for name, _ in CHECKS)
+#: Columns of options a family may be refused for without being unsupported: ``kv="all"`` at capacity 0.5
+#: against its reference (the family's own block on every token), or the reason its attention can't be split.
+OPTIONAL_CHECKS: tuple[tuple[str, Callable[[Any, Inputs], None]], ...] = (("kv=all", _kv_all),)
+OPTIONAL_COLUMNS = tuple(name for name, _ in OPTIONAL_CHECKS)
 
 
 def restore(model: Any) -> None:

@@ -36,7 +36,15 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 import modify
 from modify.errors import UnsupportedModelError
 from modify.io.checkpoint import atomic_file
-from modify.testing.family_checks import CHECKS, COLUMNS, Inputs, eager_experts, restore
+from modify.testing.family_checks import (
+    CHECKS,
+    COLUMNS,
+    OPTIONAL_CHECKS,
+    OPTIONAL_COLUMNS,
+    Inputs,
+    eager_experts,
+    restore,
+)
 from modify.testing.reference import UnverifiedError
 from modify.testing.tiny_configs import tiny_config
 
@@ -164,6 +172,19 @@ def check_family(model_type: str) -> Row:
     elif values <= {"pass", "unverified"} and len(row.checks) == len(COLUMNS):
         row.status = "unverified"
     row.reason = reasons[0] if reasons else ""
+    if row.status in ("supported", "unverified"):  # an option's refusal doesn't make the family unsupported
+        for column, check in OPTIONAL_CHECKS:
+            try:
+                check(model, inputs)
+                row.checks[column] = "pass"
+            except UnsupportedModelError as exc:
+                row.checks[column] = "refused"
+                row.reason = row.reason or f"{column}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - a row per family, whatever broke
+                row.checks[column] = "fail"
+                row.reason = row.reason or f"{column}: {_first_line(exc)}"
+            finally:
+                restore(model)
     row.seconds = round(time.perf_counter() - start, 2)
     return row
 
@@ -204,6 +225,7 @@ def markdown(rows: list[Row], transformers_version: str, seconds: float) -> str:
     ok = [r for r in counted if r.status == "supported"]
     unverified = [r for r in counted if r.status == "unverified"]
     share = len(ok) / len(counted) if counted else math.nan
+    split = [r for r in ok if all(r.checks.get(c) == "pass" for c in OPTIONAL_COLUMNS)]
     lines = [
         "# Support matrix",
         "",
@@ -217,16 +239,18 @@ def markdown(rows: list[Row], transformers_version: str, seconds: float) -> str:
         f"**{len(ok)} of {len(counted)} decoder families supported ({share:.0%})**: every column passes, the "
         f"routed blocks equal an independent reference at capacity 0.5 and cached `generate()` is exact. "
         f"{len(unverified)} more pass every column but the reference, which can't be built for them (unverified at "
-        f"c < 1); {len(rows) - len(counted)} model types excluded by rule.",
+        f"c < 1); {len(rows) - len(counted)} model types excluded by rule. {len(split)} of the {len(ok)} supported "
+        "families also equal their reference with `kv=\"all\"` (skipped tokens keep their keys and values; the "
+        "attention split derived from the traced graph); the others are refused for that option, with the reason.",
         "",
         "✓ passes, ✗ fails, ? unverified, refused: modify refuses the family (reason given), – not run.",
         "",
-        "| model type | class | status | " + " | ".join(COLUMNS) + " | block forms | reason |",
-        "|---|---|---|" + "---|" * len(COLUMNS) + "---|---|",
+        "| model type | class | status | " + " | ".join(COLUMNS + OPTIONAL_COLUMNS) + " | block forms | reason |",
+        "|---|---|---|" + "---|" * len(COLUMNS + OPTIONAL_COLUMNS) + "---|---|",
     ]
     for r in rows:
         reason = r.reason.replace("|", "\\|").replace("\n", " ")
-        cells = " | ".join(_cell(r.checks.get(c, "")) for c in COLUMNS)
+        cells = " | ".join(_cell(r.checks.get(c, "")) for c in COLUMNS + OPTIONAL_COLUMNS)
         lines.append(f"| {r.model_type} | {r.model_class} | {r.status} | {cells} | {r.forms} | {reason} |")
     return "\n".join(lines) + "\n"
 
