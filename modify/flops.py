@@ -17,6 +17,14 @@ any, :mod:`modify.routing.skip_path`) on the other T - k, and its causal predict
 (capacity 0) runs none of them but its skip path, on all T. A block whose
 Mixture-of-Experts layer has a no-op expert (:mod:`modify.moe.noop`) runs that layer, probed as a part of its
 own, on k tokens, and the layer's router and no-op row on all T.
+
+A ``kv="all"`` block (:mod:`modify.routing.kv_all`) runs its key/value side (the input norm, the key and value
+projections with their norms and biases, the key's rotary encoding) on all T tokens and its query side (the input
+norm again, the query projection, attention, the output projection, the MLP) on k queries over T keys. Both sides
+are probed as they run: the block's own split graphs on the probe's calls, the key/value side fitted as a·T + b·T²
+and the query side as a·q + b·q·T from q = T and q = T/2 queries (attention's cost is queries × keys, so causal
+attention counts the whole k×T rectangle, as the dense block counts the whole T×T square). A fused projection (GPT-2's
+``c_attn``) feeds both sides and so runs on T + k tokens, as it does.
 """
 
 from __future__ import annotations
@@ -33,9 +41,11 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from modify.api import routing_disabled
 from modify.archs import MOE_PARTS
 from modify.moe.noop import NOOP_STATE_ATTR, find_moe
+from modify.passes.capture_block import call_structure
 from modify.passes.find_block_stack import find_block_stack
-from modify.passes.probe_block_calls import random_token_ids
+from modify.passes.probe_block_calls import bind_call, random_token_ids
 from modify.routing import STATE_ATTR, capacity_tokens
+from modify.routing.kv_all import KV_OPTIONS, kv_all_delta
 from modify.routing.router import PREDICTOR_ATTR, ROUTER_ATTR
 from modify.routing.skip_path import skip_path_flops
 
@@ -129,6 +139,10 @@ class _Costs:
 
     fits: list[tuple[int, int] | None]
     measured: dict[int, list[int]] = field(default_factory=dict)
+    #: ``kv="all"`` blocks: block -> (key/value side's fit, query side's fit), probed the first time asked for
+    splits: dict[int, tuple[tuple[int, int] | None, tuple[int, int] | None]] = field(default_factory=dict)
+    #: (T, q) -> block -> (key/value side over T tokens, query side of q queries), where a fit failed
+    split_measured: dict[tuple[int, int], dict[int, tuple[int, int]]] = field(default_factory=dict)
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[Any, _Costs]] = weakref.WeakKeyDictionary()
@@ -138,11 +152,7 @@ def _measure(
     model: nn.Module, stack: nn.ModuleList, length: int, example_inputs: Callable[[int], dict[str, Any]] | None
 ) -> list[int]:
     """FLOPs of each block and of the outside in one dense forward of one sequence of ``length`` tokens."""
-    if example_inputs is not None:
-        inputs = example_inputs(length)
-    else:
-        ids = random_token_ids(model, 1, length, torch.Generator().manual_seed(length))
-        inputs = {"input_ids": ids, "use_cache": False}
+    inputs = _probe_inputs(model, length, example_inputs)
     counter = flop_counter()
     parts = [*stack, *(moe for _, moe in _moe_layers(stack))]
     start = [0] * len(parts)
@@ -170,6 +180,62 @@ def _measure(
             m.training = flag
     blocks = costs[: len(stack)]
     return [*blocks, counter.get_total_flops() - sum(blocks), *costs[len(stack) :]]
+
+
+def _probe_inputs(
+    model: nn.Module, length: int, example_inputs: Callable[[int], dict[str, Any]] | None
+) -> dict[str, Any]:
+    if example_inputs is not None:
+        return example_inputs(length)
+    return {"input_ids": random_token_ids(model, 1, length, torch.Generator().manual_seed(length)), "use_cache": False}
+
+
+def _measure_splits(
+    model: nn.Module, stack: nn.ModuleList, blocks: list[int], length: int, queries: tuple[int, ...],
+    example_inputs: Callable[[int], dict[str, Any]] | None,
+) -> dict[int, dict[int, tuple[int, int]]]:  # fmt: skip
+    """For each ``kv="all"`` block in ``blocks``, on its call in one dense forward of ``length`` tokens: q ->
+    (FLOPs of its key/value side over all tokens, of its query side for the first q tokens), for q in ``queries``.
+
+    The query side runs as the routed forward runs it (:func:`modify.routing.kv_all.kv_all_delta`, gate 1), so
+    it counts what that runs; the key/value side it also runs is counted alone and taken off.
+    """
+    found: dict[int, dict[int, tuple[int, int]]] = {}
+
+    def hook(block: nn.Module, args: Any, kwargs: Any, index: int) -> None:
+        state = getattr(block, STATE_ATTR)
+        named = bind_call(state.signature, block, args, kwargs)
+        structure, leaves = call_structure(named, block.training)
+        split = state.program.split(block, structure, leaves, state.name)
+        x = named[state.spec.hidden]
+        with flop_counter() as counter:
+            split.kv(*leaves)
+        kv = counter.get_total_flops()
+        found[index] = {}
+        for q in queries:
+            idx = torch.arange(q, device=x.device).expand(x.shape[0], q)
+            gate = torch.ones(idx.shape, dtype=x.dtype, device=x.device)
+            with flop_counter() as counter:
+                kv_all_delta(block, state, named, idx, gate)
+            found[index][q] = (kv, counter.get_total_flops() - kv)
+
+    handles = [
+        stack[i].register_forward_pre_hook(lambda b, a, k, i=i: hook(b, a, k, i), with_kwargs=True) for i in blocks
+    ]
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with routing_disabled(model), torch.no_grad():
+            model(**_probe_inputs(model, length, example_inputs))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags.items():
+            m.training = flag
+    missing = [i for i in blocks if i not in found]
+    if missing:
+        raise ValueError(f"block {missing[0]} was not called in the probe forward, so its kv='all' cost is unknown")
+    return found
 
 
 def _moe_layers(stack: nn.ModuleList) -> list[tuple[int, nn.Module]]:
@@ -234,13 +300,51 @@ class _Probe:
             self.costs.measured[tokens] = _measure(self.model, self.stack, tokens, self.example_inputs)
         return self.costs.measured[tokens][part]
 
-    def routed(self, index: int, capacity: float, seq_len: int, skip_path: str) -> int:
+    def routed(self, index: int, capacity: float, seq_len: int, skip_path: str, kv: str = "routed") -> int:
         hidden = _hidden_size(self.model, self.stack[index])
         k = capacity_tokens(capacity, seq_len)
         skipped = (seq_len - k) * skip_path_flops(skip_path, hidden)
         # A removed block (capacity 0) doesn't run its router either: only its skip path costs anything.
         router = 2 * hidden * seq_len if capacity > 0 else 0
-        return self.cost(index, k) + router + skipped
+        block = self.kv_all(index, k, seq_len) if kv == "all" and capacity > 0 else self.cost(index, k)
+        return block + router + skipped
+
+    def kv_all(self, index: int, k: int, seq_len: int) -> int:
+        """FLOPs of ``kv="all"`` block ``index`` over one sequence: its key/value side on all ``seq_len``
+        tokens, its query side on ``k`` queries over ``seq_len`` keys."""
+        self.fit_splits([index])
+        kv_fit, query_fit = self.costs.splits[index]
+        if kv_fit is not None and query_fit is not None:
+            return kv_fit[0] * seq_len + kv_fit[1] * seq_len**2 + query_fit[0] * k + query_fit[1] * k * seq_len
+        measured = self.costs.split_measured.setdefault((seq_len, k), {})
+        if index not in measured:
+            runs = _measure_splits(self.model, self.stack, [index], seq_len, (k,), self.example_inputs)
+            measured[index] = runs[index][k]
+        return sum(measured[index])
+
+    def fit_splits(self, indices: list[int]) -> None:
+        """Probe the ``kv="all"`` blocks ``indices`` not probed yet, all in the same forwards: (a, b) of the
+        key/value side as a·T + b·T², and of the query side as a·q + b·q·T (q queries over T keys)."""
+        for index in indices:
+            state = getattr(self.stack[index], STATE_ATTR, None)
+            if state is None or state.program.attention is None:
+                raise ValueError(
+                    f"block {index} is not converted with kv='all', so its split is unknown; convert it with kv='all'"
+                )
+        todo = [i for i in dict.fromkeys(indices) if i not in self.costs.splits]
+        if not todo:
+            return
+        runs = {
+            t: _measure_splits(self.model, self.stack, todo, t, (t, t // 2), self.example_inputs) for t in FIT_LENGTHS
+        }
+        for index in todo:
+            kv_fit = _fit({t: runs[t][index][t][0] for t in FIT_LENGTHS})
+            query_fit = _fit({t: runs[t][index][t][1] for t in FIT_LENGTHS})
+            if query_fit is not None:
+                a, b = query_fit
+                if any(a * (t // 2) + b * (t // 2) * t != runs[t][index][t // 2][1] for t in FIT_LENGTHS):
+                    query_fit = None  # not queries × keys: measured at each (T, k) asked for instead
+            self.costs.splits[index] = (kv_fit, query_fit)
 
     def noop_extra(self, index: int, moe: nn.Module, capacity: float, seq_len: int) -> int:
         """What a no-op expert changes in block ``index``'s cost (:mod:`modify.moe.noop`): the layer runs on
@@ -267,11 +371,15 @@ def routed_block_flops(
     seq_len: int,
     skip_path: str = "identity",
     example_inputs: Callable[[int], dict[str, Any]] | None = None,
+    kv: str = "routed",
 ) -> int:
     """FLOPs of block ``index`` routed at ``capacity`` over one sequence: the block on k = ceil(c·T) tokens,
     the router on all T and the skip path on the T - k others (the router and path need not exist yet). At
-    capacity 0 (removed) only the skip path's, on all T."""
-    return _Probe.of(model, example_inputs).routed(index, capacity, seq_len, skip_path)
+    capacity 0 (removed) only the skip path's, on all T. With ``kv="all"`` the block's key/value side runs on
+    all T and its query side on k queries over T keys; the block must have been converted with kv="all"."""
+    if kv not in KV_OPTIONS:
+        raise ValueError(f"unknown kv option {kv!r}; choose one of {KV_OPTIONS}")
+    return _Probe.of(model, example_inputs).routed(index, capacity, seq_len, skip_path, kv)
 
 
 def _hidden_size(model: nn.Module, block: nn.Module) -> int:
@@ -309,6 +417,8 @@ def flops(
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
     probe = _Probe.of(model, example_inputs)
     outside = probe.cost(len(probe.stack), seq_len)
+    states = [getattr(block, STATE_ATTR, None) for block in probe.stack]
+    probe.fit_splits([i for i, s in enumerate(states) if s is not None and s.enabled and s.kv == "all" and s.capacity])
     per_block = []
     for i, block in enumerate(probe.stack):
         full = probe.cost(i, seq_len)
@@ -321,7 +431,7 @@ def flops(
         if state is None or not state.enabled:  # disabled (``routing_disabled``): the block runs densely
             per_block.append((full, full))
             continue
-        routed = probe.routed(i, state.capacity, seq_len, state.skip_path)
+        routed = probe.routed(i, state.capacity, seq_len, state.skip_path, state.kv)
         predictor = getattr(block, PREDICTOR_ATTR, None)  # the causal predictor reads every token
         if predictor is not None and state.capacity > 0:  # a removed block has no decision to make
             routed += seq_len * sum(2 * m.weight.numel() for m in predictor.modules() if isinstance(m, nn.Linear))
