@@ -76,7 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seq-len",
         type=int,
-        default=None,
+        default=512,
+        action=_Given,
         help="with --data: tokens per sequence, at least 2 (default 512, train's and calibrate's default, so that "
         "perplexities compare; inspect reports FLOPs at 2048, the model card's length)",
     )
@@ -134,14 +135,25 @@ def _task_list(text: str) -> list[str]:
     return names
 
 
+class _Given(argparse.Action):
+    """Store the value and note that the flag was given: --seq-len has a default, yet is refused with --tasks."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None):
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
 def _check_mode(parser: Parser, args: argparse.Namespace) -> None:
     """Refuse a flag of the other mode, which would be silently ignored."""
     wrong, mode = (_DATA_ONLY, "--tasks") if args.tasks is not None else (_TASKS_ONLY, "--data")
-    given = [f"--{dest.replace('_', '-')}" for dest in wrong if getattr(args, dest, None) is not None]
+    typed = getattr(args, "given", set())  # --seq-len has a default, so only _Given knows it was typed
+    given = [
+        f"--{dest.replace('_', '-')}"
+        for dest in wrong
+        if (dest in typed if dest == "seq_len" else getattr(args, dest, None) is not None)
+    ]
     if given:
         parser.error(f"{', '.join(given)} can't be used with {mode}; drop {'them' if len(given) > 1 else 'it'}")
-    if args.tasks is None and args.seq_len is None:
-        args.seq_len = 512
 
 
 def _check_args(args: argparse.Namespace) -> None:
