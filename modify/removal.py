@@ -121,6 +121,15 @@ def _periodic(kinds: list[bool]) -> tuple[int, int] | None:
     return None
 
 
+def _per_layer_settings(value: Any) -> bool:
+    """A dict of layer index -> that layer's own settings (a dict), not ``id2label`` (index -> a name)."""
+    return (
+        isinstance(value, dict)
+        and bool(value)
+        and all(str(k).isdigit() and isinstance(v, dict) for k, v in value.items())
+    )
+
+
 def _renumbered(text: Any, kept: list[int], count: int) -> dict[str, Any]:
     """The text config's fields that change when only the blocks ``kept`` (of ``count``) stay, by
     :data:`modify.archs.LAYER_INDEX_FIELDS` and the one-entry-per-layer lists; the depth included."""
@@ -135,8 +144,8 @@ def _renumbered(text: Any, kept: list[int], count: int) -> dict[str, Any]:
             edits[key] = sum(i < value for i in kept) if rule == "below" else sum(i <= value for i in kept) - 1
         elif not rule and isinstance(value, (list, tuple)) and len(value) == count and key != "architectures":
             edits[key] = type(value)(value[i] for i in kept)  # one entry per layer (layer_types, and the like)
-        elif not rule and isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
-            edits[key] = {str(new[int(k)]): v for k, v in value.items() if int(k) in new}  # settings per layer
+        elif not rule and _per_layer_settings(value):
+            edits[key] = {str(new[int(k)]): v for k, v in value.items() if int(k) in new}
     for key, value in fields.items():  # the rules that read a partner field, after the partner's own edit
         rule, partner = LAYER_INDEX_FIELDS.get(key, ("", ""))
         if rule == "sparse step" and isinstance(value, int) and value > 0 and partner in fields:

@@ -122,3 +122,12 @@ def test_removing_every_block_is_a_typed_error() -> None:
     with pytest.raises(NotExportableError) as info:
         remove_blocks(model, [0, 1, 2, 3])
     assert isinstance(info.value, ModifyError) and "\n" not in str(info.value)
+
+
+def test_index_keyed_dicts_that_are_not_per_layer_settings_stay() -> None:
+    """``id2label`` is keyed by index too, of labels, not layers: it must come through unchanged."""
+    model = _build("qwen2_moe")
+    labels = dict(model.config.id2label)
+    assert labels and all(str(k).isdigit() for k in labels)
+    remove_blocks(model, [0])
+    assert model.config.id2label == labels
