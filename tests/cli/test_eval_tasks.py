@@ -180,3 +180,32 @@ def test_flags_of_the_other_mode(argv: list[str], message: str, capsys) -> None:
 def test_bad_task_values(models: dict[str, Path], argv: list[str], message: str, capsys) -> None:
     err = _error(capsys, ["eval", str(models["half"]), "--tasks", "modify_offline", *argv], 2)
     assert message in err
+
+
+@pytest.mark.slow
+def test_smollm2_beats_chance_on_an_offline_task(capsys) -> None:
+    """The real checkpoint on the first 16 documents of the Python-docs task: well above the 0.25 of guessing
+    (8 of 16 right by chance has probability 0.03), so the task's choices and labels line up."""
+    code = main(["eval", "smollm2", "--tasks", "modify_pydoc_ending", "--limit", "16", "--json", "-q"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    scores = _by_metric(json.loads(captured.out))
+    assert scores[("modify_pydoc_ending", "acc_norm")] >= 0.5
+    assert scores[("modify_pydoc_ending", "brier_score")] < 0.75  # guessing uniformly scores 0.75
+
+
+def test_offline_tasks_are_what_build_writes(tmp_path: Path) -> None:
+    """The shipped JSON lines are the builder's output (the plays' files; Python's docs on the Python that built
+    them), and every question has four distinct choices with its answer among them."""
+    from modify.bench.tasks.build import write_all
+
+    for path in write_all(tmp_path):
+        shipped = TASKS_DIR / path.name
+        if path.name != "pydoc_ending.jsonl" or sys.version_info[:2] == (3, 11):
+            assert path.read_text("utf-8") == shipped.read_text("utf-8"), path.name
+        rows = [json.loads(line) for line in shipped.read_text("utf-8").splitlines()]
+        assert {r["split"] for r in rows} <= {"test", "train"} and sum(r["split"] == "test" for r in rows) >= 40
+        for r in rows:
+            if "choices" in r:
+                assert len(set(r["choices"])) == 4 and 0 <= r["label"] < 4
+                assert r["choices"][r["label"]] not in r["context"]
