@@ -312,7 +312,7 @@ class _Probe:
     def kv_all(self, index: int, k: int, seq_len: int) -> int:
         """FLOPs of ``kv="all"`` block ``index`` over one sequence: its key/value side on all ``seq_len``
         tokens, its query side on ``k`` queries over ``seq_len`` keys."""
-        self.fit_splits([index])
+        self.fit_splits([index, *self.split_blocks()])  # every split block in the same probe forwards
         kv_fit, query_fit = self.costs.splits[index]
         if kv_fit is not None and query_fit is not None:
             return kv_fit[0] * seq_len + kv_fit[1] * seq_len**2 + query_fit[0] * k + query_fit[1] * k * seq_len
@@ -321,6 +321,11 @@ class _Probe:
             runs = _measure_splits(self.model, self.stack, [index], seq_len, (k,), self.example_inputs)
             measured[index] = runs[index][k]
         return sum(measured[index])
+
+    def split_blocks(self) -> list[int]:
+        """The blocks converted with kv="all" (their attention split), whatever kv they run now."""
+        states = [getattr(block, STATE_ATTR, None) for block in self.stack]
+        return [i for i, s in enumerate(states) if s is not None and s.program.attention is not None]
 
     def fit_splits(self, indices: list[int]) -> None:
         """Probe the ``kv="all"`` blocks ``indices`` not probed yet, all in the same forwards: (a, b) of the
@@ -418,7 +423,8 @@ def flops(
     probe = _Probe.of(model, example_inputs)
     outside = probe.cost(len(probe.stack), seq_len)
     states = [getattr(block, STATE_ATTR, None) for block in probe.stack]
-    probe.fit_splits([i for i, s in enumerate(states) if s is not None and s.enabled and s.kv == "all" and s.capacity])
+    if any(s is not None and s.enabled and s.kv == "all" and s.capacity for s in states):
+        probe.fit_splits(probe.split_blocks())
     per_block = []
     for i, block in enumerate(probe.stack):
         full = probe.cost(i, seq_len)

@@ -104,6 +104,7 @@ def test_skipped_token_costs_the_key_value_side() -> None:
     # What a skipped token still costs: the block at capacity c less k routed tokens is T·(key/value side).
     per_block = routed_block_flops(model, 1, 0.25, LENGTH, kv="all")
     assert per_block - k2 * routed_token - LENGTH * router == LENGTH * kv_token
+    assert modify.flops(model, LENGTH, BATCH).blocks[1][1] == BATCH * per_block  # the two APIs agree
     assert per_block != routed_block_flops(model, 1, 0.25, LENGTH)  # kv="routed" on the same block
 
 

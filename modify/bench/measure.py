@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import os
 import statistics
 import sys
@@ -150,7 +151,9 @@ def profile_step(
     when they run densely) and ``routing`` (blocks minus compute, plus the routing ops' backward). On CUDA,
     device time."""
     routed = [(block, state) for block, state in routed_blocks(model) if state.index in blocks]
-    saved = [(block.forward, dict(state.graphs), state.forward_fn) for block, state in routed]
+    saved = [
+        (block.forward, dict(state.graphs), dict(state.program.splits), state.forward_fn) for block, state in routed
+    ]
 
     def ranged(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -162,6 +165,10 @@ def profile_step(
     for block, state in routed:
         block.forward = ranged("bench::block", block.forward)  # type: ignore[method-assign]
         state.graphs = {k: ranged("bench::compute", gm) for k, gm in state.graphs.items()}  # type: ignore[misc]
+        state.program.splits = {  # kv="all": both sides of the split are the block's compute
+            k: dataclasses.replace(s, kv=ranged("bench::compute", s.kv), query=ranged("bench::compute", s.query))
+            for k, s in state.program.splits.items()
+        }
         state.forward_fn = ranged("bench::compute", state.forward_fn)  # a disabled block's dense forward
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -172,9 +179,9 @@ def profile_step(
                 call()
             _sync(device)
     finally:
-        for (block, state), (forward, graphs, forward_fn) in zip(routed, saved):
+        for (block, state), (forward, graphs, splits, forward_fn) in zip(routed, saved):
             block.forward = forward  # type: ignore[method-assign]
-            state.graphs, state.forward_fn = graphs, forward_fn
+            state.graphs, state.program.splits, state.forward_fn = graphs, splits, forward_fn
     attr = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     totals = {e.key: getattr(e, attr) / 1e6 for e in prof.key_averages()}
     backward = sum(totals.get(k, 0.0) for k in _ROUTING_BACKWARD)
@@ -212,14 +219,14 @@ def planned_calls(plans: list[BenchPlan], settings: BenchSettings) -> int:
 def run_bench(model: nn.Module, plans: list[BenchPlan], settings: BenchSettings) -> list[dict[str, Any]]:
     """Benchmark the converted ``model`` (routed on every block any plan uses); one record per setting×mode.
 
-    Plans switch the routed blocks' capacities and on/off state while it runs; they are restored after.
+    Plans switch the routed blocks' capacities, kv options and on/off state while it runs; they are restored after.
     """
-    saved = [(state, state.enabled, state.capacity) for _, state in routed_blocks(model)]
+    saved = [(state, state.enabled, state.capacity, state.kv) for _, state in routed_blocks(model)]
     try:
         return _run(model, plans, settings)
     finally:
-        for state, enabled, capacity in saved:
-            state.enabled, state.capacity = enabled, capacity
+        for state, enabled, capacity, kv in saved:
+            state.enabled, state.capacity, state.kv = enabled, capacity, kv
 
 
 def _run(model: nn.Module, plans: list[BenchPlan], settings: BenchSettings) -> list[dict[str, Any]]:

@@ -9,12 +9,16 @@ Plans: ``paper`` (every other block at 0.125, the paper's best), ``LAYERS@CAPACI
 ``every-other@0.5``, ``1,3,5@0.25``), ``saved`` (a converted model's own plan) or a ``PLAN.json`` from
 ``modify calibrate``. The model is converted once on every block any plan routes; a plan then enables
 its blocks at its capacities and runs the others densely (:func:`apply_plan`).
+
+What a plan's skipped tokens leave in attention (``kv``, :mod:`modify.routing.kv_all`) is the plan's own for
+``saved`` and a PLAN.json, "routed" for the others; ``--kv`` sets it for every plan (:func:`with_kv`), and a plan
+benchmarked with kv="all" is labelled ``PLAN+kv=all``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,9 @@ from modify.api import parse_layers, resolve_layers, routed_blocks
 from modify.calibrate.plan_file import load_plan
 from modify.config import CONFIG_KEY
 from modify.errors import UsageError
+from modify.routing.kv_all import KV_OPTIONS
 
-__all__ = ["SHAPES", "BenchPlan", "parse_plan", "build_shape", "apply_plan", "randomize_routers"]
+__all__ = ["SHAPES", "BenchPlan", "parse_plan", "with_kv", "build_shape", "apply_plan", "randomize_routers"]
 
 #: name -> (transformers config class, its arguments, blocks of the real model). Llama-architecture shapes
 #: of SmolLM2-135M, Llama-3.2-1B and Llama-2-7B (from their config.json files).
@@ -50,14 +55,37 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class BenchPlan:
-    """A plan to benchmark: ``label`` as given, and per routed block index its capacity."""
+    """A plan to benchmark: ``label`` as given, per routed block index its capacity, and its kv option
+    ("routed" or "all"; a block missing from ``kv`` is "routed")."""
 
     label: str
     capacities: dict[int, float]
+    kv: dict[int, str] = field(default_factory=dict)
+
+    def kv_of(self, index: int) -> str:
+        return self.kv.get(index, "routed")
 
     def describe(self) -> str:
         values = sorted(set(self.capacities.values()))
-        return f"{len(self.capacities)} blocks at {'/'.join(f'{c:g}' for c in values)}"
+        text = f"{len(self.capacities)} blocks at {'/'.join(f'{c:g}' for c in values)}"
+        shared = sorted({self.kv_of(i) for i in self.capacities})
+        if shared == ["all"]:
+            return f"{text}, kv=all"
+        if len(shared) > 1:
+            return f"{text}, kv=all on {sum(self.kv_of(i) == 'all' for i in self.capacities)}"
+        return text
+
+
+def with_kv(plan: BenchPlan, option: str) -> BenchPlan:
+    """``plan`` with every routed block at kv ``option``; labelled ``LABEL+kv=all`` for "all"."""
+    if option not in KV_OPTIONS:
+        raise UsageError(f"unknown kv option {option!r}; use --kv {' or --kv '.join(KV_OPTIONS)}")
+    label = plan.label.removesuffix("+kv=all") + ("+kv=all" if option == "all" else "")
+    return replace(plan, label=label, kv={i: option for i in plan.capacities})
+
+
+def _saved_kv(routed: list[int], kv: list[str] | None) -> dict[int, str]:
+    return dict(zip(routed, kv)) if kv else {}
 
 
 def parse_plan(text: str, num_blocks: int, saved: dict[str, Any] | None = None) -> BenchPlan:
@@ -67,7 +95,9 @@ def parse_plan(text: str, num_blocks: int, saved: dict[str, Any] | None = None) 
     elif text == "saved":
         if saved is None:
             raise UsageError("plan 'saved' needs a converted MODEL; give paper, LAYERS@CAPACITY or a PLAN.json")
-        return BenchPlan("saved", dict(zip(saved["routed"], saved["capacities"])))
+        routed = saved["routed"]
+        plan = BenchPlan("saved", dict(zip(routed, saved["capacities"])), _saved_kv(routed, saved.get("kv")))
+        return with_kv(plan, "all") if set(plan.kv.values()) == {"all"} else plan
     elif "@" in text:
         text_layers, _, cap_text = text.rpartition("@")
         try:
@@ -94,7 +124,9 @@ def _plan_file(path: Path, num_blocks: int) -> BenchPlan:
     plan = calibration.plan()
     if plan.num_blocks != num_blocks:
         raise UsageError(f"{path} is a plan for {plan.num_blocks} blocks but the model has {num_blocks}")
-    return BenchPlan(str(path), dict(zip(plan.routed, plan.capacities)))
+    kv = _saved_kv(plan.routed, getattr(plan, "kv", None))
+    found = BenchPlan(str(path), dict(zip(plan.routed, plan.capacities)), kv)
+    return with_kv(found, "all") if set(found.kv.values()) == {"all"} else found
 
 
 def build_shape(name: str, depth: int | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -119,11 +151,14 @@ def randomize_routers(model: nn.Module, seed: int = 0) -> None:
 
 
 def apply_plan(model: nn.Module, plan: BenchPlan) -> None:
-    """Route the plan's blocks at its capacities; run the model's other routed blocks densely."""
+    """Route the plan's blocks at its capacities and kv options; run the model's other routed blocks densely."""
     for _, state in routed_blocks(model):
         state.enabled = state.index in plan.capacities
         if state.enabled:
             state.capacity = plan.capacities[state.index]
+            if plan.kv_of(state.index) == "all" and state.program.attention is None:
+                raise UsageError(f"plan {plan.label!r}: block {state.index} was converted with kv='routed'")
+            state.kv = plan.kv_of(state.index)
 
 
 def saved_plan(model: nn.Module) -> dict[str, Any] | None:

@@ -8,7 +8,8 @@ repeated, the dense model and, per plan, the converted model, a masked baseline 
 block, the update masked) and a per-sample baseline (a Python loop over the batch with boolean indexing).
 Reported per variant: median time, speedup over dense, analytic and measured FLOPs and their ratio (the speed
 limit), the converted model's routing share (profiler) and peak memory. CPU runs the PyTorch path; CUDA the
-Triton kernels.
+Triton kernels. --kv all runs the plans with skipped tokens' keys and values kept (kv="all"); --kv all routed
+runs each plan both ways.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from modify.api import routed_blocks
 from modify.cli.common import add_common_flags, quiet_libraries
 from modify.errors import UsageError
 from modify.io.checkpoint import atomic_file, load_any
+from modify.routing.kv_all import KV_OPTIONS
 
 if TYPE_CHECKING:
     from modify.bench.measure import BenchSettings
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 EXAMPLES = """examples:
   modify bench smollm2-135m --seq-len 512 1024 2048 --batch-size 1 4 16 --plans paper all@0.125 --json > bench.json
   modify bench smollm2-135m --plans all@0.5 all@0.25 --measure forward --implementations dense converted
+  modify bench smollm2 --seq-len 512 --plans all@0.125 --kv all routed --implementations dense converted
   modify bench llama-7b --depth 4 --seq-len 2048 --batch-size 1 --dtype bfloat16     # on a GPU: Triton path
   modify bench out/smollm2-mod --plans saved paper --csv bench.csv --plot bench.png   # a converted model
   modify bench smollm2-135m --compile --seq-len 1024 --batch-size 4                   # torch.compile too"""
@@ -60,6 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--plans", nargs="+", default=None, metavar="PLAN",
         help="paper, LAYERS@CAPACITY (all@0.125, every-other@0.5, 1,3,5@0.25), saved, or a PLAN.json "
         "(default: saved for a converted MODEL, else paper and all@0.125)",
+    )  # fmt: skip
+    p.add_argument(
+        "--kv", nargs="+", choices=KV_OPTIONS, metavar="KV",
+        help="what each plan's skipped tokens leave in attention: routed (nothing, the paper's rule) or all (their "
+        "keys and values); several run each plan once per option, labelled PLAN+kv=all (default: the plan's own, "
+        "routed for paper and LAYERS@CAPACITY)",
     )  # fmt: skip
     # Not --mode: that is convert's Mixture-of-Depths mode (staged or integrated).
     p.add_argument(
@@ -133,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     import psutil
 
     from modify.bench.measure import MODES, BenchSettings
-    from modify.bench.models import SHAPES, parse_plan, randomize_routers, saved_plan
+    from modify.bench.models import SHAPES, parse_plan, randomize_routers, saved_plan, with_kv
     from modify.bench.report import environment, markdown, plot, summary, table, write_csv
 
     _check_args(args)
@@ -153,12 +162,16 @@ def run(args: argparse.Namespace) -> int:
         saved = saved_plan(model) if converted else None
         blocks = saved["num_blocks"] if saved is not None else len(modify.find_blocks(model, strict=False))
         plans = [parse_plan(text, blocks, saved) for text in _plan_texts(args, converted)]
+    if args.kv:
+        plans = [with_kv(plan, option) for plan in plans for option in dict.fromkeys(args.kv)]
     wanted = sorted({i for plan in plans for i in plan.capacities})
-    routed = {state.index for _, state in routed_blocks(model)} if converted else set()
-    if not set(wanted) <= routed:
+    kv_all = {i for plan in plans for i in plan.capacities if plan.kv_of(i) == "all"}
+    states = [state for _, state in routed_blocks(model)] if converted else []
+    split = {s.index for s in states if s.program.attention is not None}  # blocks converted with kv="all"
+    if not set(wanted) <= {s.index for s in states} or not kv_all <= split:
         if converted:
             modify.revert(model)
-        modify.convert(model, capacity=1.0, layers=wanted)
+        modify.convert(model, capacity=1.0, layers=wanted, kv=["all" if i in kv_all else "routed" for i in wanted])
         randomize_routers(model)
     budget = args.memory_budget * 2**30 if args.memory_budget else 0.85 * psutil.virtual_memory().available
     if device.type == "cuda" and not args.memory_budget:
