@@ -202,12 +202,12 @@ def _layout(root: nn.Module, skip: str = "") -> dict[tuple[str, str], Any]:
     return out
 
 
-def _renumbers(mine: Any, rebuilt: Any, old: int, new: int, kept: list[int]) -> bool:
+def _renumbers(mine: Any, rebuilt: Any, old: int, new: int, kept: list[int], count: int) -> bool:
     """Whether an attribute differs only as the block's position does: an index (``layer_number`` = index + 1),
     or a copy of a per-layer config list (GPT-Neo's attention keeps ``attention_layers``)."""
     if all(isinstance(v, int) and not isinstance(v, bool) for v in (mine, rebuilt)):
         return mine - old == rebuilt - new
-    if isinstance(mine, tuple) and isinstance(rebuilt, tuple) and len(mine) > max(kept):
+    if isinstance(mine, tuple) and isinstance(rebuilt, tuple) and len(mine) == count:
         return tuple(mine[k] for k in kept) == rebuilt
     return False
 
@@ -255,7 +255,7 @@ def _check_layout(model: nn.Module, stack_name: str, stack: nn.ModuleList, kept:
             if old < 0:  # outside the stack: a renumbered field's copy, or the depth (CTRL's num_layers)
                 follows = key[1] in edits or (a == len(stack) and b == len(kept))
             else:
-                follows = _renumbers(a, b, old, new, kept)
+                follows = _renumbers(a, b, old, new, kept, len(stack))
             if attribute and follows:
                 value = copy.copy(getattr(their_root.get_submodule(key[0]), key[1]))
                 settings.append((mine_root.get_submodule(key[0]), key[1], value))

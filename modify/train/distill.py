@@ -35,10 +35,9 @@ from torch import nn
 from transformers import Trainer
 
 from modify.api import routing_disabled
-from modify.archs import NORM_CLASS_PATTERN
 from modify.errors import ModifyError
 from modify.model_hooks import aux_loss_coef
-from modify.train.trainable import _is_router, _is_skip_path, base_model
+from modify.train.trainable import _is_router, _is_skip_path, _norm_parameters, base_model
 
 __all__ = [
     "DistillParts",
@@ -260,8 +259,7 @@ def vocabulary_check(student: nn.Module, teacher: nn.Module, student_tok: Any, t
 def _self_teacher_restore(model: nn.Module) -> list[nn.Parameter]:
     """The trained base parameters the self-teacher puts back (norms), as ``modify train`` picks them; refuses
     base weights of any other kind that train, which the student's forward can't undo (see DistillationTrainer)."""
-    norms = {id(p) for module in model.modules() if NORM_CLASS_PATTERN.search(type(module).__name__)
-             for p in module.parameters(recurse=False)}  # fmt: skip
+    norms = _norm_parameters(model)  # what --train routers+norms trains
     base = [
         (name, p) for name, p in model.named_parameters()
         if p.requires_grad and not (_is_router(name) or _is_skip_path(name) or ".lora_" in name)
