@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from modify.kernels import gather_token_dim
-from modify.passes.capture_block import CallStructure, call_structure
+from modify.passes.capture_block import call_structure
 from modify.routing.arguments import BlockCall, gather_value
 from modify.routing.call import routed_call
 from modify.routing.router import ROUTER_ATTR
@@ -42,8 +42,8 @@ def query_mask(
 ) -> torch.Tensor | None:  # fmt: skip
     """The attention mask of the gathered queries ``idx`` [B, k] over all ``keys`` (this call's ``length``
     tokens are keys ``past`` to ``past + length``: the last ones, unless the cache has a fixed length): the
-    model's own [B|1, H|1, T, S] mask gathered on the query axis only, so
-    padding, sliding windows and packed documents hold as in the dense model. Where the model passed no mask
+    model's own [B|1, H|1, T, S] mask gathered on the query axis only, so padding, sliding windows and packed
+    documents hold as in the dense model. Where the model passed no mask
     (sdpa's causal shortcut) a causal one is made. ``spare`` [B, k] marks slots whose result is dropped: they
     see their own key, so no row of the softmax is empty.
     """
@@ -95,16 +95,16 @@ def _run_split(
     return routed_call(x, idx, gate, run)
 
 
-def _split(block: nn.Module, state: Any, named: dict[str, Any]) -> tuple[Any, list[Any], CallStructure]:
+def _split(block: nn.Module, state: Any, named: dict[str, Any]) -> tuple[Any, list[Any]]:
     structure, leaves = call_structure(named, block.training)
-    return state.program.split(block, structure, leaves, state.name), leaves, structure
+    return state.program.split(block, structure, leaves, state.name), leaves
 
 
 def kv_all_delta(
     block: nn.Module, state: Any, named: dict[str, Any], idx: torch.Tensor, gate: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[Any, ...]]:
     """The top-k forward of a ``kv="all"`` block: keys and values of every token, the rest for ``idx`` only."""
-    split, leaves, _ = _split(block, state, named)
+    split, leaves = _split(block, state, named)
     return _run_split(block, state, named, idx, gate, split.kv(*leaves), split)
 
 
@@ -115,7 +115,7 @@ def kv_all_per_token(
     writes its keys and values; the tokens ``process`` [B, q] selects run the query side, in kmax slots per row
     (spare slots of shorter rows gated 0). ``past``: the positions the block's cache layer held before."""
     spec, x = state.spec, call.x
-    split, leaves, _ = _split(block, state, call.named)
+    split, leaves = _split(block, state, call.named)
     kv_out = split.kv(*leaves)
     counts = process.sum(-1)
     kmax = int(counts.max())  # the one host synchronisation: the slots' count is a shape
