@@ -31,6 +31,7 @@ from modify.passes.find_block_stack import find_block_stack
 from modify.passes.probe_block_calls import BlockCallSpec, probe_block_calls
 from modify.passes.trace_attention import find_attention
 from modify.routing.forward import install, uninstall
+from modify.routing.kv_all import check_split
 from modify.routing.placement import block_device, keep_resident, register_offloaded
 from modify.routing.router import PREDICTOR_ATTR, ROUTER_ATTR, MoDPredictor, MoDRouter
 from modify.routing.skip_path import SKIP_ATTR, make_skip_path, spec_name
@@ -330,6 +331,9 @@ def _convert_staged(
         plan_part = BlockPlan(i, name, cap, plan.keep_first, skip, plan.causal, kv)
         state = RoutingState(plan_part, program, device=block_device(model, name))
         state.prepare(blocks[i])
+        if program.attention is not None:
+            structure = specs[i].structure
+            check_split(blocks[i], state, structure, specs[i].examples[structure])
         states.append(state)
     for state, threshold in zip(states, plan.thresholds):
         block, device = blocks[state.index], state.device

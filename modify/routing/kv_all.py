@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modify.errors import UnsupportedModelError
 from modify.kernels import gather_token_dim
 from modify.passes.capture_block import call_structure
 from modify.routing.arguments import BlockCall, gather_value
@@ -29,7 +30,7 @@ from modify.routing.call import routed_call
 from modify.routing.router import ROUTER_ATTR
 from modify.routing.skip_path import SKIP_ATTR
 
-__all__ = ["KV_OPTIONS", "query_mask", "kv_all_delta", "kv_all_per_token"]
+__all__ = ["KV_OPTIONS", "query_mask", "kv_all_delta", "kv_all_per_token", "check_split"]
 
 #: The per-block choices of what a skipped token leaves in the block's attention: "routed" (nothing: the
 #: paper's subsequence attention) or "all" (its keys and values).
@@ -134,3 +135,35 @@ def kv_all_per_token(
     if spec.output_is_tuple:
         return (y, *rest) if rest else (y, None)
     return y
+
+
+def check_split(block: nn.Module, state: Any, structure: Any, examples: list[Any]) -> float:
+    """Check a split block against its own forward on one probe call (``examples``, the graph inputs of a call
+    of ``structure``): the query side of every other token, attending to every token's keys and values, must give
+    the block's own output at those tokens. Returns the error relative to the largest hidden state.
+
+    Why: the split is derived from the graph, and an attention whose query and keys share more than the graph
+    shows (a latent projection read through a module's state, say) would split into something else, silently.
+
+    Raises:
+        UnsupportedModelError: the split doesn't reproduce the block, with the error and the fix.
+    """
+    named = structure.rebuild(tuple(examples))
+    x = named[state.spec.hidden]
+    batch, length, _ = x.shape
+    idx = torch.arange(1, length, 2, device=x.device).expand(batch, -1)
+    with torch.no_grad():
+        dense = state.forward_fn(block, **named)
+        dense = dense[0] if state.spec.output_is_tuple else dense
+        y, _ = kv_all_delta(block, state, named, idx, torch.ones(idx.shape, dtype=x.dtype, device=x.device))
+    rows = torch.arange(batch, device=x.device)[:, None]
+    error = float((y[rows, idx] - dense[rows, idx]).abs().max() / x.abs().max().clamp_min(1e-12))
+    tolerance = 1e-4 if x.dtype == torch.float32 else 2e-2
+    if not error <= tolerance:
+        raise UnsupportedModelError(
+            state.name,
+            f"kv='all' splits its attention, but the split gives other outputs than the block on the tokens it "
+            f"routes (relative error {error:.1e} on a probe call): its query and keys share more than the traced "
+            "graph shows; use kv='routed'",
+        )
+    return error

@@ -162,3 +162,15 @@ def test_bad_options_are_refused() -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     _, stack = find_block_stack(model)
     assert len(stack) == 3
+
+
+def test_a_split_that_does_not_reproduce_the_block_is_refused() -> None:
+    """Multi-head latent attention (YoutuLLM) splits, but its query side doesn't give the block's own outputs:
+    conversion checks the split on a probe call and refuses it in one line, changing nothing."""
+    from modify.testing.matrix import build
+
+    model = build("youtu")
+    with pytest.raises(UnsupportedModelError, match="split gives other outputs than the block") as info:
+        modify.convert(model, capacity=0.5, layers="all", kv="all")
+    assert "\n" not in str(info.value) and not routed_blocks(model)
+    modify.convert(model, capacity=0.5, layers="all")  # kv="routed" still converts
