@@ -59,16 +59,11 @@ def scores(model: str, path: Path, limit: int | None) -> dict[tuple[str, str], f
     return {(r["task"], r["metric"]): r["score"] for r in report["scores"]}
 
 
-def flops_ratio(work: Path, name: str) -> str:
-    """FLOPs per token over the original's, from the held-out perplexity runs of quality_smollm2.py."""
-    path, original = work / f"eval-{name}-play.json", work / "eval-original-play.json"
-    if name == "smollm2":
-        return "1.000"
-    if not (path.is_file() and original.is_file()):
-        return "–"
-    return (
-        f"{json.loads(path.read_text())['flops_per_token'] / json.loads(original.read_text())['flops_per_token']:.3f}"
-    )
+def routed_flops(model: str, path: Path) -> float:
+    """Forward FLOPs at T = 512 as routed (the model's own count for a plain checkpoint), by ``modify inspect``."""
+    if not path.is_file():
+        path.write_text(modify("inspect", model, "--seq-len", "512", "--json", "-q", capture=True))
+    return json.loads(path.read_text())["flops"]["routed"]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -99,12 +94,11 @@ def main() -> None:
             continue
         suffix = f"-limit{args.limit}" if args.limit else ""
         result = scores(model, work / f"tasks-{name}{suffix}.json", args.limit)
-        # the export keeps the removal plan's FLOPs; its perplexity runs were made on the converted plan
-        flops = flops_ratio(work, "convert-removal-080" if name == "export-removal-080" else name)
+        ratio = routed_flops(model, work / f"flops-{name}.json") / routed_flops("smollm2", work / "flops-smollm2.json")
         if "{deleted}" in label:
             layers = json.loads((work / name / "config.json").read_text())["num_hidden_layers"]
             label = label.format(deleted=30 - layers)  # SmolLM2-135M has 30 blocks
-        rows.append({"label": label, "healing": healing, "flops": flops, "scores": result})
+        rows.append({"label": label, "healing": healing, "flops": f"{ratio:.3f}", "scores": result})
     print(table(rows))
 
 
