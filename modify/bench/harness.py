@@ -47,7 +47,6 @@ __all__ = [
     "LM_EVAL_VERSION",
     "TASKS_DIR",
     "OFFLINE_TASKS",
-    "STANDARD_SUITE",
     "ModifyLM",
     "Score",
     "task_manager",
@@ -59,8 +58,6 @@ __all__ = [
 LM_EVAL_VERSION: str = lm_eval.__version__
 #: The tag of the tasks shipped in :data:`TASKS_DIR`.
 OFFLINE_TASKS = "modify_offline"
-#: What depth-reduction papers report (ShortGPT, SLEB, FlexiDepth, Minitron): needs the datasets from the hub.
-STANDARD_SUITE = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "mmlu")
 
 
 def routing_note(routing: str, routed: bool) -> str:
