@@ -37,6 +37,7 @@ def _parser() -> Parser:
             "  modify calibrate smollm2 --data play.txt --flops-budget 0.75 --out plan.json\n"
             "  modify train out/smollm2-mod --data plays/ --tokens 500000 --out runs/mod\n"
             "  modify eval out/smollm2-mod --data heldout.txt\n"
+            "  modify eval out/smollm2-mod --tasks modify_offline --baseline smollm2   # lm-eval tasks\n"
             "  modify generate out/smollm2-mod --prompt 'To be, or not to be'\n"
             "  modify bench smollm2-135m --seq-len 1024 --batch-size 4 --plans paper all@0.125\n"
             "  modify export out/removed out/pruned   # a removal-only plan as a plain checkpoint"
