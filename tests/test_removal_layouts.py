@@ -17,12 +17,11 @@ from typing import Any
 
 import pytest
 import torch
-import transformers
 
 from modify.errors import ModifyError, NotExportableError
 from modify.passes.find_block_stack import find_block_stack
 from modify.removal import remove_blocks
-from modify.testing.tiny_configs import tiny_config
+from modify.testing.matrix import build
 
 REMOVALS = ([0], [1], [2, 3])
 
@@ -57,14 +56,7 @@ CASES: list[tuple[str, dict[str, Any], tuple[bool, bool, bool]]] = [
 
 
 def _build(model_type: str, **overrides: Any) -> Any:
-    config = tiny_config(model_type, **overrides)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.add_(torch.randn_like(p) * 0.02)
-    return model.float().eval()
+    return build(model_type, **overrides)
 
 
 def _ids(model: Any) -> torch.Tensor:

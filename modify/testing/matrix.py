@@ -120,9 +120,10 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {text[0] if text else ''}"[:300]
 
 
-def build(model_type: str) -> Any:
-    """The family's tiny model: eager attention, the family's default experts, parameters perturbed."""
-    config = tiny_config(model_type)
+def build(model_type: str, **overrides: Any) -> Any:
+    """The family's tiny model: eager attention, the family's default experts, parameters perturbed;
+    ``overrides`` change its config."""
+    config = tiny_config(model_type, **overrides)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():
