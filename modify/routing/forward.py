@@ -14,7 +14,8 @@ The other paths of a call:
   where it has one), without running its router or any part of the block; with a cache, its layer only keeps
   count of the positions;
 - calls where each token decides alone (causal routing, as when sampling) and calls inside ``generate()`` or
-  that continue a cache: the per-token path of :mod:`modify.routing.ragged`;
+  that continue a cache: the per-token path of :mod:`modify.routing.ragged`, and for a decode step (one token
+  per row, continuing a cache) its fast path, :mod:`modify.routing.decode`;
 - the router phase of training (``relaxed``): Δ for every token and a straight-through gradient for every score.
 """
 
@@ -32,6 +33,7 @@ from modify.passes.probe_block_calls import bind_call
 from modify.routing import rules
 from modify.routing.arguments import BlockCall, padding_from_mask
 from modify.routing.call import routed_delta
+from modify.routing.decode import decode_step, fast_decode
 from modify.routing.kv_all import kv_all_delta, kv_all_per_token
 from modify.routing.placement import unwrap_forward, wrap_forward
 from modify.routing.ragged import cache_follower, ragged_forward
@@ -152,7 +154,10 @@ def _per_token(block: nn.Module, state: RoutingState, call: BlockCall, scores: t
     history = None
     if state.kv == "all":
         past = cache_follower().cached(call.cache[1], state.cache_layer) if call.cache is not None else 0
-        return kv_all_per_token(block, state, call, scores, _process(state, block, call, scores, causal, past), past)
+        process = _process(state, block, call, scores, causal, past)
+        if fast_decode(call, None, state.kv):
+            return decode_step(block, state, call, scores, process, None)
+        return kv_all_per_token(block, state, call, scores, process, past)
     if call.cache is not None:
         history = cache_follower().history(call.cache[1], state.cache_layer, batch, x.device)
     real = call.real()
@@ -162,6 +167,8 @@ def _per_token(block: nn.Module, state: RoutingState, call: BlockCall, scores: t
     else:
         idx = state.topk(scores, call.padding)
         process = torch.zeros_like(real).scatter_(1, idx, True) & real
+    if fast_decode(call, history, state.kv):
+        return decode_step(block, state, call, scores, process, history)
     return ragged_forward(block, state, call, scores, process, history)
 
 
@@ -172,8 +179,9 @@ def _process(
     That layer is the dense model's, so the real tokens seen before are those positions less the padding."""
     length = call.x.shape[1]
     padding = call.padding
-    if call.mask is not None and call.mask.shape[-1] != past + length:
-        # a cache of fixed length (static): this call's keys are columns past..past + T, not the last T
+    if call.mask is not None and call.mask.shape[-1] > past + length:
+        # a cache of fixed length (static): this call's keys are columns past..past + T, not the last T (a
+        # sliding window's mask is narrower than the cache, and its last T columns are this call's)
         padding = padding_from_mask(~call.mask if state.spec.mask_blocks_true else call.mask, call.x.shape[0], past)
     real = ~padding if padding is not None else call.real()
     if not causal:

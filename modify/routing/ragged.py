@@ -30,7 +30,16 @@ from modify.routing.call import routed_delta
 from modify.routing.router import ROUTER_ATTR
 from modify.routing.skip_path import SKIP_ATTR
 
-__all__ = ["History", "CacheFollower", "set_cache_follower", "cache_follower", "ragged_forward"]
+__all__ = [
+    "History",
+    "CacheFollower",
+    "set_cache_follower",
+    "cache_follower",
+    "ragged_forward",
+    "select_rows",
+    "as_mask",
+    "allowed_keys",
+]
 
 
 @dataclass
@@ -78,17 +87,18 @@ def cache_follower() -> CacheFollower:
     return _FOLLOWER[0]
 
 
-def _rows(value: Any, rows: torch.Tensor | None, batch: int) -> Any:
+def select_rows(value: Any, rows: torch.Tensor | None, batch: int) -> Any:
+    """``value`` (an argument of a call of ``batch`` rows, nested or not) at the ``rows`` only; all if None."""
     if rows is None:
         return value
     if isinstance(value, (tuple, list)):
-        return type(value)(_rows(v, rows, batch) for v in value)
+        return type(value)(select_rows(v, rows, batch) for v in value)
     if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
         return value.index_select(0, rows)
     return value
 
 
-def _as_mask(allowed: torch.Tensor, like: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def as_mask(allowed: torch.Tensor, like: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """``allowed`` [b, 1, k, n] in the form of the model's mask: bool stays bool; else additive (eager adds it)."""
     if like is not None and like.dtype == torch.bool:
         return allowed
@@ -127,18 +137,18 @@ def ragged_forward(
         valid = torch.arange(slots, device=x.device) < counts[:, None]
         rows = (counts > 0).nonzero().squeeze(1) if kmax > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
         sub = None if rows.numel() == batch else rows
-        idx, valid = _rows(order, sub, batch), _rows(valid, sub, batch)
-        allowed = _allowed(call.mask, sub, idx, valid, history, past, length, cache is not None)
-        named = {k: _rows(v, sub, batch) for k, v in call.named.items()}
+        idx, valid = select_rows(order, sub, batch), select_rows(valid, sub, batch)
+        allowed = allowed_keys(call.mask, sub, idx, valid, history, past, length, cache is not None)
+        named = {k: select_rows(v, sub, batch) for k, v in call.named.items()}
         given = set()  # arguments made for the gathered slots, not gathered from the call's
         if spec.pairwise is not None and spec.pairwise[0] in named:
             key = spec.pairwise[0]
-            named[key] = replace_at(call.named[key], spec.pairwise[1:], _as_mask(allowed, call.mask, x.dtype))
+            named[key] = replace_at(call.named[key], spec.pairwise[1:], as_mask(allowed, call.mask, x.dtype))
             given.add(key)
         if follower is not None:
             named[call.cache[0]] = follower.stand_in(cache, layer, idx, valid, sub, batch, length)
             given.add(call.cache[0])
-        gate = getattr(block, ROUTER_ATTR).gate(torch.gather(_rows(scores, sub, batch), 1, idx)) * valid
+        gate = getattr(block, ROUTER_ATTR).gate(torch.gather(select_rows(scores, sub, batch), 1, idx)) * valid
         ys, rest = routed_delta(block, state, named, idx, gate, given)
         y = ys if sub is None else x.to(ys.dtype).index_copy(0, rows, ys)
     skip = getattr(block, SKIP_ATTR, None)
@@ -151,7 +161,7 @@ def ragged_forward(
     return y
 
 
-def _allowed(
+def allowed_keys(
     mask: torch.Tensor | None,
     sub: torch.Tensor | None,
     idx: torch.Tensor,
@@ -171,7 +181,7 @@ def _allowed(
     batch = idx.shape[0]
     base = None  # [b, q, n] what the model's own mask allows, for the rows that run
     if mask is not None:
-        rows_mask = _rows(mask, sub, mask.shape[0]) if mask.shape[0] > 1 else mask.expand(batch, *mask.shape[1:])
+        rows_mask = select_rows(mask, sub, mask.shape[0]) if mask.shape[0] > 1 else mask.expand(batch, *mask.shape[1:])
         base = mask_allows(rows_mask[:, 0])
     if not cached:
         pos = idx
@@ -185,7 +195,7 @@ def _allowed(
     total = past + length
     width = mask.shape[-1] if mask is not None else total
     cols = torch.arange(total - width, total, device=idx.device)
-    col_valid = _rows(history.valid[:, -width:], sub, history.valid.shape[0])
+    col_valid = select_rows(history.valid[:, -width:], sub, history.valid.shape[0])
     here = past + idx
     allowed = (cols[None, None, :] <= here[:, :, None]) & col_valid[:, None, :]
     if base is not None:

@@ -63,8 +63,11 @@ def causal_process(
     if state.capacity >= 1.0:
         return real.clone()
     decided = decided_tokens(state, real, seen)
-    if state.causal != "aux":
-        thresholds.start(state.router.threshold, thresholds.quantile_of(scores, decided, 1.0 - state.capacity))
+    if state.causal != "aux" and not state.threshold_started:
+        threshold = state.router.threshold
+        thresholds.start(threshold, thresholds.quantile_of(scores, decided, 1.0 - state.capacity))
+        # read once, until a number holds: a started threshold only moves by number (training, fitting)
+        state.threshold_started = not bool(threshold.isnan())
     process = real & decide(state, block, x, scores)
     if state.keep_first:
         process |= real & ~decided

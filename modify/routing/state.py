@@ -196,6 +196,8 @@ class RoutingState:
         wrapped: where the routed forward was put, for uninstalling.
         kept: the block's modules (router, skip path, predictor) that were there before conversion (a loaded
             checkpoint's), which undoing a failed conversion leaves in place.
+        threshold_started: the router's threshold was seen to hold a number, so the causal rule no longer
+            computes the quantile that would start it (a decode step's cost); setting ``threshold`` clears it.
     """
 
     plan: BlockPlan
@@ -210,6 +212,7 @@ class RoutingState:
     handles: list[Any] = field(default_factory=list)
     wrapped: Wrapped | None = None
     kept: tuple[str, ...] = ()
+    threshold_started: bool = False
     _resume: str = field(default="auto", repr=False)
     _observer: Any = field(default=None, repr=False)
 
@@ -279,6 +282,7 @@ class RoutingState:
     def threshold(self, value: float) -> None:
         assert self.router is not None, "the block is not routed"
         self.router.threshold.fill_(value)
+        self.threshold_started = False
 
     def topk(self, scores: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
         """[B, k] the top-k rule's tokens of each row, k from the block's capacity."""
