@@ -95,23 +95,23 @@ def test_cached_equals_uncached(
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_a_skipped_decode_step_writes_only_what_the_dense_model_would() -> None:
+@pytest.mark.parametrize("kv", ["all", "routed"])
+def test_a_skipped_decode_step_writes_only_what_the_dense_model_would(kv: str) -> None:
     """kv="all": a token no row processes still writes its keys and values (the layer stays the dense model's);
     kv="routed": the layer grows by one hidden position."""
-    for kv in ("all", "routed"):
-        model = routed_model("llama", layers=[1], attn="sdpa", kv=kv)
-        ((block, state),) = modify.api.routed_blocks(model)
-        prompt = torch.randint(3, 90, (1, 6))
-        with torch.no_grad(), modify.routing_mode(model, "causal"):
-            out = model(prompt, use_cache=True)
-            state.threshold = 1e9  # no decode token is processed
-            calls = []
-            handle = block.mlp.register_forward_hook(lambda m, a, o: calls.append(1))
-            model(prompt[:, :1], past_key_values=out.past_key_values, use_cache=True)
-            handle.remove()
-        layer = out.past_key_values.layers[state.cache_layer]
-        assert calls == [] and layer.keys.shape[-2] == 7
-        assert bool(layer.keys[..., -1, :].abs().sum() > 0) == (kv == "all")
+    model = routed_model("llama", layers=[1], attn="sdpa", kv=kv)
+    ((block, state),) = modify.api.routed_blocks(model)
+    prompt = torch.randint(3, 90, (1, 6))
+    calls: list[int] = []
+    with torch.no_grad(), modify.routing_mode(model, "causal"):
+        out = model(prompt, use_cache=True)
+        state.threshold = 1e9  # no decode token is processed
+        handle = block.mlp.register_forward_hook(lambda m, a, o: calls.append(1))
+        model(prompt[:, :1], past_key_values=out.past_key_values, use_cache=True)
+        handle.remove()
+    layer = out.past_key_values.layers[state.cache_layer]
+    assert calls == [] and layer.keys.shape[-2] == 7
+    assert bool(layer.keys[..., -1, :].abs().sum() > 0) == (kv == "all")
 
 
 def test_a_started_threshold_is_not_recomputed(monkeypatch: pytest.MonkeyPatch) -> None:
