@@ -1,21 +1,32 @@
-"""Decode throughput: the dense model against converted ones sampling with causal routing, in one run.
+"""Decode throughput of record: the original, pruned models and converted ones, sampled as users sample, in one run.
 
-    python benchmarks/bench_decode.py MODEL_DIR [MODEL_DIR ...] [--pruned DIR] [--prompt 256] [--new 128]
-                                      [--batch 1 16] [--repeats 3]
+    python benchmarks/bench_decode.py [NAME=]DIR ... [--paper] [--source smollm2] [--batch 1 16] [--prompt 256]
+                                      [--new 128] [--repeats 3] [--compile] [--json FILE] [--plot FILE]
 
-Each MODEL_DIR is a converted model (``modify convert``, with ``--kv routed`` or ``--kv all``, or
-``examples/causal_routing_smollm2.py``, which writes the paper's plan with calibrated routers and thresholds to
-``runs/causal/paper-threshold``) of one source; the dense model is the first one's weights with the routing
-disabled, so it and the converted models differ only in routing. ``--pruned`` adds a plain checkpoint with
-blocks deleted (``modify export``), decoded as the dense model it is. For each
-batch size: greedy ``generate()`` of ``--new`` tokens (no early stop) after a ``--prompt``-token prompt of
-held-out plays, dense and converted interleaved, ``--repeats`` times, median seconds; decode tokens per second
-count the new tokens after the first (the prefill's), measured as generate(new) minus generate(1).
+    # the record in the README and docs/generation.md (2-core CPU, about 40 minutes):
+    python benchmarks/bench_decode.py --paper \\
+        calibrated-routed=runs/quality-kv/convert-mod-kv-all-080-as-routed \\
+        calibrated-all=runs/quality-kv/convert-mod-kv-all-080 pruned-8=runs/quality-kv/export-removal-080 \\
+        --compile --json docs/decode.json --plot docs/decode.png
 
-Beside each measured speedup: the FLOP ratio of the decode steps (dense / converted), counted by
-``torch.utils.flop_counter.FlopCounterMode`` over the same generation (generate(new) minus generate(1)), and the
-share of routed-block positions the converted model processed while decoding. A ratio of time below the FLOP
-ratio is overhead: at batch 1 on a CPU, decoding is bound by per-operation dispatch more than by arithmetic.
+Each DIR is a converted model (``modify convert`` or ``modify calibrate``) or a plain checkpoint with blocks
+deleted (``modify export``), of the one ``--source``. ``--paper`` adds the paper's plan built from the source
+in memory: capacity 0.125 on every other block with ``kv="routed"`` and with ``kv="all"`` (seeded routers,
+thresholds fitted on the calibration plays, so each block processes about 1 token in 8), and the source with as
+many blocks deleted as that plan saves (13 of 30, every other one from block 3).
+
+For each batch size: greedy ``generate()`` of ``--new`` tokens (no early stop) after a ``--prompt``-token prompt of
+held-out plays, every model in turn, ``--repeats`` rounds, medians. Decode seconds are generate(new) minus
+generate(1) (the prefill and first token). Beside each speedup over the original:
+
+- the decode FLOP ratio (original / model), counted by ``torch.utils.flop_counter.FlopCounterMode`` over one
+  more generate(new) minus generate(1), and in that same generation the share of routed-block positions the
+  causal rule processed; ``speedup / FLOP ratio`` says how much of the saved arithmetic became time;
+- memory: weights and the key-value cache after the generation (on CUDA, the peak allocated instead).
+
+``--compile``: the same at batch 1 with ``torch.compile(model.forward, dynamic=True)``, a decode loop of
+``--new`` steps on the model's own cache after an eager prefill, against the original compiled the same way
+(compile time reported, not counted), beside the eager loop's step time for like-with-like comparison.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -36,16 +48,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import modify  # noqa: E402
 from modify.io.assets import shakespeare_split  # noqa: E402
 
+PAPER_BLOCKS_DELETED = tuple(range(3, 29, 2))  # 13 blocks: 15 at capacity 0.125 save 15 · 0.875 ≈ 13.1 blocks
 
-def prompts(tokenizer, batch: int, length: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+
+def prompts(tokenizer: Any, batch: int, length: int) -> torch.Tensor:
     _, held_out = shakespeare_split()
     ids = tokenizer(held_out[0].read_text(errors="ignore"), return_tensors="pt").input_ids[0]
-    starts = [5000 + i * 997 for i in range(batch)]
-    return torch.stack([ids[s : s + length] for s in starts])
+    return torch.stack([ids[5000 + i * 997 : 5000 + i * 997 + length] for i in range(batch)])
 
 
 class Processed:
-    """Counts the share of routed-block positions the causal rule processes (every block, every call)."""
+    """The share of routed-block positions the causal rule processes (every block, every call)."""
 
     def __init__(self) -> None:
         self.kept = self.seen = 0
@@ -55,7 +68,7 @@ class Processed:
 
         self._rule = rule = rules.causal_process
 
-        def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
             out = rule(*args, **kwargs)
             self.kept, self.seen = self.kept + int(out.sum()), self.seen + out.numel()
             return out
@@ -68,137 +81,202 @@ class Processed:
 
         rules.causal_process = self._rule
 
-    @property
-    def share(self) -> float:
-        return self.kept / max(1, self.seen)
+
+def generate(model: Any, ids: torch.Tensor, new: int) -> Any:
+    return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                          return_dict_in_generate=True)  # fmt: skip
 
 
-def generate(model, ids: torch.Tensor, new: int, dense: bool):  # type: ignore[no-untyped-def]
-    kwargs = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0,
-              "return_dict_in_generate": True}  # fmt: skip
-    if dense:
-        with modify.routing_disabled(model):
-            return model.generate(ids, **kwargs)
-    return model.generate(ids, **kwargs)
-
-
-def seconds(model, ids: torch.Tensor, new: int, dense: bool) -> float:  # type: ignore[no-untyped-def]
+def seconds(model: Any, ids: torch.Tensor, new: int) -> float:
     start = time.perf_counter()
-    generate(model, ids, new, dense)
+    generate(model, ids, new)
     return time.perf_counter() - start
 
 
-def flops(model, ids: torch.Tensor, new: int, dense: bool) -> int:  # type: ignore[no-untyped-def]
-    with FlopCounterMode(display=False) as counter:
-        generate(model, ids, new, dense)
-    return counter.get_total_flops()
+def memory_mb(model: Any, out: Any) -> float:
+    """Weights and the generation's key-value cache, in MB (CPU); the peak allocated (CUDA)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    layers = getattr(out.past_key_values, "layers", [])
+    cache = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values) if t is not None)
+    return (weights + cache) / 2**20
 
 
-def rows_sweep(model, ids: torch.Tensor, steps: int = 10) -> None:  # type: ignore[no-untyped-def]
-    """Why a batch gains little: the decode step's time when every routed block processes exactly r of the
-    batch's rows (the causal decision forced), against dense. The routed blocks' share of the step falls with
-    r only if a block's cost does; a block's weights are read whole whichever rows run it."""
-    import modify.routing.rules as routing
-
-    batch = ids.shape[0]
-    rule = routing.causal_process
-
-    def step_ms(rows: int | None) -> float:
-        if rows is not None:
-            routing.causal_process = lambda s, b, x, sc, real, seen: real & (torch.arange(x.shape[0])[:, None] < rows)
-        try:
-            with (
-                torch.no_grad(),
-                modify.routing_disabled(model) if rows is None else modify.routing_mode(model, "causal"),
-            ):
-                out = model(ids, use_cache=True)
-                cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-                start = time.perf_counter()
-                for _ in range(steps):
-                    out = model(nxt, cache=cache, use_cache=True)
-                    nxt = out.logits[:, -1:].argmax(-1)
-                return (time.perf_counter() - start) / steps * 1e3
-        finally:
-            routing.causal_process = rule
-
-    dense = step_ms(None)
-    cells = [f"dense {dense:.1f} ms"]
-    for rows in sorted({0, 1, 2, 4, batch // 2, batch}):
-        cells.append(f"{rows} rows {step_ms(rows):.1f} ms")
-    print(f"batch {batch:>3} decode step, every routed block processing r rows: " + ", ".join(cells), flush=True)
+def counted(model: Any, ids: torch.Tensor, new: int) -> dict[str, float]:
+    """Decode FLOPs (generate(new) - generate(1)), the processed share of the decode steps, and memory."""
+    totals = []
+    for n in (new, 1):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        with FlopCounterMode(display=False) as flops, Processed() as processed:
+            out = generate(model, ids, n)
+        totals.append((flops.get_total_flops(), processed.kept, processed.seen))
+        if n == new:
+            memory = memory_mb(model, out)
+    (f_all, k_all, s_all), (f_one, k_one, s_one) = totals
+    share = (k_all - k_one) / (s_all - s_one) if s_all > s_one else 1.0
+    return {"flops": f_all - f_one, "share": share, "memory_mb": memory}
 
 
-def measure(model, ids: torch.Tensor, new: int, repeats: int, dense: bool) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    """Decode seconds (median of generate(new) minus generate(1)), decode FLOPs and the processed share."""
-    with torch.no_grad():
-        generate(model, ids, 4, dense)  # warm-up
-        full = [seconds(model, ids, new, dense) for _ in range(repeats)]
-        prefill = [seconds(model, ids, 1, dense) for _ in range(repeats)]
-        count = flops(model, ids, new, dense) - flops(model, ids, 1, dense)
-        with Processed() as processed:
-            generate(model, ids, new, dense)
-            first = processed.seen
-        with Processed() as prompt_only:
-            generate(model, ids, 1, dense)
-    share = (processed.kept - prompt_only.kept) / max(1, first - prompt_only.seen) if not dense else 1.0
-    return {"seconds": statistics.median(full) - statistics.median(prefill), "flops": count, "share": share}
+def compiled_step_ms(model: Any, ids: torch.Tensor, steps: int) -> dict[str, float]:
+    """Median decode step time, eager and ``torch.compile``-d, after an eager prefill; and the compile time."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, dynamic=True)
+    result = {}
+    for name, forward in (("eager", model.forward), ("compiled", compiled)):
+        out = model(ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        times = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            out = forward(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - t)
+        warm = min(8, steps // 4)
+        result[f"{name}_ms"] = statistics.median(times[warm:]) * 1e3
+        if name == "compiled":
+            result["compile_s"] = time.perf_counter() - start - sum(times[warm:])
+    return result
+
+
+def paper_models(source: str, tokenizer: Any) -> dict[str, Any]:
+    """The paper's plan (capacity 0.125 on every other block) with each kv option, and the source with as many
+    blocks deleted as it saves; thresholds fitted on the calibration plays."""
+    from modify.io.checkpoint import load_source, resolve_source
+
+    calibration, _ = shakespeare_split()
+    text = " ".join(p.read_text(errors="ignore")[:20000] for p in calibration[:4])
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    windows = ids[: (len(ids) // 256) * 256].reshape(-1, 256)[:16]
+    models = {}
+    for kv in ("routed", "all"):
+        model, _ = load_source(resolve_source(source))
+        modify.convert(model, capacity=0.125, layers="every-other", kv=kv)
+        with torch.no_grad():
+            modify.fit_thresholds(model, [windows[i : i + 4] for i in range(0, len(windows), 4)])
+        models[f"paper-{kv}"] = model.eval()
+    pruned, _ = load_source(resolve_source(source))
+    models[f"pruned-{len(PAPER_BLOCKS_DELETED)}"] = modify.remove_blocks(pruned, PAPER_BLOCKS_DELETED).eval()
+    return models
+
+
+def describe(model: Any) -> str:
+    plan = getattr(model.config, "mixture_of_depths", None)
+    if not plan:
+        return f"plain, {model.config.num_hidden_layers} layers"
+    kv = sorted(set(plan.get("kv") or ["routed"]))
+    caps = plan["capacities"]
+    return f"{len(plan['routed'])}/{plan['num_blocks']} routed, mean capacity {sum(caps) / len(caps):.3f}, kv {kv}"
+
+
+def plot(rows: list[dict[str, Any]], path: Path, machine: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["batch"], r["mode"]) for r in rows})
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    for ax, (batch, mode) in zip(axes[0], groups, strict=True):
+        sel = [r for r in rows if r["batch"] == batch and r["mode"] == mode]
+        x = range(len(sel))
+        ax.bar(x, [r["speedup"] for r in sel], color="tab:blue", label="decode speedup")
+        ax.scatter(
+            x, [r["decode_flop_ratio"] for r in sel], color="black", marker="_", s=400, label="decode FLOP ratio"
+        )
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xticks(list(x), [r["model"] for r in sel], rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"batch {batch}, {mode}")
+        ax.set_ylabel("× the original")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Decode against the original (SmolLM2-135M, {machine})", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", type=Path, nargs="+", help="converted model directories of one source")
-    parser.add_argument("--pruned", type=Path, help="a plain checkpoint with blocks deleted (modify export)")
+    parser.add_argument("models", nargs="*", help="[NAME=]DIR: converted models, or plain pruned ones, of --source")
+    parser.add_argument("--paper", action="store_true", help="add the paper's plan (both kv) and its pruned model")
+    parser.add_argument("--source", default="smollm2", help="the original (default: smollm2)")
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", type=Path, help="also write the rows here")
-    parser.add_argument("--rows-sweep", action="store_true", help="also time decode steps with r rows forced to run")
+    parser.add_argument("--compile", action="store_true", help="also compare compiled decode steps at batch 1")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--plot", type=Path, help="write a plot of the speedups here")
     args = parser.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from modify.io.checkpoint import load_source, resolve_source
 
     torch.manual_seed(0)
-    models = {path.name: modify.from_pretrained(path).eval() for path in args.models}
-    if args.pruned is not None:
-        models[args.pruned.name] = AutoModelForCausalLM.from_pretrained(args.pruned).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.models[0])
-    original = next(iter(models.values()))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    original, tokenizer = load_source(resolve_source(args.source))
+    models: dict[str, Any] = {"original": original.eval()}
+    for spec in args.models:
+        name, _, path = spec.rpartition("=")
+        path = Path(path)
+        config = json.loads((path / "config.json").read_text())
+        load = modify.from_pretrained if "mixture_of_depths" in config else AutoModelForCausalLM.from_pretrained
+        models[name or path.name] = load(path).eval()
+    if args.paper:
+        models.update(paper_models(args.source, tokenizer))
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {machine}")
     for name, model in models.items():
-        plan = getattr(model.config, "mixture_of_depths", None)
-        kv = sorted(set(plan.get("kv") or ["routed"])) if plan else "-"
-        described = f"{len(plan['routed'])}/{plan['num_blocks']} routed, kv {kv}" if plan else "plain"
-        print(f"  {name}: {described}, {model.config.num_hidden_layers} layers")
+        print(f"  {name}: {describe(model)}")
     rows = []
     for batch in args.batch:
         ids = prompts(tokenizer, batch, args.prompt)
-        steps = batch * (args.new - 1)
-        base = measure(original, ids, args.new, args.repeats, True)
-        print(f"batch {batch:>3}: original {steps / base['seconds']:8.1f} tok/s", flush=True)
-        for name, model in models.items():
-            plain = not hasattr(model.config, "mixture_of_depths")
-            got = measure(model, ids, args.new, args.repeats, False) if not plain else measure(
-                model, ids, args.new, args.repeats, True
-            )  # fmt: skip
-            row = {
-                "batch": batch,
-                "model": name,
-                "original_tokens_per_s": steps / base["seconds"],
-                "tokens_per_s": steps / got["seconds"],
-                "speedup": base["seconds"] / got["seconds"],
-                "decode_flop_ratio": base["flops"] / got["flops"],
-                "decode_processed_share": got["share"],
-            }
-            rows.append(row)
-            print(
-                f"           {name:<28} {row['tokens_per_s']:8.1f} tok/s  speedup {row['speedup']:.2f}x  "
-                f"decode FLOP ratio {row['decode_flop_ratio']:.2f}x  routed positions processed {got['share']:.1%}",
-                flush=True,
-            )
-        if args.rows_sweep and batch > 1:
-            rows_sweep(original, ids)
+        tokens = batch * (args.new - 1)
+        times: dict[str, dict[str, list[float]]] = {n: {"full": [], "one": []} for n in models}
+        with torch.no_grad():
+            for model in models.values():
+                generate(model, ids, 4)  # warm-up
+            for _ in range(args.repeats):
+                for name, model in models.items():
+                    times[name]["full"].append(seconds(model, ids, args.new))
+                    times[name]["one"].append(seconds(model, ids, 1))
+            counts = {name: counted(model, ids, args.new) for name, model in models.items()}
+        decode = {n: statistics.median(t["full"]) - statistics.median(t["one"]) for n, t in times.items()}
+        for name in models:
+            rows.append(_row(batch, "eager", name, tokens / decode[name], decode["original"] / decode[name],
+                             counts, args.new))  # fmt: skip
+        if args.compile and batch == 1:
+            with torch.no_grad():
+                steps = {name: compiled_step_ms(model, ids, args.new) for name, model in models.items()}
+            for name, step in steps.items():
+                row = _row(batch, "compiled", name, 1e3 / step["compiled_ms"],
+                           steps["original"]["compiled_ms"] / step["compiled_ms"], counts, args.new)  # fmt: skip
+                row.update(step)
+                rows.append(row)
+    _print(rows)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps({"machine": machine, "torch": torch.__version__, "rows": rows}, indent=2))
+    if args.plot:
+        plot(rows, args.plot, machine)
+
+
+def _row(batch: int, mode: str, name: str, rate: float, speedup: float, counts: dict, new: int) -> dict[str, Any]:
+    ratio = counts["original"]["flops"] / counts[name]["flops"]
+    return {"batch": batch, "mode": mode, "model": name, "tokens_per_s": rate, "speedup": speedup,
+            "decode_flop_ratio": ratio, "speedup_over_flop_ratio": speedup / ratio,
+            "processed_share": counts[name]["share"], "memory_mb": counts[name]["memory_mb"]}  # fmt: skip
+
+
+def _print(rows: list[dict[str, Any]]) -> None:
+    print(
+        "| batch | mode | model | tok/s | speedup | decode FLOP ratio | speedup / FLOP ratio | processed | memory MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['mode']} | {r['model']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}× | "
+              f"{r['decode_flop_ratio']:.2f}× | {r['speedup_over_flop_ratio']:.2f} | {r['processed_share']:.1%} | "
+              f"{r['memory_mb']:.0f} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

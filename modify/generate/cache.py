@@ -8,9 +8,11 @@ hold real keys is kept beside the cache (:data:`HISTORY_ATTR`), keyed by the lay
 when transformers crops the cache (assisted generation, prompt lookup).
 
 Cache layers are told apart by what they do (:func:`layer_kind`): a layer whose update appends along the
-sequence can hold the hidden zeros; one that keeps a running state (linear attention's convolution and
-recurrent states) has no per-position entry for a skipped token, and one of fixed shape (static) or that
-re-encodes its keys (quantized, indexed) is not one routing is tested with; both are refused with what to do.
+sequence can hold the hidden zeros, and so can a static one (fixed length, written in place at the next
+positions), whose mask is as wide as the cache; one that keeps a running state (linear attention's convolution
+and recurrent states) has no per-position entry for a skipped token, and one that re-encodes its keys
+(quantized, indexed) or a static sliding window is not one routing is tested with; both are refused with what
+to do.
 """
 
 from __future__ import annotations
@@ -30,14 +32,18 @@ HISTORY_ATTR = "_modify_history"
 _TOPK_FILLED = "top-k"
 #: Cache layers whose update appends along the sequence, as the hidden zeros of skipped positions need.
 _APPENDING_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+#: Cache layers of a fixed length written in place at the next positions: a skipped position keeps its zeros.
+_STATIC_LAYERS = ("StaticLayer",)
 
 
 def layer_kind(layer: Any) -> str:
-    """ "appending" (one entry per position, appended), "running state" (linear attention: a convolution and a
-    recurrent state, no entry per position) or "other" (static shapes, quantized or indexed keys)."""
+    """ "appending" (one entry per position, appended), "static" (one entry per position of a fixed length, written
+    in place), "running state" (linear attention: a convolution and a recurrent state, no entry per position) or
+    "other" (a static sliding window, quantized or indexed keys)."""
     if hasattr(layer, "update_recurrent_state") or hasattr(layer, "update_conv_state"):
         return "running state"
-    return "appending" if type(layer).__name__ in _APPENDING_LAYERS else "other"
+    name = type(layer).__name__
+    return "appending" if name in _APPENDING_LAYERS else "static" if name in _STATIC_LAYERS else "other"
 
 
 def _refusal(cache: Any, layer: int) -> str:
@@ -51,8 +57,8 @@ def _refusal(cache: Any, layer: int) -> str:
         )
     return (
         f"the routed block's layer {layer} of the cache is a {type(current).__name__}, which causal routing isn't "
-        "tested with (routed layers keep one appended entry per position); use the default dynamic cache (drop "
-        "cache_implementation if you set one), or generate inside modify.routing_disabled"
+        "tested with (routed layers keep one entry per position, appended or static); use the default dynamic "
+        "cache or cache_implementation='static', or generate inside modify.routing_disabled"
     )
 
 
@@ -109,6 +115,10 @@ class KVCacheFollower:
             return 0  # no length: the layer's running state has no entry per position
         return int(cache.get_seq_length(layer))
 
+    def key_count(self, cache: Any, layer: int, total: int) -> int:
+        current = cache.layers[layer] if layer < len(cache.layers) else None
+        return current.max_cache_len if layer_kind(current) == "static" else total
+
     def topk_filled(self, cache: Any, layer: int) -> None:
         cache.__dict__.setdefault(HISTORY_ATTR, {})[layer] = _TOPK_FILLED
 
@@ -139,7 +149,7 @@ class KVCacheFollower:
     def history(self, cache: Any, layer: int, batch: int, device: torch.device) -> History:
         if layer < len(cache.layers) and layer_kind(cache.layers[layer]) == "running state":
             raise UnsupportedModelError("", _refusal(cache, layer))
-        if layer < len(cache.layers) and layer_kind(cache.layers[layer]) != "appending":
+        if layer < len(cache.layers) and layer_kind(cache.layers[layer]) not in ("appending", "static"):
             raise ValueError(_refusal(cache, layer))
         store: dict[int, Any] = cache.__dict__.setdefault(HISTORY_ATTR, {})
         length = self.cached(cache, layer)

@@ -37,7 +37,7 @@ from torch import nn
 
 from modify.passes.capture_block import call_structure
 from modify.routing.arguments import BlockCall, mask_allows, replace_at
-from modify.routing.ragged import History, as_mask, cache_follower, select_rows
+from modify.routing.ragged import History, as_mask, cache_follower, layer_columns, select_rows
 from modify.routing.router import ROUTER_ATTR
 from modify.routing.skip_path import SKIP_ATTR
 
@@ -94,12 +94,13 @@ def _kv_all(
     return _with_rows(_add_parts(named[state.spec.hidden], out, gate), x, rows), rest
 
 
-def _layer_mask(call: BlockCall, rows: torch.Tensor | None, history: History) -> torch.Tensor:
+def _layer_mask(call: BlockCall, layer: int, rows: torch.Tensor | None, history: History) -> torch.Tensor:
     """[b, 1, 1, S] the keys a decoding token of ``rows`` may attend to in a ``kv="routed"`` layer: the positions
     holding a processed token's key (this step's included) that the model's own mask allows."""
-    mask = call.mask
-    width = mask.shape[-1] if mask is not None else history.valid.shape[1]
-    allowed = select_rows(history.valid[:, -width:], rows, history.valid.shape[0])[:, None, None, :]
+    mask, total = call.mask, history.valid.shape[1]
+    width = mask.shape[-1] if mask is not None else cache_follower().key_count(call.cache[1], layer, total)
+    _, columns = layer_columns(history.valid, width, total)
+    allowed = select_rows(columns, rows, history.valid.shape[0])[:, None, None, :]
     if mask is not None:
         own = mask if mask.shape[0] == 1 or rows is None else mask.index_select(0, rows)
         allowed = allowed & mask_allows(own)
@@ -119,7 +120,7 @@ def _kv_routed(
     named = {k: select_rows(v, rows, batch) for k, v in call.named.items()} if rows is not None else dict(call.named)
     if spec.pairwise is not None and spec.pairwise[0] in named:
         key = spec.pairwise[0]
-        named[key] = replace_at(named[key], spec.pairwise[1:], _layer_mask(call, rows, history))
+        named[key] = replace_at(named[key], spec.pairwise[1:], _layer_mask(call, layer, rows, history))
     # every row writes its real key (an appending layer grows by one); some rows: the others get hidden zeros
     if rows is not None:
         slot = torch.zeros(count, 1, dtype=torch.int64, device=x.device)

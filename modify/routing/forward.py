@@ -21,6 +21,7 @@ The other paths of a call:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 from typing import Any
@@ -152,14 +153,17 @@ def _per_token(block: nn.Module, state: RoutingState, call: BlockCall, scores: t
     x = call.x
     batch = x.shape[0]
     history = None
+    follower = cache_follower() if call.cache is not None else None
     if state.kv == "all":
-        past = cache_follower().cached(call.cache[1], state.cache_layer) if call.cache is not None else 0
+        past = follower.cached(call.cache[1], state.cache_layer) if follower is not None else 0
+        call = _cache_padding(state, call, past)
         process = _process(state, block, call, scores, causal, past)
         if fast_decode(call, None, state.kv):
             return decode_step(block, state, call, scores, process, None)
         return kv_all_per_token(block, state, call, scores, process, past)
-    if call.cache is not None:
-        history = cache_follower().history(call.cache[1], state.cache_layer, batch, x.device)
+    if follower is not None:
+        history = follower.history(call.cache[1], state.cache_layer, batch, x.device)
+        call = _cache_padding(state, call, history.valid.shape[1])
     real = call.real()
     if causal:
         seen = history.real if history is not None else torch.zeros(batch, dtype=torch.int64, device=x.device)
@@ -172,20 +176,25 @@ def _per_token(block: nn.Module, state: RoutingState, call: BlockCall, scores: t
     return ragged_forward(block, state, call, scores, process, history)
 
 
+def _cache_padding(state: RoutingState, call: BlockCall, past: int) -> BlockCall:
+    """``call`` with its padding read from the right mask columns when the cache has a fixed length (static): the
+    mask is wider than what the cache holds, and this call's keys are columns past..past + T, not the last T (a
+    sliding window's mask is narrower than the cache, and its last T columns are this call's, as read)."""
+    if call.mask is None or call.mask.shape[-1] <= past + call.x.shape[1]:
+        return call
+    mask = ~call.mask if state.spec.mask_blocks_true else call.mask
+    return dataclasses.replace(call, padding=padding_from_mask(mask, call.x.shape[0], past))
+
+
 def _process(
     state: RoutingState, block: nn.Module, call: BlockCall, scores: torch.Tensor, causal: bool, past: int
 ) -> torch.Tensor:
     """[B, q] the tokens a ``kv="all"`` block processes in a per-token call, ``past`` positions in its cache layer.
     That layer is the dense model's, so the real tokens seen before are those positions less the padding."""
     length = call.x.shape[1]
-    padding = call.padding
-    if call.mask is not None and call.mask.shape[-1] > past + length:
-        # a cache of fixed length (static): this call's keys are columns past..past + T, not the last T (a
-        # sliding window's mask is narrower than the cache, and its last T columns are this call's)
-        padding = padding_from_mask(~call.mask if state.spec.mask_blocks_true else call.mask, call.x.shape[0], past)
-    real = ~padding if padding is not None else call.real()
+    real = call.real()
     if not causal:
-        return torch.zeros_like(real).scatter_(1, state.topk(scores, padding), True) & real
+        return torch.zeros_like(real).scatter_(1, state.topk(scores, call.padding), True) & real
     seen = torch.full((call.x.shape[0],), past, dtype=torch.int64, device=call.x.device)
     padding = state.hooks.input_padding
     if padding is not None and past > 0 and padding.shape[-1] >= past + length:

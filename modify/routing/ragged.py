@@ -39,6 +39,7 @@ __all__ = [
     "select_rows",
     "as_mask",
     "allowed_keys",
+    "layer_columns",
 ]
 
 
@@ -55,6 +56,9 @@ class CacheFollower(Protocol):
 
     def cached(self, cache: Any, layer: int) -> int:
         """Positions the cache's ``layer`` holds."""
+
+    def key_count(self, cache: Any, layer: int, total: int) -> int:
+        """Keys the layer's update returns once it holds ``total`` positions: ``total``, or its fixed length."""
 
     def history(self, cache: Any, layer: int, batch: int, device: torch.device) -> History:
         """The layer's :class:`History`, kept beside the cache (every cached position real if none yet)."""
@@ -138,7 +142,8 @@ def ragged_forward(
         rows = (counts > 0).nonzero().squeeze(1) if kmax > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
         sub = None if rows.numel() == batch else rows
         idx, valid = select_rows(order, sub, batch), select_rows(valid, sub, batch)
-        allowed = allowed_keys(call.mask, sub, idx, valid, history, past, length, cache is not None)
+        width = None if follower is None else _width(call.mask, follower, cache, layer, past + length)
+        allowed = allowed_keys(call.mask, sub, idx, valid, history, past, length, width)
         named = {k: select_rows(v, sub, batch) for k, v in call.named.items()}
         given = set()  # arguments made for the gathered slots, not gathered from the call's
         if spec.pairwise is not None and spec.pairwise[0] in named:
@@ -161,6 +166,21 @@ def ragged_forward(
     return y
 
 
+def _width(mask: torch.Tensor | None, follower: CacheFollower, cache: Any, layer: int, total: int) -> int:
+    return mask.shape[-1] if mask is not None else follower.key_count(cache, layer, total)
+
+
+def layer_columns(valid: torch.Tensor, width: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions [n] of a mask's ``width`` key columns, and [B, n] which of them hold a processed token's key,
+    for a layer holding ``total`` positions whose ``valid`` [B, total] is known: the last ``width`` positions
+    (a growing cache; a sliding window's mask is narrower), or, for a cache of fixed length (static: the mask is
+    wider than what is written), positions 0 to ``width``, those not yet written invalid."""
+    if width <= total:
+        return torch.arange(total - width, total, device=valid.device), valid[:, total - width :]
+    unwritten = valid.new_zeros(valid.shape[0], width - total)
+    return torch.arange(width, device=valid.device), torch.cat([valid, unwritten], dim=1)
+
+
 def allowed_keys(
     mask: torch.Tensor | None,
     sub: torch.Tensor | None,
@@ -169,12 +189,12 @@ def allowed_keys(
     history: History | None,
     past: int,
     length: int,
-    cached: bool,
+    width: int | None,
 ) -> torch.Tensor:
     """[b, 1, k, n] bool: which keys each gathered slot may attend to in this block.
 
-    Without a cache the keys are the slots themselves (n = k); with one they are the layer's cached positions
-    after this call's update (n = the mask's width, or everything cached). A processed slot sees the processed
+    Without a cache (``width`` None) the keys are the slots themselves (n = k); with one they are the ``width``
+    key columns the layer's update returns (the mask's width; :func:`layer_columns`). A processed slot sees the processed
     positions at or before it that the model's own mask allows (padding, sliding windows); a spare slot sees
     only its own (hidden, unused) key, so that no row of the softmax is empty.
     """
@@ -183,7 +203,7 @@ def allowed_keys(
     if mask is not None:
         rows_mask = select_rows(mask, sub, mask.shape[0]) if mask.shape[0] > 1 else mask.expand(batch, *mask.shape[1:])
         base = mask_allows(rows_mask[:, 0])
-    if not cached:
+    if width is None:
         pos = idx
         allowed = (pos[:, None, :] <= pos[:, :, None]) & valid[:, None, :]
         if base is not None:
@@ -192,10 +212,8 @@ def allowed_keys(
         allowed |= torch.eye(idx.shape[1], dtype=torch.bool, device=idx.device) & ~valid[:, :, None]
         return allowed[:, None]
     assert history is not None
-    total = past + length
-    width = mask.shape[-1] if mask is not None else total
-    cols = torch.arange(total - width, total, device=idx.device)
-    col_valid = select_rows(history.valid[:, -width:], sub, history.valid.shape[0])
+    cols, col_valid = layer_columns(history.valid, width, past + length)
+    col_valid = select_rows(col_valid, sub, history.valid.shape[0])
     here = past + idx
     allowed = (cols[None, None, :] <= here[:, :, None]) & col_valid[:, None, :]
     if base is not None:

@@ -171,7 +171,29 @@ def test_beam_search_is_refused_with_a_clear_error() -> None:
         model.generate(torch.randint(3, 90, (1, 5)), num_beams=2, max_new_tokens=3, pad_token_id=0)
 
 
-def test_a_static_cache_is_refused_with_a_clear_error() -> None:
-    model = routed_model("llama")
-    with pytest.raises(ValueError, match="use the default dynamic cache"):
+@pytest.mark.parametrize(("attn", "kv"), [("eager", "routed"), ("sdpa", "routed"), ("sdpa", "all")])
+def test_a_static_cache_generates_what_the_dynamic_one_does(attn: str, kv: str) -> None:
+    """kv="routed" layers keep their hidden zeros in a static layer's unwritten positions; the mask is as wide as
+    the cache, its keys the absolute positions; a left-padded batch reads its padding at those columns."""
+    model = routed_model("llama", attn=attn, kv=kv)
+    _, ids, mask = left_padded([9, 6, 4])
+    for prompt, prompt_mask in ((ids[:1], None), (ids, mask)):
+        for sample in (False, True):
+            kwargs = {**GREEDY, "do_sample": sample, "top_k": 0, "output_logits": True, "return_dict_in_generate": True}
+            torch.manual_seed(2)
+            dynamic = model.generate(prompt, attention_mask=prompt_mask, **kwargs)
+            torch.manual_seed(2)
+            static = model.generate(prompt, attention_mask=prompt_mask, cache_implementation="static", **kwargs)
+            assert type(static.past_key_values).__name__ == "StaticCache"
+            assert torch.equal(static.sequences, dynamic.sequences)
+            for a, b in zip(static.logits, dynamic.logits, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cache_routing_cannot_follow_is_refused_with_a_clear_error() -> None:
+    model = routed_model("mistral", layers=[1])  # a static sliding window: written round a ring
+    with pytest.raises(ValueError, match="StaticSlidingWindowLayer, which causal routing isn't tested with"):
         model.generate(torch.randint(3, 90, (1, 5)), cache_implementation="static", **GREEDY)
+    removed = routed_model("llama", capacity=0.0, layers=[1])  # a removed block's layer only counts positions
+    with pytest.raises(ValueError, match="modify export"):
+        removed.generate(torch.randint(3, 90, (1, 5)), cache_implementation="static", **GREEDY)
