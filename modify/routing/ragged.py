@@ -194,9 +194,9 @@ def allowed_keys(
     """[b, 1, k, n] bool: which keys each gathered slot may attend to in this block.
 
     Without a cache (``width`` None) the keys are the slots themselves (n = k); with one they are the ``width``
-    key columns the layer's update returns (the mask's width; :func:`layer_columns`). A processed slot sees the processed
-    positions at or before it that the model's own mask allows (padding, sliding windows); a spare slot sees
-    only its own (hidden, unused) key, so that no row of the softmax is empty.
+    key columns the layer's update returns (the mask's width; :func:`layer_columns`). A processed slot sees the
+    processed positions at or before it that the model's own mask allows (padding, sliding windows); a spare slot
+    sees only its own (hidden, unused) key, so that no row of the softmax is empty.
     """
     batch = idx.shape[0]
     base = None  # [b, q, n] what the model's own mask allows, for the rows that run
