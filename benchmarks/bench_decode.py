@@ -7,7 +7,7 @@
     python benchmarks/bench_decode.py --paper \\
         calibrated-routed=runs/quality-kv/convert-mod-kv-all-080-as-routed \\
         calibrated-all=runs/quality-kv/convert-mod-kv-all-080 pruned-8=runs/quality-kv/export-removal-080 \\
-        --compile --json docs/decode.json --plot docs/decode.png
+        --overhead --compile --json docs/decode.json --plot docs/decode.png
 
 Each DIR is a converted model (``modify convert`` or ``modify calibrate``) or a plain checkpoint with blocks
 deleted (``modify export``), of the one ``--source``. ``--paper`` adds the paper's plan built from the source
@@ -24,6 +24,10 @@ generate(1) (the prefill and first token). Beside each speedup over the original
   causal rule processed; ``speedup / FLOP ratio`` says how much of the saved arithmetic became time;
 - memory: weights and the key-value cache after the generation (on CUDA, the peak allocated instead).
 
+``--overhead``: for each converted model and batch size, decode steps with every routed block forced to process
+every row, and to skip every row, against routing disabled: the routing's own cost per routed block, and the host
+synchronisations per routed block per step (profiled).
+
 ``--compile``: the same at batch 1 with ``torch.compile(model.forward, dynamic=True)``, a decode loop of
 ``--new`` steps on the model's own cache after an eager prefill, against the original compiled the same way
 (compile time reported, not counted), beside the eager loop's step time for like-with-like comparison.
@@ -32,6 +36,7 @@ generate(1) (the prefill and first token). Beside each speedup over the original
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -119,26 +124,80 @@ def counted(model: Any, ids: torch.Tensor, new: int) -> dict[str, float]:
     return {"flops": f_all - f_one, "share": share, "memory_mb": memory}
 
 
+def causal(model: Any) -> Any:
+    """Outside ``generate()`` a converted model routes top-k; a decode loop of its own routes as sampling does."""
+    converted = getattr(model.config, "mixture_of_depths", None)
+    return modify.routing_mode(model, "causal") if converted else contextlib.nullcontext()
+
+
 def compiled_step_ms(model: Any, ids: torch.Tensor, steps: int) -> dict[str, float]:
     """Median decode step time, eager and ``torch.compile``-d, after an eager prefill; and the compile time."""
     torch._dynamo.reset()
     compiled = torch.compile(model.forward, dynamic=True)
     result = {}
     for name, forward in (("eager", model.forward), ("compiled", compiled)):
-        out = model(ids, use_cache=True)
+        with causal(model):
+            out = model(ids, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         times = []
-        for _ in range(steps):
-            t = time.perf_counter()
-            out = forward(input_ids=token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            times.append(time.perf_counter() - t)
+        with causal(model):
+            for _ in range(steps):
+                t = time.perf_counter()
+                out = forward(input_ids=token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+                times.append(time.perf_counter() - t)
         warm = min(8, steps // 4)
         result[f"{name}_ms"] = statistics.median(times[warm:]) * 1e3
         if name == "compiled":
             result["compile_s"] = time.perf_counter() - start - sum(times[warm:])
     return result
+
+
+def routing_overhead(model: Any, ids: torch.Tensor, steps: int = 16) -> dict[str, float]:
+    """What routing costs a decode step, beside the blocks' own work: median step times with every routed block
+    forced to process every row and to skip every row, against the same model with routing disabled (the
+    original's computation); per routed block, the extra time of a processed call and the time of a skipped one
+    relative to the dense block's. And the host synchronisations per routed block per step, counted by the
+    profiler (``nonzero`` and scalar reads, ``aten::_local_scalar_dense``) in one decode step."""
+    import modify.routing.rules as rules
+    from modify.api import routed_blocks
+
+    blocks = len(routed_blocks(model))
+    rule = rules.causal_process
+
+    def step_ms(force: bool | None, profile: bool = False) -> Any:
+        if force is not None:
+            rules.causal_process = lambda state, block, x, scores, real, seen: real & force
+        disabled = modify.routing_disabled(model) if force is None else modify.routing_mode(model, "causal")
+        try:
+            with torch.no_grad(), disabled:
+                out = model(ids, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                times = []
+                for _ in range(steps):
+                    t = time.perf_counter()
+                    out = model(token, past_key_values=cache, use_cache=True)
+                    token = out.logits[:, -1:].argmax(-1)
+                    times.append(time.perf_counter() - t)
+                if profile:
+                    from torch.profiler import profile as profiler
+
+                    with profiler() as p:
+                        model(token, past_key_values=cache, use_cache=True)
+                    names = [e.name for e in p.events()]
+                    return sum(n in ("aten::nonzero", "aten::_local_scalar_dense") for n in names)
+            return statistics.median(times[4:]) * 1e3
+        finally:
+            rules.causal_process = rule
+
+    dense = statistics.median(step_ms(None) for _ in range(3))
+    processed = statistics.median(step_ms(True) for _ in range(3))
+    skipped = statistics.median(step_ms(False) for _ in range(3))
+    syncs = (step_ms(True, profile=True) - step_ms(None, profile=True)) / blocks
+    return {"dense_step_ms": dense, "all_processed_step_ms": processed, "none_processed_step_ms": skipped,
+            "processed_overhead_per_block_ms": (processed - dense) / blocks,
+            "skipped_saving_per_block_ms": (dense - skipped) / blocks, "host_syncs_per_block_step": syncs}  # fmt: skip
 
 
 def paper_models(source: str, tokenizer: Any) -> dict[str, Any]:
@@ -207,6 +266,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also compare compiled decode steps at batch 1")
+    parser.add_argument("--overhead", action="store_true", help="also time decode steps with routing decisions forced")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--plot", type=Path, help="write a plot of the speedups here")
     args = parser.parse_args()
@@ -229,7 +289,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {machine}")
     for name, model in models.items():
         print(f"  {name}: {describe(model)}")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    extras: list[dict[str, Any]] = []
     for batch in args.batch:
         ids = prompts(tokenizer, batch, args.prompt)
         tokens = batch * (args.new - 1)
@@ -246,6 +307,16 @@ def main() -> None:
         for name in models:
             rows.append(_row(batch, "eager", name, tokens / decode[name], decode["original"] / decode[name],
                              counts, args.new))  # fmt: skip
+        _print([r for r in rows if r["batch"] == batch])
+        if args.overhead:
+            with torch.no_grad():
+                for name, model in models.items():
+                    if getattr(model.config, "mixture_of_depths", None):
+                        overhead = routing_overhead(model, ids)
+                        print(
+                            f"batch {batch} {name} routing: " + ", ".join(f"{k} {v:.3f}" for k, v in overhead.items())
+                        )
+                        extras.append({"batch": batch, "model": name, **overhead})
         if args.compile and batch == 1:
             with torch.no_grad():
                 steps = {name: compiled_step_ms(model, ids, args.new) for name, model in models.items()}
@@ -254,9 +325,14 @@ def main() -> None:
                            steps["original"]["compiled_ms"] / step["compiled_ms"], counts, args.new)  # fmt: skip
                 row.update(step)
                 rows.append(row)
-    _print(rows)
+            _print([r for r in rows if r["mode"] == "compiled"])
+            for n, step in steps.items():
+                print(f"{n}: eager step {step['eager_ms']:.1f} ms, compiled {step['compiled_ms']:.1f} ms "
+                      f"(compile {step['compile_s']:.0f} s)", flush=True)  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "torch": torch.__version__, "rows": rows}, indent=2))
+        args.json.write_text(
+            json.dumps({"machine": machine, "torch": torch.__version__, "rows": rows, "overhead": extras}, indent=2)
+        )
     if args.plot:
         plot(rows, args.plot, machine)
 
@@ -269,6 +345,7 @@ def _row(batch: int, mode: str, name: str, rate: float, speedup: float, counts: 
 
 
 def _print(rows: list[dict[str, Any]]) -> None:
+    print()
     print(
         "| batch | mode | model | tok/s | speedup | decode FLOP ratio | speedup / FLOP ratio | processed | memory MB |"
     )

@@ -72,7 +72,7 @@ def _split_outputs(out: Any, tuple_output: bool) -> tuple[Any, tuple[Any, ...]]:
 
 
 def _kv_all(
-    block: nn.Module, state: Any, call: BlockCall, gate: torch.Tensor, rows: torch.Tensor | None, count: int
+    block: nn.Module, state: Any, call: BlockCall, gate: Any, rows: torch.Tensor | None, count: int
 ) -> tuple[torch.Tensor, tuple[Any, ...]]:
     named, x = call.named, call.x
     batch = x.shape[0]
@@ -108,7 +108,7 @@ def _layer_mask(call: BlockCall, layer: int, rows: torch.Tensor | None, history:
 
 
 def _kv_routed(
-    block: nn.Module, state: Any, call: BlockCall, gate: torch.Tensor, rows: torch.Tensor | None, count: int,
+    block: nn.Module, state: Any, call: BlockCall, gate: Any, rows: torch.Tensor | None, count: int,
     history: History,
 ) -> tuple[torch.Tensor, tuple[Any, ...]]:  # fmt: skip
     spec, x = state.spec, call.x
@@ -142,7 +142,7 @@ def decode_step(
     rows = process[:, 0].nonzero()[:, 0]  # the block's one host synchronisation in this step
     count = rows.shape[0]
     sub = None if count == batch else rows
-    gate = getattr(block, ROUTER_ATTR).gate(scores if sub is None else scores.index_select(0, rows))
+    gate = getattr(block, ROUTER_ATTR).gate(scores if sub is None else scores.index_select(0, rows)) if count else None
     if state.kv == "all":
         y, rest = _kv_all(block, state, call, gate, sub, count)
     else:

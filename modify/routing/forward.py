@@ -147,9 +147,15 @@ def _removed(block: nn.Module, state: RoutingState, call: BlockCall) -> Any:
     return (y, None) if state.spec.output_is_tuple else y
 
 
+@torch.compiler.disable
 def _per_token(block: nn.Module, state: RoutingState, call: BlockCall, scores: torch.Tensor, causal: bool) -> Any:
     """A call whose tokens decide one by one (causal routing), or that extends a cache; see
-    :mod:`modify.routing.ragged`. Top-k with a cache picks the best of this call's tokens."""
+    :mod:`modify.routing.ragged`. Top-k with a cache picks the best of this call's tokens.
+
+    Runs eagerly under ``torch.compile`` (the compiled model around it breaks its graph here): its work depends on
+    the decision it reads, and traced, its graph breaks at that read in every routed block, whose resumed frames
+    share code but not blocks, so they recompile per block past dynamo's limit and then run with failing guards.
+    """
     x = call.x
     batch = x.shape[0]
     history = None
