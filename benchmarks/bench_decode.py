@@ -26,11 +26,14 @@ generate(1) (the prefill and first token). Beside each speedup over the original
 
 ``--overhead``: for each converted model and batch size, decode steps with every routed block forced to process
 every row, and to skip every row, against routing disabled: the routing's own cost per routed block, and the host
-synchronisations per routed block per step (profiled).
+synchronisations per routed block per step (profiled); the same forced steps through the general per-token path
+(``modify.routing.ragged``) that the decode fast path replaces; at batch > 1 also with the first 1, 2 and 4 rows forced
+to process (what a block costs against the rows that run it).
 
-``--compile``: the same at batch 1 with ``torch.compile(model.forward, dynamic=True)``, a decode loop of
-``--new`` steps on the model's own cache after an eager prefill, against the original compiled the same way
-(compile time reported, not counted), beside the eager loop's step time for like-with-like comparison.
+``--compile``: the same at batch 1 with ``torch.compile(model.forward, dynamic=True)``: decode loops of ``--new``
+steps on the model's own cache after an eager prefill, every model in turn, eager and compiled, ``--repeats``
+rounds, medians of the step times; against the original compiled the same way (compile time reported, not
+counted). The per-token path of routed blocks runs eagerly inside the compiled model.
 """
 
 from __future__ import annotations
@@ -130,27 +133,41 @@ def causal(model: Any) -> Any:
     return modify.routing_mode(model, "causal") if converted else contextlib.nullcontext()
 
 
-def compiled_step_ms(model: Any, ids: torch.Tensor, steps: int) -> dict[str, float]:
-    """Median decode step time, eager and ``torch.compile``-d, after an eager prefill; and the compile time."""
-    torch._dynamo.reset()
-    compiled = torch.compile(model.forward, dynamic=True)
-    result = {}
-    for name, forward in (("eager", model.forward), ("compiled", compiled)):
-        with causal(model):
-            out = model(ids, use_cache=True)
+def decode_steps(model: Any, forward: Any, ids: torch.Tensor, steps: int) -> list[float]:
+    """Seconds of each of ``steps`` decode steps through ``forward``, after an eager prefill."""
+    with causal(model):
+        out = model(ids, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
         times = []
-        with causal(model):
-            for _ in range(steps):
-                t = time.perf_counter()
-                out = forward(input_ids=token, past_key_values=cache, use_cache=True)
-                token = out.logits[:, -1:].argmax(-1)
-                times.append(time.perf_counter() - t)
-        warm = min(8, steps // 4)
-        result[f"{name}_ms"] = statistics.median(times[warm:]) * 1e3
-        if name == "compiled":
-            result["compile_s"] = time.perf_counter() - start - sum(times[warm:])
+        for _ in range(steps):
+            t = time.perf_counter()
+            out = forward(input_ids=token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def compiled_steps(models: dict[str, Any], ids: torch.Tensor, steps: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Median decode step times of each model, eager and ``torch.compile``-d, every model in turn, ``repeats`` rounds
+    of ``steps`` steps after each model's compilation (its time reported: a first pass of ``steps`` steps, less
+    what the same steps take compiled)."""
+    # one compiled forward per model, and each compiles twice (static, then dynamic shapes): past dynamo's default
+    # limit of 8 per code object, later models would run eagerly without a word
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(models))
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    compiled, first = {}, {}
+    for name, model in models.items():
+        compiled[name] = torch.compile(model.forward, dynamic=True)
+        first[name] = sum(decode_steps(model, compiled[name], ids, steps))
+    times: dict[str, dict[str, list[float]]] = {n: {"eager": [], "compiled": []} for n in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            times[name]["eager"].append(statistics.median(decode_steps(model, model.forward, ids, steps)))
+            times[name]["compiled"].append(statistics.median(decode_steps(model, compiled[name], ids, steps)))
+    result = {}
+    for name, t in times.items():
+        eager, fast = statistics.median(t["eager"]), statistics.median(t["compiled"])
+        result[name] = {"eager_ms": eager * 1e3, "compiled_ms": fast * 1e3, "compile_s": first[name] - steps * fast}
     return result
 
 
@@ -166,9 +183,12 @@ def routing_overhead(model: Any, ids: torch.Tensor, steps: int = 16) -> dict[str
     blocks = len(routed_blocks(model))
     rule = rules.causal_process
 
-    def step_ms(force: bool | None, profile: bool = False) -> Any:
-        if force is not None:
-            rules.causal_process = lambda state, block, x, scores, real, seen: real & force
+    def step_ms(force: bool | int | None, profile: bool = False) -> Any:
+        if force is not None:  # True/False: every row or none; an int r: the first r rows
+            rows = ids.shape[0] if force is True else 0 if force is False else force
+            rules.causal_process = lambda state, block, x, scores, real, seen: (
+                real & (torch.arange(x.shape[0], device=x.device)[:, None] < rows)
+            )
         disabled = modify.routing_disabled(model) if force is None else modify.routing_mode(model, "causal")
         try:
             with torch.no_grad(), disabled:
@@ -195,7 +215,20 @@ def routing_overhead(model: Any, ids: torch.Tensor, steps: int = 16) -> dict[str
     processed = statistics.median(step_ms(True) for _ in range(3))
     skipped = statistics.median(step_ms(False) for _ in range(3))
     syncs = (step_ms(True, profile=True) - step_ms(None, profile=True)) / blocks
-    return {"dense_step_ms": dense, "all_processed_step_ms": processed, "none_processed_step_ms": skipped,
+    # The fast path against the general per-token path it replaces for decode steps (both still in the package).
+    import modify.routing.forward as routed_forward
+
+    fast = routed_forward.fast_decode
+    routed_forward.fast_decode = lambda *args: False
+    try:
+        general = {f"general_path_{k}_step_ms": statistics.median(step_ms(f) for _ in range(3))
+                   for k, f in (("all_processed", True), ("none_processed", False))}  # fmt: skip
+    finally:
+        routed_forward.fast_decode = fast
+    # Why a batch saves little: a block's cost against the number of its rows that run it.
+    counts = [r for r in (1, 2, 4) if r < len(ids)]
+    sweep = {f"{r}_rows_step_ms": statistics.median(step_ms(r) for _ in range(3)) for r in counts}
+    return {**general, **sweep, "dense_step_ms": dense, "all_processed_step_ms": processed, "none_processed_step_ms": skipped,
             "processed_overhead_per_block_ms": (processed - dense) / blocks,
             "skipped_saving_per_block_ms": (dense - skipped) / blocks, "host_syncs_per_block_step": syncs}  # fmt: skip
 
@@ -319,7 +352,7 @@ def main() -> None:
                         extras.append({"batch": batch, "model": name, **overhead})
         if args.compile and batch == 1:
             with torch.no_grad():
-                steps = {name: compiled_step_ms(model, ids, args.new) for name, model in models.items()}
+                steps = compiled_steps(models, ids, args.new, args.repeats)
             for name, step in steps.items():
                 row = _row(batch, "compiled", name, 1e3 / step["compiled_ms"],
                            steps["original"]["compiled_ms"] / step["compiled_ms"], counts, args.new)  # fmt: skip

@@ -6,6 +6,8 @@ blocks deleted and the calibrated retrofit, zero-shot and (where they exist) hea
 
 The first command calibrates the two plans at 0.80 of the forward FLOPs (T = 512): ``convert-removal-080``
 (only whole blocks removed) and ``convert-mixed-080`` (the planner chooses among removal and MoD capacities).
+The ``kv="all"`` plan of docs/training.md (``convert-mod-kv-all-080``, healed by distillation with its routers
+frozen: ``heal-kd-mod-kv-all-080-router-lr-0``) gets its rows when WORK holds it (``--work runs/quality-kv``).
 With ``--heal-budgets 0.8`` it also heals them (``heal-lm-*``, ``heal-kd-*``); this script adds a row for each
 healed model it finds. The removal plan is scored as the plain checkpoint ``modify export`` writes.
 
@@ -33,6 +35,7 @@ COLUMNS = [
 ]
 HEADERS = ["next line acc", "next line acc_norm", "pydoc ending acc", "pydoc ending acc_norm", "bits/byte ↓"]
 REMOVAL = "{deleted} blocks deleted (`--removal only`, `modify export`)"
+KV_ALL = "calibrated `--kv all` plan (`--removal never --kv all`)"
 #: (label, healing, model directory under WORK or "smollm2"); healed rows appear when their directory exists.
 ROWS = [
     ("original", "–", "smollm2"),
@@ -42,6 +45,8 @@ ROWS = [
     ("calibrated retrofit (`--removal allow`)", "zero-shot", "convert-mixed-080"),
     ("calibrated retrofit (`--removal allow`)", "LM loss", "heal-lm-mixed-080"),
     ("calibrated retrofit (`--removal allow`)", "`--distill`", "heal-kd-mixed-080"),
+    (KV_ALL, "zero-shot", "convert-mod-kv-all-080"),
+    (KV_ALL, "`--distill`, routers frozen", "heal-kd-mod-kv-all-080-router-lr-0"),
 ]
 
 

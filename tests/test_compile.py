@@ -90,3 +90,31 @@ def test_compiled_training_step_matches_eager_without_recompiles(kv: str) -> Non
     # the running threshold moved inside the compiled graph, twice from where eager's moved once
     (_, once), (_, twice) = routed_blocks(eager)[0], routed_blocks(compiled)[0]
     assert 0.0 != once.threshold != twice.threshold
+
+
+@pytest.mark.parametrize("kv", ["routed", "all"])
+def test_compiled_decode_matches_eager_and_stops_compiling(kv: str) -> None:
+    """Sampling through a compiled forward: the routed blocks' per-token path runs eagerly (its work depends on
+    the decision it reads), so the steps give eager's tokens, and once the cache grows (dynamic shapes) no step
+    compiles anything again. Traced, the path broke in every routed block and recompiled per block."""
+    from tests.generate.test_generate import routed_model
+
+    model = routed_model("llama", attn="sdpa", kv=kv).eval()
+    prompt = torch.randint(3, 90, (2, 7))
+
+    def decode(forward: Any) -> list[torch.Tensor]:
+        with torch.no_grad(), modify.routing_mode(model, "causal"):
+            out = model(prompt, use_cache=True)
+            cache, tokens = out.past_key_values, [out.logits[:, -1:].argmax(-1)]
+            for _ in range(10):
+                tokens.append(forward(input_ids=tokens[-1], past_key_values=cache, use_cache=True).logits.argmax(-1))
+        return tokens
+
+    expected = decode(model.forward)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, backend="aot_eager", dynamic=True)
+    got = decode(compiled)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        decode(compiled)  # a second generation: new cache objects, the same shapes and code
