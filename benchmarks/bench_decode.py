@@ -228,8 +228,8 @@ def routing_overhead(model: Any, ids: torch.Tensor, steps: int = 16) -> dict[str
     # Why a batch saves little: a block's cost against the number of its rows that run it.
     counts = [r for r in (1, 2, 4) if r < len(ids)]
     sweep = {f"{r}_rows_step_ms": statistics.median(step_ms(r) for _ in range(3)) for r in counts}
-    return {**general, **sweep, "dense_step_ms": dense, "all_processed_step_ms": processed, "none_processed_step_ms": skipped,
-            "processed_overhead_per_block_ms": (processed - dense) / blocks,
+    return {"dense_step_ms": dense, "all_processed_step_ms": processed, "none_processed_step_ms": skipped,
+            **general, **sweep, "processed_overhead_per_block_ms": (processed - dense) / blocks,
             "skipped_saving_per_block_ms": (dense - skipped) / blocks, "host_syncs_per_block_step": syncs}  # fmt: skip
 
 
