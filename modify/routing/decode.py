@@ -37,7 +37,7 @@ from torch import nn
 
 from modify.passes.capture_block import call_structure
 from modify.routing.arguments import BlockCall, mask_allows, replace_at
-from modify.routing.ragged import History, as_mask, cache_follower, layer_columns, select_rows
+from modify.routing.ragged import History, as_mask, cache_follower, key_width, layer_columns, select_rows
 from modify.routing.router import ROUTER_ATTR
 from modify.routing.skip_path import SKIP_ATTR
 
@@ -98,8 +98,7 @@ def _layer_mask(call: BlockCall, layer: int, rows: torch.Tensor | None, history:
     """[b, 1, 1, S] the keys a decoding token of ``rows`` may attend to in a ``kv="routed"`` layer: the positions
     holding a processed token's key (this step's included) that the model's own mask allows."""
     mask, total = call.mask, history.valid.shape[1]
-    width = mask.shape[-1] if mask is not None else cache_follower().key_count(call.cache[1], layer, total)
-    _, columns = layer_columns(history.valid, width, total)
+    _, columns = layer_columns(history.valid, key_width(mask, cache_follower(), call.cache[1], layer, total), total)
     allowed = select_rows(columns, rows, history.valid.shape[0])[:, None, None, :]
     if mask is not None:
         own = mask if mask.shape[0] == 1 or rows is None else mask.index_select(0, rows)

@@ -38,7 +38,7 @@ __all__ = [
     "ragged_forward",
     "select_rows",
     "as_mask",
-    "allowed_keys",
+    "key_width",
     "layer_columns",
 ]
 
@@ -142,8 +142,8 @@ def ragged_forward(
         rows = (counts > 0).nonzero().squeeze(1) if kmax > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
         sub = None if rows.numel() == batch else rows
         idx, valid = select_rows(order, sub, batch), select_rows(valid, sub, batch)
-        width = None if follower is None else _width(call.mask, follower, cache, layer, past + length)
-        allowed = allowed_keys(call.mask, sub, idx, valid, history, past, length, width)
+        width = None if follower is None else key_width(call.mask, follower, cache, layer, past + length)
+        allowed = _allowed(call.mask, sub, idx, valid, history, past, length, width)
         named = {k: select_rows(v, sub, batch) for k, v in call.named.items()}
         given = set()  # arguments made for the gathered slots, not gathered from the call's
         if spec.pairwise is not None and spec.pairwise[0] in named:
@@ -166,7 +166,9 @@ def ragged_forward(
     return y
 
 
-def _width(mask: torch.Tensor | None, follower: CacheFollower, cache: Any, layer: int, total: int) -> int:
+def key_width(mask: torch.Tensor | None, follower: CacheFollower, cache: Any, layer: int, total: int) -> int:
+    """Key columns a routed layer's attention sees once it holds ``total`` positions: the mask's width, or
+    without a mask what the layer's update returns."""
     return mask.shape[-1] if mask is not None else follower.key_count(cache, layer, total)
 
 
@@ -181,7 +183,7 @@ def layer_columns(valid: torch.Tensor, width: int, total: int) -> tuple[torch.Te
     return torch.arange(width, device=valid.device), torch.cat([valid, unwritten], dim=1)
 
 
-def allowed_keys(
+def _allowed(
     mask: torch.Tensor | None,
     sub: torch.Tensor | None,
     idx: torch.Tensor,

@@ -1,7 +1,8 @@
 """The decode step's fast path (:mod:`modify.routing.decode`) against the general per-token path.
 
-Both paths must give the same tokens and the same logits, bit for bit: greedy and sampled, at batch 1 and in a
-left-padded batch, with ``kv="routed"`` and ``kv="all"``. The fast path must really serve the decode steps
+Both paths must give the same tokens and the same logits, greedy and sampled, at batch 1 and in a left-padded
+batch, with ``kv="routed"`` and ``kv="all"``: bit for bit, but for ``kv="all"`` batches (below 1e-5: the paths'
+matrix products run over different numbers of rows). The fast path must really serve the decode steps
 (every row, some rows and no row processing), and cached generation must equal recomputing the prefix.
 """
 
@@ -66,7 +67,6 @@ def test_fast_path_equals_general_path(
     for case in fast:
         assert torch.equal(fast[case].sequences, general[case].sequences), case
         worst = max(float((a - b).abs().max()) for a, b in zip(fast[case].logits, general[case].logits, strict=True))
-        print(case, kv, worst)
         if case == "one" or kv == "routed":
             assert worst == 0.0, case
         else:
